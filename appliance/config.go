@@ -1,0 +1,250 @@
+// Package appliance reads ghostwire's configuration and drives the bridge, rules and proxy packages from it.
+package appliance
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/spf13/viper"
+
+	"github.com/ghostwire/ghostwire/bridge"
+	"github.com/ghostwire/ghostwire/rules"
+)
+
+// Config is ghostwire's whole configuration, as read from YAML, GHOSTWIRE_*
+// environment variables and flags.
+type Config struct {
+	Bridge    BridgeConfig    `mapstructure:"bridge"`
+	Intercept InterceptConfig `mapstructure:"intercept"`
+	Proxy     ProxyConfig     `mapstructure:"proxy"`
+	Routing   RoutingConfig   `mapstructure:"routing"`
+	Log       LogConfig       `mapstructure:"log"`
+	StateFile string          `mapstructure:"state_file"`
+}
+
+type BridgeConfig struct {
+	Name      string   `mapstructure:"name"`
+	ClientNIC string   `mapstructure:"client_nic"`
+	ServerNIC string   `mapstructure:"server_nic"`
+	Addresses []string `mapstructure:"addresses"`
+	Routes    []string `mapstructure:"routes"`
+}
+
+type InterceptConfig struct {
+	TCPPorts []int `mapstructure:"tcp_ports"`
+}
+
+type ProxyConfig struct {
+	TCPPort        int           `mapstructure:"tcp_port"`
+	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
+	IdleTimeout    time.Duration `mapstructure:"idle_timeout"`
+	ShutdownGrace  time.Duration `mapstructure:"shutdown_grace"`
+}
+
+type RoutingConfig struct {
+	Mark     uint32 `mapstructure:"mark"`
+	Table    int    `mapstructure:"table"`
+	Priority int    `mapstructure:"priority"`
+}
+
+type LogConfig struct {
+	Level string `mapstructure:"level"`
+}
+
+// defaults are also the list of keys viper knows, which is what makes
+// GHOSTWIRE_* environment variables reach every key.
+var defaults = map[string]any{
+	"bridge.name":           "br0",
+	"bridge.client_nic":     "",
+	"bridge.server_nic":     "",
+	"bridge.addresses":      []string{},
+	"bridge.routes":         []string{},
+	"intercept.tcp_ports":   []int{80, 443},
+	"proxy.tcp_port":        9876,
+	"proxy.connect_timeout": "5s",
+	"proxy.idle_timeout":    "5m",
+	"proxy.shutdown_grace":  "30s",
+	"routing.mark":          1,
+	"routing.table":         100,
+	"routing.priority":      1000,
+	"log.level":             "info",
+	"state_file":            "/var/lib/ghostwire/state.json",
+}
+
+// Load reads the config file (if path is not empty), then GHOSTWIRE_* env
+// (GHOSTWIRE_PROXY_TCP_PORT=9000), then overrides (flag values keyed like
+// "proxy.tcp_port"), and validates the result. Unknown keys are errors.
+func Load(path string, overrides map[string]any) (*Config, error) {
+	v := viper.New()
+	for k, d := range defaults {
+		v.SetDefault(k, d)
+	}
+	v.SetEnvPrefix("GHOSTWIRE")
+	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	v.AutomaticEnv()
+	if path != "" {
+		v.SetConfigFile(path)
+		v.SetConfigType("yaml")
+		if err := v.ReadInConfig(); err != nil {
+			return nil, fmt.Errorf("reading config %s: %w", path, err)
+		}
+	}
+	for k, val := range overrides {
+		if _, ok := defaults[k]; !ok {
+			return nil, fmt.Errorf("unknown config key %q", k)
+		}
+		v.Set(k, val)
+	}
+	var c Config
+	err := v.UnmarshalExact(&c, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
+		mapstructure.StringToTimeDurationHookFunc(),
+		mapstructure.StringToSliceHookFunc(","),
+		stringToUintHook,
+	)))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", describe(path), err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("config %s: %w", describe(path), err)
+	}
+	return &c, nil
+}
+
+func describe(path string) string {
+	if path == "" {
+		return "(no file)"
+	}
+	return path
+}
+
+// stringToUintHook lets the mark be written as "0x1" in env vars and flags
+// (YAML already reads 0x1 as a number).
+func stringToUintHook(from, to reflect.Type, data any) (any, error) {
+	s, ok := data.(string)
+	if !ok || to.Kind() != reflect.Uint32 {
+		return data, nil
+	}
+	var n uint64
+	if _, err := fmt.Sscan(s, &n); err != nil {
+		var x uint32
+		if _, err := fmt.Sscanf(s, "0x%x", &x); err != nil {
+			return nil, fmt.Errorf("%q is not a number", s)
+		}
+		return x, nil
+	}
+	return n, nil
+}
+
+// Validate checks everything that can be checked without a kernel.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if c.Bridge.ClientNIC == "" {
+		bad("bridge.client_nic is required")
+	}
+	if c.Bridge.ServerNIC == "" {
+		bad("bridge.server_nic is required")
+	}
+	if c.Bridge.ClientNIC != "" && c.Bridge.ServerNIC != "" {
+		if _, err := c.BridgeSpec(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(c.Intercept.TCPPorts) == 0 {
+		bad("intercept.tcp_ports is empty: nothing to intercept")
+	}
+	for _, p := range c.Intercept.TCPPorts {
+		if p < 1 || p > 65535 {
+			bad("intercept.tcp_ports: port %d is outside 1-65535", p)
+		} else if p == c.Proxy.TCPPort {
+			bad("intercept.tcp_ports: port %d is the proxy's own port (proxy.tcp_port): it would divert to itself", p)
+		}
+	}
+	if c.Proxy.TCPPort < 1 || c.Proxy.TCPPort > 65535 {
+		bad("proxy.tcp_port: %d is outside 1-65535", c.Proxy.TCPPort)
+	}
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{{"proxy.connect_timeout", c.Proxy.ConnectTimeout}, {"proxy.idle_timeout", c.Proxy.IdleTimeout}, {"proxy.shutdown_grace", c.Proxy.ShutdownGrace}} {
+		if d.v <= 0 {
+			bad("%s: %s must be positive", d.key, d.v)
+		}
+	}
+	if c.Routing.Mark == 0 {
+		bad("routing.mark must be non-zero")
+	}
+	if t := c.Routing.Table; t < 1 || t >= 1<<31 || t == 253 || t == 254 || t == 255 {
+		bad("routing.table: %d must be 1..2147483647 and not 253/254/255 (default/main/local)", t)
+	}
+	if p := c.Routing.Priority; p < 1 || p > 32765 {
+		bad("routing.priority: %d must be 1..32765 (0, 32766, 32767 are the kernel's)", p)
+	}
+	if _, err := c.LogLevel(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.StateFile == "" {
+		bad("state_file is empty")
+	}
+	return errors.Join(errs...)
+}
+
+// BridgeSpec turns the bridge section into a bridge.Spec.
+func (c *Config) BridgeSpec() (bridge.Spec, error) {
+	s := bridge.Spec{Name: c.Bridge.Name, Ports: []string{c.Bridge.ClientNIC, c.Bridge.ServerNIC}}
+	for _, a := range c.Bridge.Addresses {
+		p, err := netip.ParsePrefix(a)
+		if err != nil {
+			return s, fmt.Errorf("bridge.addresses: %q is not an address with prefix length (like 192.0.2.254/24): %w", a, err)
+		}
+		s.Addresses = append(s.Addresses, p)
+	}
+	for _, r := range c.Bridge.Routes {
+		rt, err := bridge.ParseRoute(r)
+		if err != nil {
+			return s, fmt.Errorf("bridge.routes: %w", err)
+		}
+		s.Routes = append(s.Routes, rt)
+	}
+	if err := s.Validate(); err != nil {
+		return s, fmt.Errorf("bridge: %w", err)
+	}
+	return s, nil
+}
+
+// RulesConfig is the rules package's view; the bridge MAC comes from the kernel.
+func (c *Config) RulesConfig(mac []byte) rules.Config {
+	ports := make([]uint16, 0, len(c.Intercept.TCPPorts))
+	for _, p := range c.Intercept.TCPPorts {
+		ports = append(ports, uint16(p))
+	}
+	slices.Sort(ports)
+	return rules.Config{
+		Name:         "ghostwire",
+		Bridge:       c.Bridge.Name,
+		ClientPort:   c.Bridge.ClientNIC,
+		ServerPort:   c.Bridge.ServerNIC,
+		BridgeMAC:    mac,
+		TCPPorts:     slices.Compact(ports),
+		ProxyTCPPort: uint16(c.Proxy.TCPPort),
+		Mark:         c.Routing.Mark,
+		RouteTable:   c.Routing.Table,
+		RulePriority: c.Routing.Priority,
+	}
+}
+
+// LogLevel parses log.level.
+func (c *Config) LogLevel() (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(c.Log.Level)); err != nil {
+		return 0, fmt.Errorf("log.level: %q is not one of debug, info, warn, error", c.Log.Level)
+	}
+	return l, nil
+}

@@ -1,0 +1,16 @@
+// Command ghostwire provisions a two-NIC Linux box as an invisible bridge and runs its transparent proxy.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/ghostwire/ghostwire/provision"
+)
+
+func main() {
+	if err := provision.App().Run(os.Args); err != nil {
+		fmt.Fprintf(os.Stderr, "ghostwire: %v\n", err)
+		os.Exit(1)
+	}
+}
