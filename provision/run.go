@@ -1,17 +1,34 @@
 package provision
 
 import (
-	"errors"
+	"log/slog"
+	"os"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/ghostwire/ghostwire/appliance"
 )
 
 func runCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "run",
-		Usage: "run the transparent proxy; it owns the diversion while it lives",
+		Usage: "run the transparent proxy; it owns the diversion while it lives (SIGHUP reloads, SIGTERM drains)",
+		Flags: commonFlags(
+			&cli.BoolFlag{Name: "json", Usage: "log as JSON lines instead of text"},
+		),
 		Action: func(c *cli.Context) error {
-			return errors.New("run: not built yet")
+			lvl := new(slog.LevelVar)
+			opts := &slog.HandlerOptions{Level: lvl}
+			var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+			if c.Bool("json") {
+				h = slog.NewJSONHandler(os.Stderr, opts)
+			}
+			over := map[string]any{}
+			if c.IsSet(stateFlag.Name) {
+				over["state_file"] = c.String(stateFlag.Name)
+			}
+			r := &appliance.Runner{Path: c.String(configFlag.Name), Overrides: over, Level: lvl, Logger: slog.New(h)}
+			return r.Run(c.Context)
 		},
 	}
 }

@@ -1,0 +1,112 @@
+package appliance
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const goodYAML = `
+bridge:
+  name: br0
+  client_nic: lan0
+  server_nic: wan0
+  addresses: [192.0.2.254/24, "2001:db8:1::fe/64"]
+  routes: ["192.0.2.0/24", "default via 192.0.2.1"]
+intercept:
+  tcp_ports: [80, 443]
+proxy:
+  tcp_port: 9876
+  connect_timeout: 2s
+  idle_timeout: 1m
+  shutdown_grace: 10s
+routing:
+  mark: 0x1
+  table: 100
+`
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "ghostwire.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadGood(t *testing.T) {
+	c, err := Load(writeConfig(t, goodYAML), nil)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if c.Proxy.ConnectTimeout != 2*time.Second || c.Proxy.IdleTimeout != time.Minute || c.Routing.Mark != 1 {
+		t.Errorf("decoded %+v", c.Proxy)
+	}
+	if c.Proxy.TCPPort != 9876 || len(c.Intercept.TCPPorts) != 2 || c.Routing.Priority != 1000 {
+		t.Errorf("decoded %+v %+v", c.Intercept, c.Routing)
+	}
+	spec, err := c.BridgeSpec()
+	if err != nil || len(spec.Routes) != 2 || len(spec.Addresses) != 2 {
+		t.Errorf("BridgeSpec = %+v, %v", spec, err)
+	}
+}
+
+func TestEnvAndOverrides(t *testing.T) {
+	t.Setenv("GHOSTWIRE_PROXY_TCP_PORT", "9000")
+	t.Setenv("GHOSTWIRE_ROUTING_MARK", "0x20")
+	c, err := Load(writeConfig(t, goodYAML), map[string]any{"state_file": "/tmp/x.json"})
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if c.Proxy.TCPPort != 9000 || c.Routing.Mark != 0x20 || c.StateFile != "/tmp/x.json" {
+		t.Errorf("env/override not applied: port %d mark %#x state %s", c.Proxy.TCPPort, c.Routing.Mark, c.StateFile)
+	}
+	if _, err := Load("", map[string]any{"proxy.nope": 1}); err == nil || !strings.Contains(err.Error(), `unknown config key "proxy.nope"`) {
+		t.Errorf("unknown override: %v", err)
+	}
+}
+
+func TestLoadRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		name, old, new, want string
+	}{
+		{"unknown key", "intercept:", "bogus: 1\nintercept:", "bogus"},
+		{"unknown nested key", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_portz: [53]", "udp_portz"},
+		{"same NIC twice", "server_nic: wan0", "server_nic: lan0", `same interface "lan0"`},
+		{"missing NIC", "  server_nic: wan0\n", "", "bridge.server_nic is required"},
+		{"port 0", "[80, 443]", "[0, 443]", "port 0 is outside 1-65535"},
+		{"port too big", "[80, 443]", "[80, 70000]", "port 70000 is outside 1-65535"},
+		{"proxy port too big", "tcp_port: 9876", "tcp_port: 65536", "proxy.tcp_port: 65536"},
+		{"intercept equals proxy", "[80, 443]", "[80, 9876]", "port 9876 is the proxy's own port"},
+		{"malformed address", "192.0.2.254/24,", "192.0.2.300/24,", `"192.0.2.300/24" is not an address`},
+		{"address without prefix", "192.0.2.254/24,", "192.0.2.254,", `"192.0.2.254" is not an address`},
+		{"malformed route", `"192.0.2.0/24"`, `"192.0.2.0/24 dev x"`, "bridge.routes"},
+		{"zero duration", "connect_timeout: 2s", "connect_timeout: 0s", "proxy.connect_timeout: 0s must be positive"},
+		{"negative duration", "idle_timeout: 1m", "idle_timeout: -1m", "proxy.idle_timeout: -1m0s must be positive"},
+		{"unparseable duration", "shutdown_grace: 10s", "shutdown_grace: soon", "shutdown_grace"},
+		{"mark zero", "mark: 0x1", "mark: 0", "routing.mark must be non-zero"},
+		{"main table", "table: 100", "table: 254", "routing.table: 254"},
+		{"long bridge name", "name: br0", "name: averyveryverylongbridge", "longer than 15"},
+		{"log level", "routing:", "log:\n  level: loud\nrouting:", `log.level: "loud"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body := strings.Replace(goodYAML, tc.old, tc.new, 1)
+			if body == goodYAML {
+				t.Fatalf("test case did not change the config (%q not found)", tc.old)
+			}
+			_, err := Load(writeConfig(t, body), nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Load error = %v, want containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"), nil)
+	if err == nil || !strings.Contains(err.Error(), "nope.yaml") {
+		t.Fatalf("Load of a missing file: %v", err)
+	}
+}

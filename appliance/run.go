@@ -1,0 +1,195 @@
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+
+	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
+)
+
+// Runner is `ghostwire run`: the proxy plus the diversion it owns.
+type Runner struct {
+	Path      string         // config file
+	Overrides map[string]any // flag values
+	Level     *slog.LevelVar // changed on reload
+	Logger    *slog.Logger
+}
+
+// Run serves until ctx is done or SIGTERM/SIGINT, reloading on SIGHUP.
+//
+// The order is what keeps the wire whole: listeners first, then the
+// diversion (owned: the kernel deletes it when this process's netlink
+// socket closes, however the process dies). On SIGTERM new SYNs stop being
+// diverted (they are routed straight through), established flows drain up
+// to proxy.shutdown_grace, then the tables go and frames are plainly bridged.
+func (r *Runner) Run(ctx context.Context) error {
+	cfg, err := Load(r.Path, r.Overrides)
+	if err != nil {
+		return err
+	}
+	lvl, _ := cfg.LogLevel()
+	r.Level.Set(lvl)
+	log := r.Logger
+
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("opening netlink: %w", err)
+	}
+	defer h.Close()
+	plan, err := divertPlan(h, cfg)
+	if err != nil {
+		return err
+	}
+	p, err := proxy.New(proxyConfig(cfg, log))
+	if err != nil {
+		return err
+	}
+	if err := p.Start(); err != nil {
+		return fmt.Errorf("starting proxy: %w", err)
+	}
+	// One lasting socket for the life of the process: it owns the tables.
+	nft, err := nftables.New(nftables.AsLasting())
+	if err != nil {
+		p.Shutdown(context.Background())
+		return fmt.Errorf("opening nftables netlink: %w", err)
+	}
+	defer nft.CloseLasting()
+	if err := plan.ApplyOwned(nft); err != nil {
+		p.Shutdown(context.Background())
+		return fmt.Errorf("installing owned diversion: %w", err)
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- p.Serve(ctx) }()
+	log.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort)
+	daemon.SdNotify(false, daemon.SdNotifyReady)
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	var tick <-chan time.Time
+	if iv, err := daemon.SdWatchdogEnabled(false); err == nil && iv > 0 {
+		t := time.NewTicker(iv / 3)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-tick:
+			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+		case err := <-serveErr:
+			return fmt.Errorf("proxy stopped: %w", err)
+		case <-ctx.Done():
+			return r.drain(cfg, plan, nft, p)
+		case s := <-sigs:
+			if s != syscall.SIGHUP {
+				log.Info("stopping", "signal", s.String(), "grace", cfg.Proxy.ShutdownGrace)
+				return r.drain(cfg, plan, nft, p)
+			}
+			daemon.SdNotify(false, daemon.SdNotifyReloading)
+			ncfg, nplan, err := r.reload(cfg, h, nft, p)
+			if err != nil {
+				log.Error("reload refused; keeping the running config", "err", err)
+			} else {
+				cfg, plan = ncfg, nplan
+				log.Info("reloaded", "tcp_ports", cfg.Intercept.TCPPorts, "idle_timeout", cfg.Proxy.IdleTimeout, "log_level", cfg.Log.Level)
+			}
+			daemon.SdNotify(false, daemon.SdNotifyReady)
+		}
+	}
+}
+
+func divertPlan(h *netlink.Handle, cfg *Config) (*rules.Plan, error) {
+	spec, err := cfg.BridgeSpec()
+	if err != nil {
+		return nil, err
+	}
+	if drift, err := spec.Check(h); err != nil {
+		return nil, err
+	} else if len(drift) > 0 {
+		return nil, fmt.Errorf("box is not provisioned (%s): run `ghostwire apply` first", drift[0])
+	}
+	mac, err := spec.MAC(h)
+	if err != nil {
+		return nil, err
+	}
+	plan, err := rules.NewPlan(cfg.RulesConfig(mac))
+	if err != nil {
+		return nil, fmt.Errorf("building rule plan: %w", err)
+	}
+	return plan, nil
+}
+
+func proxyConfig(cfg *Config, log *slog.Logger) proxy.Config {
+	return proxy.Config{
+		Port:           uint16(cfg.Proxy.TCPPort),
+		ConnectTimeout: cfg.Proxy.ConnectTimeout,
+		IdleTimeout:    cfg.Proxy.IdleTimeout,
+		Logger:         log,
+	}
+}
+
+// reload applies what can change live (intercepted ports, timeouts, log
+// level) and refuses the rest, keeping the running config.
+func (r *Runner) reload(old *Config, h *netlink.Handle, nft *nftables.Conn, p *proxy.Proxy) (*Config, *rules.Plan, error) {
+	cfg, err := Load(r.Path, r.Overrides)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := liveChangeable(old, cfg); err != nil {
+		return nil, nil, err
+	}
+	plan, err := divertPlan(h, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := plan.ApplyOwned(nft); err != nil {
+		return nil, nil, fmt.Errorf("replacing diversion: %w", err)
+	}
+	p.SetTimeouts(cfg.Proxy.ConnectTimeout, cfg.Proxy.IdleTimeout)
+	lvl, _ := cfg.LogLevel()
+	r.Level.Set(lvl)
+	return cfg, plan, nil
+}
+
+// liveChangeable says which keys need a restart (or a re-apply) to change.
+func liveChangeable(old, cfg *Config) error {
+	var errs []error
+	fixed := func(key string, a, b any) {
+		if fmt.Sprint(a) != fmt.Sprint(b) {
+			errs = append(errs, fmt.Errorf("%s cannot change on reload (%v -> %v): restart ghostwire", key, a, b))
+		}
+	}
+	fixed("bridge", old.Bridge, cfg.Bridge)
+	fixed("proxy.tcp_port", old.Proxy.TCPPort, cfg.Proxy.TCPPort)
+	fixed("routing", old.Routing, cfg.Routing)
+	fixed("state_file", old.StateFile, cfg.StateFile)
+	return errors.Join(errs...)
+}
+
+// drain stops diverting new connections, lets established ones finish
+// within the grace period, then drops the diversion by closing its owner.
+func (r *Runner) drain(cfg *Config, plan *rules.Plan, nft *nftables.Conn, p *proxy.Proxy) error {
+	daemon.SdNotify(false, daemon.SdNotifyStopping)
+	if err := plan.Draining().ApplyOwned(nft); err != nil {
+		r.Logger.Error("could not stop diverting new connections; draining anyway", "err", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.Proxy.ShutdownGrace)
+	defer cancel()
+	if err := p.Shutdown(ctx); err != nil {
+		r.Logger.Warn("grace period over; closed remaining connections", "err", err)
+	}
+	st := p.Stats()
+	r.Logger.Info("stopped", "accepted", st.Accepted, "refused", st.Refused)
+	return nil
+}
