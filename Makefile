@@ -11,12 +11,13 @@ BIN       := bin/ghostwire
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1 -timeout 45m
 
-.PHONY: all build deps test unit demo bench bench-quick install verify-units clean fmt vet
+.PHONY: all build deps test unit demo bench bench-quick install install-files verify-units clean fmt vet
 
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/ghostwire
+	# Static: the binary must run on the appliance whatever glibc the build host has.
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/ghostwire
 
 # deps installs what the tests, demo and bench read state back with, on a
 # fresh Debian machine. It is a no-op when everything is present.
@@ -51,12 +52,57 @@ bench: build
 bench-quick: build
 	$(GO) run ./bench -ghostwire $(BIN) -quick
 
+# install builds, then installs the binary, both units (@BINDIR@ replaced by
+# $(BINDIR)) and the example config (never over a real ghostwire.yaml):
+#   make install DESTDIR=/tmp/x PREFIX=/usr
 install: build
+	@$(MAKE) --no-print-directory install-files
+
+# install-files installs an already built $(BIN) (BIN=... to install another
+# file, e.g. a prebuilt binary on a box without Go).
+UNITS := ghostwire.service ghostwire-provision.service
+install-files:
 	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/ghostwire
-	install -D -m 0644 systemd/ghostwire.service $(DESTDIR)$(UNITDIR)/ghostwire.service
-	install -D -m 0644 systemd/ghostwire-provision.service $(DESTDIR)$(UNITDIR)/ghostwire-provision.service
-	sed -i 's|@BINDIR@|$(BINDIR)|g' $(DESTDIR)$(UNITDIR)/ghostwire.service $(DESTDIR)$(UNITDIR)/ghostwire-provision.service
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	for u in $(UNITS); do \
+	  sed 's|@BINDIR@|$(BINDIR)|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u.tmp && \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && \
+	  mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	@if grep -n '@[A-Z_]*@' $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS)); then \
+	  echo "install: unsubstituted placeholders left in the units" >&2; exit 1; fi
 	install -D -m 0644 systemd/ghostwire.example.yaml $(DESTDIR)$(CONFDIR)/ghostwire.yaml.example
+
+# verify-units runs `systemd-analyze verify` on the units as `make install`
+# writes them, offline (no running systemd needed; `apt-get install systemd`
+# provides the tool). verify insists that every ExecStart= binary exists and
+# is executable on *this* machine, and `--root=DIR` is no way round that on
+# systemd 252: it then also wants every dependency (sysinit.target...) and
+# /bin/kill under DIR. So: install-files into a throwaway DESTDIR with a
+# stub executable as the binary (verify never runs it, so the real binary
+# would add nothing and the check needs no Go build), copy the installed
+# units with $(BINDIR)/ghostwire pointed at the staged stub, and verify the
+# copies side by side (each finds the other in its own directory). Any
+# output fails the target. systemd/units_test.go does the same in `go test`.
+# `systemd-analyze security --offline` prints the exposure scores (FYI).
+verify-units:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "verify-units: systemd-analyze not found (apt-get install systemd)" >&2; exit 1; }
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	printf '#!/bin/sh\nexit 0\n' > "$$tmp/stub"; \
+	$(MAKE) --no-print-directory install-files DESTDIR="$$tmp/root" BIN="$$tmp/stub" >/dev/null; \
+	mkdir "$$tmp/units"; \
+	for u in $(UNITS); do \
+	  sed 's|$(BINDIR)/ghostwire|'"$$tmp/root$(BINDIR)"'/ghostwire|g' \
+	    "$$tmp/root$(UNITDIR)/$$u" > "$$tmp/units/$$u"; \
+	done; \
+	rc=0; out=$$(cd "$$tmp/units" && systemd-analyze verify --man=no $(addprefix ./,$(UNITS)) 2>&1) || rc=$$?; \
+	if [ -n "$$out" ] || [ $$rc -ne 0 ]; then \
+	  printf '%s\n' "$$out" >&2; echo "verify-units: FAILED (exit $$rc)" >&2; exit 1; fi; \
+	for u in $(UNITS); do \
+	  (cd "$$tmp/units" && systemd-analyze security --offline=yes ./$$u 2>&1 | tail -n 1); \
+	done; \
+	echo "verify-units: $(UNITS) OK"
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

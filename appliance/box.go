@@ -51,6 +51,13 @@ type Plan struct {
 	Rules   *rules.Plan
 }
 
+// Absent reports a net.bridge.* key that does not exist because
+// br_netfilter is not loaded: then bridged frames never reach the IP hooks,
+// which is what setting them to 0 is for, so there is nothing to do.
+func (s SysctlChange) Absent() bool {
+	return s.Old == "" && strings.HasPrefix(s.Key, "net.bridge.")
+}
+
 // SysctlChange is a setting with its current value ("" if the key does not
 // exist yet, e.g. for the bridge before it is created).
 type SysctlChange struct {
@@ -95,6 +102,10 @@ func (p *Plan) String() string {
 	b.WriteString("\n# sysctls (current -> wanted)\n")
 	for _, s := range p.Sysctls {
 		old := s.Old
+		if s.Absent() {
+			fmt.Fprintf(&b, "%s: absent (br_netfilter not loaded: bridged frames skip the IP hooks anyway)\n", s.Key)
+			continue
+		}
 		if old == "" {
 			old = "(absent)"
 		}
@@ -173,6 +184,9 @@ func (b *Box) Apply(c *Config, opts ApplyOptions) (err error) {
 		return fmt.Errorf("building bridge %s: %w", plan.Bridge.Name, err)
 	}
 	for _, s := range plan.Sysctls {
+		if s.Absent() {
+			continue
+		}
 		if _, ok := st.Sysctls[s.Key]; !ok {
 			old, err := b.Sysctl.Get(s.Key)
 			if err != nil {

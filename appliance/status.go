@@ -83,7 +83,11 @@ func (b *Box) Status(c *Config) (*Status, error) {
 	}
 	s.Drift = append(s.Drift, drift...)
 	for _, sc := range bridge.Sysctls(spec.Name) {
-		if v, err := b.Sysctl.Get(sc.Key); err != nil || v != sc.Value {
+		v, err := b.Sysctl.Get(sc.Key)
+		if bridge.IsNotExist(err) && strings.HasPrefix(sc.Key, "net.bridge.") {
+			continue // br_netfilter not loaded: nothing to turn off
+		}
+		if err != nil || v != sc.Value {
 			s.Drift = append(s.Drift, fmt.Sprintf("sysctl %s is %q, want %s", sc.Key, v, sc.Value))
 		}
 	}
