@@ -1,0 +1,198 @@
+// Package e2e drives the real ghostwire binary inside a lab: the harness shared by the end-to-end tests and `make demo`.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
+)
+
+// Box is a lab's box namespace provisioned and run by the ghostwire binary.
+type Box struct {
+	Lab    *lab.Lab
+	Bin    string // ghostwire binary
+	Dir    string // config and state live here
+	Config string
+	Bridge string
+	Ports  []int
+	Proxy  *lab.Process // `ghostwire run`, while started
+}
+
+// ProxyPort is the TPROXY port the harness configures.
+const ProxyPort = 9876
+
+// BuildBinary builds cmd/ghostwire into dir.
+func BuildBinary(dir string) (string, error) {
+	bin := filepath.Join(dir, "ghostwire")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/ghostwire/ghostwire/cmd/ghostwire")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building ghostwire: %v\n%s", err, out)
+	}
+	return bin, nil
+}
+
+// NewBox writes a config for l into dir: the bridge over the lab's two box
+// ports with the suggested management addresses, intercepting ports.
+func NewBox(l *lab.Lab, bin, dir string, ports []int, extraYAML string) (*Box, error) {
+	b := &Box{Lab: l, Bin: bin, Dir: dir, Bridge: l.Prefix + "br", Ports: ports}
+	b.Config = filepath.Join(dir, "ghostwire.yaml")
+	return b, b.WriteConfig(ports, extraYAML)
+}
+
+// WriteConfig (re)writes the config file, e.g. before a SIGHUP.
+func (b *Box) WriteConfig(ports []int, extraYAML string) error {
+	var ps []string
+	for _, p := range ports {
+		ps = append(ps, fmt.Sprint(p))
+	}
+	cfg := fmt.Sprintf(`bridge:
+  name: %s
+  client_nic: %s
+  server_nic: %s
+  addresses: [%s, "%s"]
+intercept:
+  tcp_ports: [%s]
+proxy:
+  tcp_port: %d
+  connect_timeout: 2s
+  idle_timeout: 1m
+  shutdown_grace: 10s
+state_file: %s
+%s`, b.Bridge, b.Lab.ClientNIC, b.Lab.ServerNIC, b.Lab.BoxIP4, b.Lab.BoxIP6,
+		strings.Join(ps, ", "), ProxyPort, filepath.Join(b.Dir, "state.json"), extraYAML)
+	b.Ports = ports
+	return os.WriteFile(b.Config, []byte(cfg), 0o644)
+}
+
+// Ghostwire runs `ghostwire ARGS -c CONFIG` in the box namespace and returns
+// its combined output.
+func (b *Box) Ghostwire(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	args = append(args, "-c", b.Config)
+	out, err := b.Lab.Box.Command(ctx, b.Bin, args...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("ghostwire %s: %w: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out), nil
+}
+
+// Status returns `ghostwire status`'s first line, e.g. "ghostwire: intercepting".
+func (b *Box) Status() (string, error) {
+	out, err := b.Ghostwire("status")
+	line, _, _ := strings.Cut(out, "\n")
+	return line, err
+}
+
+// StartProxy starts `ghostwire run` in the box and waits until it owns the
+// diversion (status says intercepting), or fails if the process exits.
+func (b *Box) StartProxy() error {
+	p, err := b.Lab.Start(b.Lab.Box, b.Bin, "run", "-c", b.Config, "--json")
+	if err != nil {
+		return err
+	}
+	b.Proxy = p
+	return WaitFor(10*time.Second, func() (bool, error) {
+		select {
+		case <-p.Done():
+			return false, fmt.Errorf("ghostwire run exited: %v\n%s", p.Wait(), p.Stderr())
+		default:
+		}
+		st, err := b.Status()
+		return err == nil && st == "ghostwire: intercepting", nil
+	})
+}
+
+// StopProxy signals the proxy and waits for it to exit.
+func (b *Box) StopProxy(sig syscall.Signal) error {
+	if b.Proxy == nil {
+		return errors.New("proxy not started")
+	}
+	return b.Proxy.Stop(sig, 20*time.Second)
+}
+
+// LogLine is one JSON log record of `ghostwire run --json`.
+type LogLine map[string]any
+
+// ProxyLog parses the proxy's JSON log lines so far, keeping those with msg.
+func (b *Box) ProxyLog(msg string) []LogLine {
+	var out []LogLine
+	if b.Proxy == nil {
+		return nil
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b.Proxy.Stderr()))
+	for sc.Scan() {
+		var l LogLine
+		if json.Unmarshal(sc.Bytes(), &l) == nil && (msg == "" || l["msg"] == msg) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// ConnLogFor returns the "connection closed" lines whose client address is
+// from (host:port as the proxy saw it).
+func (b *Box) ConnLogFor(from net.Addr) []LogLine {
+	var out []LogLine
+	for _, l := range b.ProxyLog("connection closed") {
+		if l["client"] == from.String() {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// WaitFor polls cond with backoff until it is true, it errors, or timeout.
+func WaitFor(timeout time.Duration, cond func() (bool, error)) error {
+	deadline := time.Now().Add(timeout)
+	delay := 5 * time.Millisecond
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("condition not met within %s", timeout)
+		}
+		time.Sleep(delay) // polling interval of a bounded readiness loop
+		delay = min(delay*2, 200*time.Millisecond)
+	}
+}
+
+// Listen opens a TCP listener inside ns.
+func Listen(ns *lab.NS, network, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := ns.Do(func() (err error) {
+		ln, err = net.Listen(network, addr)
+		return err
+	})
+	return ln, err
+}
+
+// Dial connects from inside ns.
+func Dial(ns *lab.NS, network, addr string, timeout time.Duration) (*net.TCPConn, error) {
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		c, err = net.DialTimeout(network, addr, timeout)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}

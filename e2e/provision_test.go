@@ -1,0 +1,255 @@
+package e2e
+
+import (
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+)
+
+// nftSection is the nftables part of `ghostwire plan` output.
+func nftSection(t *testing.T, plan string) string {
+	t.Helper()
+	_, after, ok := strings.Cut(plan, "# nftables\n")
+	if !ok {
+		t.Fatalf("plan has no nftables section:\n%s", plan)
+	}
+	return after
+}
+
+func TestApplyMatchesPlanIsIdempotentAndTearsDownExactly(t *testing.T) {
+	needRoot(t)
+	b := newBox(t, 80, 443)
+	before := snapshot(t, b)
+
+	plan, err := b.Ghostwire("plan")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snapshot(t, b) != before {
+		t.Fatal("plan changed the kernel's state")
+	}
+	if _, err := b.Ghostwire("apply"); err != nil {
+		t.Fatal(err)
+	}
+	ruleset := sh(t, b.Lab.Box, "nft", "list", "ruleset")
+	if want := nftSection(t, plan); strings.TrimSpace(ruleset) != strings.TrimSpace(want) {
+		t.Errorf("nft list ruleset differs from the plan:\n--- kernel\n%s\n--- plan\n%s", ruleset, want)
+	}
+	for _, want := range []string{"fwmark 0x1 lookup 100"} {
+		for _, fam := range []string{"-4", "-6"} {
+			if out := sh(t, b.Lab.Box, "ip", fam, "rule"); !strings.Contains(out, "1000:") || !strings.Contains(out, want) {
+				t.Errorf("ip %s rule lacks %q at priority 1000:\n%s", fam, want, out)
+			}
+		}
+	}
+	if out := sh(t, b.Lab.Box, "ip", "route", "show", "table", "100"); !strings.Contains(out, "local default dev lo") {
+		t.Errorf("table 100 lacks the local route:\n%s", out)
+	}
+	if out := sh(t, b.Lab.Box, "ip", "-6", "route", "show", "table", "100"); !strings.Contains(out, "local default dev lo") {
+		t.Errorf("table 100 (v6) lacks the local route:\n%s", out)
+	}
+	ports := sh(t, b.Lab.Box, "ip", "-o", "link", "show", "master", b.Bridge)
+	for _, nic := range []string{b.Lab.ClientNIC, b.Lab.ServerNIC} {
+		if !strings.Contains(ports, nic+"@") {
+			t.Errorf("%s is not a port of %s:\n%s", nic, b.Bridge, ports)
+		}
+	}
+	for key, want := range map[string]string{
+		"net.bridge.bridge-nf-call-iptables":  "0",
+		"net.bridge.bridge-nf-call-ip6tables": "0",
+		"net.ipv4.ip_forward":                 "1",
+		"net.ipv6.conf.all.forwarding":        "1",
+		"net.ipv4.conf.all.send_redirects":    "0",
+	} {
+		if got, err := b.Lab.Box.ReadSysctl(key); err != nil || got != want {
+			t.Errorf("sysctl %s = %q (%v), want %s", key, got, err, want)
+		}
+	}
+	if !strings.Contains(plan, "net.ipv4.ip_forward: 0 -> 1") {
+		t.Errorf("plan does not show the ip_forward change old -> new:\n%s", plan)
+	}
+
+	applied := snapshot(t, b)
+	if _, err := b.Ghostwire("apply"); err != nil {
+		t.Fatal(err)
+	}
+	if again := snapshot(t, b); again != applied {
+		t.Errorf("second apply changed state:\n--- first\n%s\n--- second\n%s", applied, again)
+	}
+	if st, _ := b.Status(); st != "ghostwire: diverting without ghostwire proxy" {
+		t.Errorf("status after apply = %q", st)
+	}
+
+	if _, err := b.Ghostwire("teardown"); err != nil {
+		t.Fatal(err)
+	}
+	if after := snapshot(t, b); after != before {
+		t.Errorf("teardown did not restore the namespace:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+	if _, err := b.Ghostwire("teardown"); err != nil {
+		t.Errorf("second teardown: %v", err)
+	}
+	if st, _ := b.Status(); st != "ghostwire: not provisioned" {
+		t.Errorf("status after teardown = %q", st)
+	}
+}
+
+func TestApplyFailureMidwayLeavesNothing(t *testing.T) {
+	needRoot(t)
+	b := newBox(t, 80)
+	// The gateway is on no connected subnet: the route step fails after the
+	// bridge and sysctls are in place.
+	if err := b.WriteConfig([]int{80}, ""); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := os.ReadFile(b.Config)
+	bad := strings.Replace(string(cfg), "intercept:", "  routes: [\"198.51.100.0/24 via 203.0.113.1\"]\nintercept:", 1)
+	if err := os.WriteFile(b.Config, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, b)
+	out, err := b.Ghostwire("apply")
+	if err == nil {
+		t.Fatalf("apply with an unreachable gateway succeeded:\n%s", out)
+	}
+	for _, want := range []string{"route 198.51.100.0/24 via 203.0.113.1", "rolled back"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("apply error lacks %q:\n%s", want, out)
+		}
+	}
+	if after := snapshot(t, b); after != before {
+		t.Errorf("failed apply left changes:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+	if _, err := os.Stat(filepath.Join(b.Dir, "state.json")); !os.IsNotExist(err) {
+		t.Errorf("state file left behind: %v", err)
+	}
+}
+
+func TestApplyRefusesAndChangesNothing(t *testing.T) {
+	needRoot(t)
+	b := newBox(t, 80)
+	h, err := b.Lab.Box.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	base, _ := os.ReadFile(b.Config)
+	for _, tc := range []struct {
+		name  string
+		setup func() func()
+		edit  func(string) string
+		want  string
+	}{
+		{
+			name: "missing NIC",
+			edit: func(c string) string { return strings.Replace(c, b.Lab.ServerNIC, b.Lab.Prefix+"nope", 1) },
+			want: `NIC "` + b.Lab.Prefix + `nope" does not exist`,
+		},
+		{
+			name: "bridge name taken by a non-bridge",
+			setup: func() func() {
+				d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: b.Bridge}}
+				if err := h.LinkAdd(d); err != nil {
+					t.Fatal(err)
+				}
+				return func() { h.LinkDel(d) }
+			},
+			want: `bridge name "` + b.Bridge + `" is already used by a dummy interface`,
+		},
+		{
+			name: "NIC enslaved to another bridge",
+			setup: func() func() {
+				other := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: b.Lab.Prefix + "ob"}}
+				if err := h.LinkAdd(other); err != nil {
+					t.Fatal(err)
+				}
+				nic, _ := h.LinkByName(b.Lab.ClientNIC)
+				if err := h.LinkSetMaster(nic, other); err != nil {
+					t.Fatal(err)
+				}
+				return func() { h.LinkDel(other) }
+			},
+			want: `NIC "` + b.Lab.ClientNIC + `" is already enslaved to "` + b.Lab.Prefix + `ob"`,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := string(base)
+			if tc.edit != nil {
+				cfg = tc.edit(cfg)
+			}
+			if err := os.WriteFile(b.Config, []byte(cfg), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if tc.setup != nil {
+				defer tc.setup()()
+			}
+			before := snapshot(t, b)
+			out, err := b.Ghostwire("apply")
+			if err == nil || !strings.Contains(out, tc.want) {
+				t.Fatalf("apply = %v, output:\n%s\nwant it to contain %q", err, out, tc.want)
+			}
+			if after := snapshot(t, b); after != before {
+				t.Errorf("refused apply changed state:\n--- before\n%s\n--- after\n%s", before, after)
+			}
+		})
+	}
+}
+
+// A port that is not intercepted is bridged straight through: the client
+// reaches the server and the server sees the client.
+func TestPlainTrafficCrossesProvisionedBridge(t *testing.T) {
+	needRoot(t)
+	b := newBox(t, 80)
+	if _, err := b.Ghostwire("apply"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Ghostwire("teardown") })
+	for _, addr := range []string{
+		net.JoinHostPort(b.Lab.ServerIP4.String(), "8080"),
+		net.JoinHostPort(b.Lab.ServerIP6.String(), "8080"),
+	} {
+		ln, err := Listen(b.Lab.Server, "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		peers := make(chan string, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				peers <- err.Error()
+				return
+			}
+			defer c.Close()
+			peers <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			io.Copy(c, c)
+		}()
+		c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("client → %s across the bridge: %v", addr, err)
+		}
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+			t.Fatalf("echo via %s: %q, %v", addr, buf, err)
+		}
+		c.Close()
+		ln.Close()
+		peer := <-peers
+		want := b.Lab.ClientIP4.String()
+		if strings.Contains(addr, "[") {
+			want = b.Lab.ClientIP6.String()
+		}
+		if peer != want {
+			t.Errorf("server saw %s, want the client %s", peer, want)
+		}
+	}
+}

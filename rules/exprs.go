@@ -1,0 +1,196 @@
+package rules
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// tableDef is one of the plan's two tables as the kernel will hold it.
+type tableDef struct {
+	family nftables.TableFamily
+	chains []chainDef
+}
+
+type chainDef struct {
+	name  string
+	hook  *nftables.ChainHook
+	prio  *nftables.ChainPriority
+	rules [][]expr.Any
+}
+
+// Chain priorities nft prints by name (bridge dstnat is -300, unlike inet's -100).
+var (
+	prioBridgeDstNAT = nftables.ChainPriorityRef(-300)
+	prioMangle       = nftables.ChainPriorityMangle
+	prioFilter       = nftables.ChainPriorityFilter
+)
+
+// familyName is the family as nft spells it.
+func familyName(f nftables.TableFamily) string {
+	switch f {
+	case nftables.TableFamilyBridge:
+		return "bridge"
+	case nftables.TableFamilyINet:
+		return "inet"
+	}
+	return fmt.Sprintf("family %d", f)
+}
+
+// families lists ghostwire's tables in the order they are built and listed.
+var families = [...]nftables.TableFamily{nftables.TableFamilyBridge, nftables.TableFamilyINet}
+
+// tableDefs is the ruleset as kernel objects. Lookups reference set by name
+// and by set.ID, so set must be the one added in the same batch (or have ID
+// 0 when comparing with what the kernel returns).
+func (p *Plan) tableDefs(set func(nftables.TableFamily) *nftables.Set) []tableDef {
+	c := &p.cfg
+	bset, iset := set(nftables.TableFamilyBridge), set(nftables.TableFamilyINet)
+
+	// Bridge: redirect both directions of intercepted flows up to the IP
+	// stack: set the destination MAC to br0's and mark the frame for the host.
+	redirect := func(port string, offset uint32) []expr.Any {
+		return concat(
+			matchIfName(port),
+			matchTCP(),
+			[]expr.Any{
+				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: offset, Len: 2},
+				lookup(bset),
+				&expr.Immediate{Register: 1, Data: []byte(c.BridgeMAC)},
+				&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 0, Len: 6},
+				&expr.Immediate{Register: 1, Data: []byte{unix.PACKET_HOST}},
+				&expr.Meta{Key: expr.MetaKeyPKTTYPE, SourceRegister: true, Register: 1},
+			},
+		)
+	}
+	const dport, sport = 2, 0 // offsets in the TCP header
+
+	// Inet: order matters (KERNEL.md §2): traffic to the box itself first,
+	// then pure SYNs to TPROXY, and only then the socket rule, which would
+	// otherwise send a reused client port's SYN to a TIME_WAIT socket.
+	syn := concat(
+		matchIfName(c.Bridge),
+		matchTCP(),
+		[]expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
+			lookup(iset),
+			// tcp flags & (fin|syn|rst|ack) == syn
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x17}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
+		},
+	)
+	if p.draining {
+		syn = append(syn, accept())
+	} else {
+		syn = append(syn,
+			&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(c.ProxyTCPPort)},
+			// Port only, any address family: the inet form of `tproxy to :PORT`.
+			&expr.TProxy{Family: byte(nftables.TableFamilyUnspecified), TableFamily: byte(nftables.TableFamilyINet), RegPort: 1},
+		)
+		syn = append(syn, setMark(c.Mark)...)
+		syn = append(syn, accept())
+	}
+	established := concat(
+		matchTCP(),
+		[]expr.Any{
+			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+		},
+		setMark(c.Mark),
+		[]expr.Any{accept()},
+	)
+	// Refuse direct connections to the proxy port: diverted SYNs keep their
+	// original destination port, so they never match.
+	refuse := concat(
+		matchTCP(),
+		[]expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(c.ProxyTCPPort)},
+		},
+		matchLocalDaddr(),
+		[]expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST, Code: 0}},
+	)
+
+	return []tableDef{
+		{family: nftables.TableFamilyBridge, chains: []chainDef{{
+			name: chainPrerouting, hook: nftables.ChainHookPrerouting, prio: prioBridgeDstNAT,
+			rules: [][]expr.Any{redirect(c.ClientPort, dport), redirect(c.ServerPort, sport)},
+		}}},
+		{family: nftables.TableFamilyINet, chains: []chainDef{
+			{
+				name: chainPrerouting, hook: nftables.ChainHookPrerouting, prio: prioMangle,
+				rules: [][]expr.Any{append(matchLocalDaddr(), accept()), syn, established},
+			},
+			{
+				name: chainInput, hook: nftables.ChainHookInput, prio: prioFilter,
+				rules: [][]expr.Any{refuse},
+			},
+		}},
+	}
+}
+
+// setElements are the intercepted ports as set keys (network byte order).
+func (p *Plan) setElements() []nftables.SetElement {
+	els := make([]nftables.SetElement, 0, len(p.cfg.TCPPorts))
+	for _, port := range p.cfg.TCPPorts {
+		els = append(els, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(port)})
+	}
+	return els
+}
+
+func concat(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// matchIfName compares the input interface name the way nft does: the whole
+// IFNAMSIZ buffer, zero padded, so "br0" does not match "br01".
+func matchIfName(name string) []expr.Any {
+	buf := make([]byte, unix.IFNAMSIZ)
+	copy(buf, name)
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: buf},
+	}
+}
+
+func matchTCP() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}
+}
+
+// matchLocalDaddr is `fib daddr type local`; the result is a host-order u32.
+func matchLocalDaddr() []expr.Any {
+	local := make([]byte, 4)
+	binary.NativeEndian.PutUint32(local, unix.RTN_LOCAL)
+	return []expr.Any{
+		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: local},
+	}
+}
+
+// setMark is `meta mark set MARK`; the mark is a host-order u32.
+func setMark(mark uint32) []expr.Any {
+	m := make([]byte, 4)
+	binary.NativeEndian.PutUint32(m, mark)
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: m},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+func lookup(set *nftables.Set) *expr.Lookup {
+	return &expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID}
+}
+
+func accept() *expr.Verdict { return &expr.Verdict{Kind: expr.VerdictAccept} }

@@ -1,0 +1,167 @@
+package rules
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
+)
+
+// Apply replaces both ghostwire tables with the plan's, whole, in one atomic
+// batch: each table is added (so that deleting it is safe when absent),
+// deleted, and built again with its set, chains and rules. Packets see either
+// the old ruleset or the new one, never a mix, and applying the same plan
+// twice leaves an identical ruleset. The new tables are ordinary ones that
+// outlive the caller. Apply fails (changing nothing) if another process owns
+// the tables (see ApplyOwned).
+func (p *Plan) Apply(c *nftables.Conn) error {
+	if err := p.replace(c, 0); err != nil {
+		return fmt.Errorf("applying nftables tables %s: %w", p.cfg.Name, err)
+	}
+	return nil
+}
+
+// ApplyOwned is Apply with tables owned by c's netlink socket: when that
+// socket closes (clean exit, crash or kill -9 of the process holding it) the
+// kernel deletes the tables, so frames are bridged untouched again
+// (fail-open). While owned, no other socket can change or delete them.
+//
+// c must come from nftables.New(nftables.AsLasting(), ...) and stay open for
+// as long as the diversion should last; ApplyOwned may be called on it again
+// (reload, Draining). Existing un-owned tables of the same name (from Apply)
+// are replaced in the same batch. If c is not lasting, the tables vanish as
+// soon as the batch's socket closes: ApplyOwned checks that they are still
+// there and owned by c, and reports an error otherwise.
+func (p *Plan) ApplyOwned(c *nftables.Conn) error {
+	if err := p.replace(c, nftables.TableFlagOwner); err != nil {
+		return fmt.Errorf("applying owned nftables tables %s: %w", p.cfg.Name, err)
+	}
+	port, err := c.GetPortID()
+	if err != nil {
+		return fmt.Errorf("reading nftables connection port: %w", err)
+	}
+	st, err := Tables(c, p.cfg.Name)
+	if err != nil {
+		return err
+	}
+	if !st.Bridge || !st.Inet || !st.Owned || st.OwnerPortID != port {
+		return fmt.Errorf("owned nftables tables %s did not stay with netlink port %d (state %+v): "+
+			"the connection must be created with nftables.AsLasting() and kept open", p.cfg.Name, port, st)
+	}
+	return nil
+}
+
+// replace queues and flushes the one batch behind Apply and ApplyOwned.
+func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
+	existing, err := listOwn(c, p.cfg.Name)
+	if err != nil {
+		return err
+	}
+	sets := map[nftables.TableFamily]*nftables.Set{}
+	tables := map[nftables.TableFamily]*nftables.Table{}
+	for _, fam := range families {
+		queueDelete(c, p.cfg.Name, fam, existing[fam])
+		t := c.AddTable(&nftables.Table{Name: p.cfg.Name, Family: fam, Flags: flags})
+		tables[fam] = t
+		s := &nftables.Set{Table: t, Name: setName, KeyType: nftables.TypeInetService}
+		// AddSet only fails on a malformed set or element, which a
+		// validated plan cannot produce; the half-queued batch is then
+		// left unflushed.
+		if err := c.AddSet(s, p.setElements()); err != nil {
+			return fmt.Errorf("adding set %s to table %s %s: %w", setName, familyName(fam), p.cfg.Name, err)
+		}
+		sets[fam] = s
+	}
+	for _, td := range p.tableDefs(func(f nftables.TableFamily) *nftables.Set { return sets[f] }) {
+		for _, cd := range td.chains {
+			ch := c.AddChain(&nftables.Chain{
+				Name:     cd.name,
+				Table:    tables[td.family],
+				Type:     nftables.ChainTypeFilter,
+				Hooknum:  cd.hook,
+				Priority: cd.prio,
+				Policy:   ref(nftables.ChainPolicyAccept),
+			})
+			for _, exprs := range cd.rules {
+				c.AddRule(&nftables.Rule{Table: tables[td.family], Chain: ch, Exprs: exprs})
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return explainOwned(err, existing)
+	}
+	return nil
+}
+
+// RemoveTables deletes both of ghostwire's tables named name in one batch.
+// Tables that do not exist are fine, so it is safe to repeat. Tables owned by
+// another netlink socket (a running proxy) cannot be removed: the error says
+// so and wraps unix.EPERM.
+func RemoveTables(c *nftables.Conn, name string) error {
+	if err := validTableName(name); err != nil {
+		return fmt.Errorf("removing nftables tables: %w", err)
+	}
+	existing, err := listOwn(c, name)
+	if err != nil {
+		return fmt.Errorf("removing nftables tables %s: %w", name, err)
+	}
+	if len(existing) == 0 {
+		return nil
+	}
+	for _, fam := range families {
+		if t, ok := existing[fam]; ok {
+			queueDelete(c, name, fam, t)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("removing nftables tables %s: %w", name, explainOwned(err, existing))
+	}
+	return nil
+}
+
+// queueDelete queues "add table; delete table". The add makes the delete
+// safe if the table vanished since it was listed (its owner died). It must
+// carry the existing table's flags: the kernel refuses to add or drop the
+// owner flag on an existing table (EOPNOTSUPP).
+func queueDelete(c *nftables.Conn, name string, fam nftables.TableFamily, old *nftables.Table) {
+	var flags nftables.TableFlags
+	if old != nil {
+		flags = old.Flags
+	}
+	t := &nftables.Table{Name: name, Family: fam, Flags: flags}
+	c.AddTable(t)
+	c.DelTable(t)
+}
+
+// listOwn returns ghostwire's existing tables by family.
+func listOwn(c *nftables.Conn, name string) (map[nftables.TableFamily]*nftables.Table, error) {
+	all, err := c.ListTables()
+	if err != nil {
+		return nil, fmt.Errorf("listing nftables tables: %w", err)
+	}
+	out := map[nftables.TableFamily]*nftables.Table{}
+	for _, t := range all {
+		if t.Name == name && (t.Family == nftables.TableFamilyBridge || t.Family == nftables.TableFamilyINet) {
+			out[t.Family] = t
+		}
+	}
+	return out, nil
+}
+
+// explainOwned turns the kernel's bare EPERM for a table owned by another
+// socket into something an operator can act on.
+func explainOwned(err error, existing map[nftables.TableFamily]*nftables.Table) error {
+	if !errors.Is(err, unix.EPERM) {
+		return err
+	}
+	for _, fam := range families {
+		if t := existing[fam]; t != nil && t.Flags&nftables.TableFlagOwner != 0 {
+			return fmt.Errorf("table %s %s is owned by netlink port %d (a running ghostwire proxy?): %w",
+				familyName(fam), t.Name, t.Owner, err)
+		}
+	}
+	return err
+}
+
+func ref[T any](v T) *T { return &v }

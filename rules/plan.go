@@ -1,0 +1,174 @@
+// Package rules builds ghostwire's nftables diversion ruleset and policy routing, and applies them atomically.
+package rules
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+)
+
+// Config is everything the diversion needs, in plain values.
+type Config struct {
+	Name         string           // nft table name used in both families, e.g. "ghostwire"
+	Bridge       string           // bridge device, e.g. "br0" (inet rules match iifname Bridge)
+	ClientPort   string           // bridge port toward clients
+	ServerPort   string           // bridge port toward servers
+	BridgeMAC    net.HardwareAddr // written as destination MAC into diverted frames
+	TCPPorts     []uint16         // intercepted TCP ports (NewPlan sorts + dedups)
+	ProxyTCPPort uint16           // local TPROXY port
+	Mark         uint32           // fwmark for policy routing (non-zero)
+	RouteTable   int              // policy routing table (1..2^31-1, not 253/254/255 default/main/local)
+	RulePriority int              // ip rule priority ghostwire owns (1..32765: before the main table)
+}
+
+// Plan is a validated Config: the two nftables tables and the policy routing
+// ghostwire installs, as values that can be printed, applied and checked.
+// A Plan is immutable; its methods are safe for concurrent use.
+type Plan struct {
+	cfg Config
+	// draining replaces the TPROXY of new connections with a plain accept
+	// (see Draining).
+	draining bool
+}
+
+// Limits the kernel and iproute2 put on the values in Config.
+const (
+	maxIfName       = 15 // IFNAMSIZ - 1
+	maxTableName    = 64 // well below NFT_NAME_MAXLEN; nft names are for humans
+	maxRouteTable   = 1<<31 - 1
+	maxRulePrio     = 32765 // 32766 is the main table's rule: ours must come first
+	setName         = "tcp_ports"
+	chainPrerouting = "prerouting"
+	chainInput      = "input"
+)
+
+// Routing tables the kernel reserves (unspec is 0, rejected by the range check).
+var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
+
+// NewPlan validates cfg without touching the kernel and returns its Plan.
+// TCPPorts are sorted and deduplicated; BridgeMAC and TCPPorts are copied.
+// Every error names the offending Config field; all problems are reported
+// together.
+func NewPlan(cfg Config) (*Plan, error) {
+	cfg.BridgeMAC = slices.Clone(cfg.BridgeMAC)
+	cfg.TCPPorts = slices.Compact(slices.Sorted(slices.Values(cfg.TCPPorts)))
+
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+
+	if err := validTableName(cfg.Name); err != nil {
+		bad("Name: %w", err)
+	}
+	for _, f := range []struct{ field, name string }{
+		{"Bridge", cfg.Bridge}, {"ClientPort", cfg.ClientPort}, {"ServerPort", cfg.ServerPort},
+	} {
+		if err := validIfName(f.name); err != nil {
+			bad("%s: %w", f.field, err)
+		}
+	}
+	if cfg.ClientPort != "" && cfg.ClientPort == cfg.ServerPort {
+		bad("ServerPort: %q is also the ClientPort; the two bridge ports must differ", cfg.ServerPort)
+	}
+	if cfg.Bridge != "" && (cfg.Bridge == cfg.ClientPort || cfg.Bridge == cfg.ServerPort) {
+		bad("Bridge: %q is also a bridge port", cfg.Bridge)
+	}
+	switch {
+	case len(cfg.BridgeMAC) != 6:
+		bad("BridgeMAC: %q is not a 6-byte Ethernet address", cfg.BridgeMAC.String())
+	case cfg.BridgeMAC[0]&1 != 0:
+		bad("BridgeMAC: %s is a multicast address", cfg.BridgeMAC)
+	case slices.Equal(cfg.BridgeMAC, make(net.HardwareAddr, 6)):
+		bad("BridgeMAC: %s is the zero address", cfg.BridgeMAC)
+	}
+	if len(cfg.TCPPorts) == 0 {
+		bad("TCPPorts: at least one intercepted port is needed")
+	} else if cfg.TCPPorts[0] == 0 {
+		bad("TCPPorts: port 0 cannot be intercepted")
+	}
+	switch {
+	case cfg.ProxyTCPPort == 0:
+		bad("ProxyTCPPort: must be set (got 0)")
+	case slices.Contains(cfg.TCPPorts, cfg.ProxyTCPPort):
+		// The input chain refuses direct connections to the proxy port;
+		// intercepting it too would make the proxy relay to itself.
+		bad("ProxyTCPPort: %d is also an intercepted port in TCPPorts", cfg.ProxyTCPPort)
+	}
+	if cfg.Mark == 0 {
+		bad("Mark: must be non-zero (0 is every unmarked packet)")
+	}
+	if t := cfg.RouteTable; t < 1 || t > maxRouteTable {
+		bad("RouteTable: %d is out of range 1..%d", t, maxRouteTable)
+	} else if name, ok := reservedTables[t]; ok {
+		bad("RouteTable: %d is the kernel's %s table", t, name)
+	}
+	if p := cfg.RulePriority; p < 1 || p > maxRulePrio {
+		bad("RulePriority: %d is out of range 1..%d (0 is the local rule, 32766 main)", p, maxRulePrio)
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
+	}
+	return &Plan{cfg: cfg}, nil
+}
+
+// validTableName keeps names to what nft prints and parses back unquoted.
+func validTableName(name string) error {
+	if name == "" {
+		return errors.New("table name is empty")
+	}
+	if len(name) > maxTableName {
+		return fmt.Errorf("table name %q is longer than %d bytes", name, maxTableName)
+	}
+	for i, r := range name {
+		letter := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
+		if !letter && (i == 0 || !(r >= '0' && r <= '9' || r == '_')) {
+			return fmt.Errorf("table name %q must be a letter followed by letters, digits or '_'", name)
+		}
+	}
+	return nil
+}
+
+// validIfName mirrors the kernel's dev_valid_name, plus what nft text cannot
+// carry unescaped.
+func validIfName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("interface name is empty")
+	case len(name) > maxIfName:
+		return fmt.Errorf("interface name %q is longer than %d bytes", name, maxIfName)
+	case name == "." || name == "..":
+		return fmt.Errorf("interface name %q is not allowed", name)
+	case strings.ContainsAny(name, "/:\"\\*") || strings.ContainsFunc(name, func(r rune) bool { return r <= ' ' || r >= 0x7f }):
+		// '"', '\\' and '*' are legal for the kernel, but nft text would
+		// need escapes for them ('*' is nft's interface wildcard).
+		return fmt.Errorf("interface name %q contains '/', ':', '*', a quote, a backslash, whitespace or a non-ASCII byte", name)
+	}
+	return nil
+}
+
+// Config returns a copy of the validated (sorted, deduplicated) config.
+func (p *Plan) Config() Config {
+	c := p.cfg
+	c.BridgeMAC = slices.Clone(c.BridgeMAC)
+	c.TCPPorts = slices.Clone(c.TCPPorts)
+	return c
+}
+
+// Draining returns the plan for a proxy that is shutting down: new TCP
+// connections (pure SYNs) are accepted untouched instead of TPROXYed, so they
+// are routed past the proxy, while established proxied flows keep matching
+// the socket rule until they finish. Accepting the SYN explicitly (rather
+// than dropping the rule) keeps it away from the socket rule, which would
+// match the proxy's own TIME_WAIT sockets (see KERNEL.md).
+func (p *Plan) Draining() *Plan {
+	return &Plan{cfg: p.Config(), draining: true}
+}
+
+// IsDraining reports whether p comes from Draining.
+func (p *Plan) IsDraining() bool { return p.draining }
+
+// Routing returns the policy routing the plan needs.
+func (p *Plan) Routing() Routing {
+	return Routing{Mark: p.cfg.Mark, Table: p.cfg.RouteTable, Priority: p.cfg.RulePriority}
+}

@@ -1,0 +1,213 @@
+package rules
+
+import (
+	"flag"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata golden files from the current output")
+
+func testConfig() Config {
+	return Config{
+		Name:         "ghostwire",
+		Bridge:       "br0",
+		ClientPort:   "eth-client",
+		ServerPort:   "eth-server",
+		BridgeMAC:    net.HardwareAddr{0x02, 0x42, 0xac, 0x11, 0x00, 0x02},
+		TCPPorts:     []uint16{443, 80, 443},
+		ProxyTCPPort: 3129,
+		Mark:         0x1,
+		RouteTable:   100,
+		RulePriority: 1000,
+	}
+}
+
+func mustPlan(t *testing.T, cfg Config) *Plan {
+	t.Helper()
+	p, err := NewPlan(cfg)
+	if err != nil {
+		t.Fatalf("NewPlan: %v", err)
+	}
+	return p
+}
+
+func TestNewPlanValidation(t *testing.T) {
+	tests := []struct {
+		name   string
+		modify func(*Config)
+		want   string // substring of the error: the field and the reason
+	}{
+		{"empty name", func(c *Config) { c.Name = "" }, "Name: table name is empty"},
+		{"name with space", func(c *Config) { c.Name = "ghost wire" }, "Name: table name"},
+		{"name starting with digit", func(c *Config) { c.Name = "1gw" }, "Name: table name"},
+		{"name too long", func(c *Config) { c.Name = strings.Repeat("g", 65) }, "Name: table name"},
+		{"empty bridge", func(c *Config) { c.Bridge = "" }, "Bridge: interface name is empty"},
+		{"empty client port", func(c *Config) { c.ClientPort = "" }, "ClientPort: interface name is empty"},
+		{"empty server port", func(c *Config) { c.ServerPort = "" }, "ServerPort: interface name is empty"},
+		{"long bridge", func(c *Config) { c.Bridge = "br0123456789abcd" }, "Bridge: interface name \"br0123456789abcd\" is longer than 15"},
+		{"long client port", func(c *Config) { c.ClientPort = strings.Repeat("c", 16) }, "ClientPort: interface name"},
+		{"long server port", func(c *Config) { c.ServerPort = strings.Repeat("s", 16) }, "ServerPort: interface name"},
+		{"slash in port", func(c *Config) { c.ServerPort = "eth/1" }, "ServerPort: interface name"},
+		{"wildcard in bridge", func(c *Config) { c.Bridge = "br*" }, "Bridge: interface name"},
+		{"quote in port", func(c *Config) { c.ClientPort = `eth"1` }, "ClientPort: interface name"},
+		{"same ports", func(c *Config) { c.ServerPort = c.ClientPort }, "ServerPort: \"eth-client\" is also the ClientPort"},
+		{"bridge is a port", func(c *Config) { c.Bridge = c.ClientPort }, "Bridge: \"eth-client\" is also a bridge port"},
+		{"nil MAC", func(c *Config) { c.BridgeMAC = nil }, "BridgeMAC: \"\" is not a 6-byte"},
+		{"short MAC", func(c *Config) { c.BridgeMAC = c.BridgeMAC[:5] }, "BridgeMAC: \"02:42:ac:11:00\" is not a 6-byte"},
+		{"long MAC", func(c *Config) { c.BridgeMAC = make(net.HardwareAddr, 8) }, "BridgeMAC:"},
+		{"multicast MAC", func(c *Config) { c.BridgeMAC = net.HardwareAddr{1, 0, 0x5e, 0, 0, 1} }, "BridgeMAC: 01:00:5e:00:00:01 is a multicast"},
+		{"zero MAC", func(c *Config) { c.BridgeMAC = make(net.HardwareAddr, 6) }, "BridgeMAC: 00:00:00:00:00:00 is the zero"},
+		{"no ports", func(c *Config) { c.TCPPorts = nil }, "TCPPorts: at least one"},
+		{"port 0", func(c *Config) { c.TCPPorts = []uint16{80, 0} }, "TCPPorts: port 0"},
+		{"proxy port 0", func(c *Config) { c.ProxyTCPPort = 0 }, "ProxyTCPPort: must be set"},
+		{"proxy port intercepted", func(c *Config) { c.ProxyTCPPort = 443 }, "ProxyTCPPort: 443 is also an intercepted port"},
+		{"mark 0", func(c *Config) { c.Mark = 0 }, "Mark: must be non-zero"},
+		{"table 0", func(c *Config) { c.RouteTable = 0 }, "RouteTable: 0 is out of range"},
+		{"table negative", func(c *Config) { c.RouteTable = -5 }, "RouteTable: -5 is out of range"},
+		{"table too big", func(c *Config) { c.RouteTable = 1 << 31 }, "RouteTable: 2147483648 is out of range"},
+		{"table default", func(c *Config) { c.RouteTable = 253 }, "RouteTable: 253 is the kernel's default table"},
+		{"table main", func(c *Config) { c.RouteTable = 254 }, "RouteTable: 254 is the kernel's main table"},
+		{"table local", func(c *Config) { c.RouteTable = 255 }, "RouteTable: 255 is the kernel's local table"},
+		{"priority 0", func(c *Config) { c.RulePriority = 0 }, "RulePriority: 0 is out of range"},
+		{"priority main", func(c *Config) { c.RulePriority = 32766 }, "RulePriority: 32766 is out of range"},
+		{"priority negative", func(c *Config) { c.RulePriority = -1 }, "RulePriority: -1 is out of range"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := testConfig()
+			tt.modify(&cfg)
+			p, err := NewPlan(cfg)
+			if err == nil {
+				t.Fatalf("NewPlan accepted %+v: %s", cfg, p)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error %q does not contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestNewPlanReportsAllProblems(t *testing.T) {
+	_, err := NewPlan(Config{})
+	if err == nil {
+		t.Fatal("NewPlan accepted the zero Config")
+	}
+	for _, field := range []string{"Name:", "Bridge:", "ClientPort:", "ServerPort:", "BridgeMAC:", "TCPPorts:", "ProxyTCPPort:", "Mark:", "RouteTable:", "RulePriority:"} {
+		if !strings.Contains(err.Error(), field) {
+			t.Errorf("error does not mention %s: %v", field, err)
+		}
+	}
+}
+
+func TestNewPlanBoundaries(t *testing.T) {
+	for _, mod := range []func(*Config){
+		func(c *Config) { c.RouteTable = 1 },
+		func(c *Config) { c.RouteTable = 252 },
+		func(c *Config) { c.RouteTable = 256 },
+		func(c *Config) { c.RouteTable = 1<<31 - 1 },
+		func(c *Config) { c.RulePriority = 1 },
+		func(c *Config) { c.RulePriority = 32765 },
+		func(c *Config) { c.Bridge = "br0123456789abc" }, // 15 bytes
+		func(c *Config) { c.TCPPorts = []uint16{65535} },
+		func(c *Config) { c.Mark = 0xffffffff },
+	} {
+		cfg := testConfig()
+		mod(&cfg)
+		if _, err := NewPlan(cfg); err != nil {
+			t.Errorf("NewPlan(%+v): %v", cfg, err)
+		}
+	}
+}
+
+func TestNewPlanNormalisesAndCopies(t *testing.T) {
+	cfg := testConfig()
+	cfg.TCPPorts = []uint16{8080, 443, 80, 443, 8080}
+	p := mustPlan(t, cfg)
+	if got, want := p.Config().TCPPorts, []uint16{80, 443, 8080}; !slices.Equal(got, want) {
+		t.Errorf("TCPPorts = %v, want %v", got, want)
+	}
+	// The plan must not alias the caller's slices, nor hand out its own.
+	cfg.BridgeMAC[0] = 0xff
+	cfg.TCPPorts[0] = 1
+	got := p.Config()
+	got.TCPPorts[0] = 2
+	got.BridgeMAC[1] = 0xff
+	if c := p.Config(); c.BridgeMAC.String() != "02:42:ac:11:00:02" || c.TCPPorts[0] != 80 {
+		t.Errorf("plan changed through aliasing: %+v", c)
+	}
+	if r := p.Routing(); r != (Routing{Mark: 1, Table: 100, Priority: 1000}) {
+		t.Errorf("Routing() = %+v", r)
+	}
+	if p.IsDraining() || !p.Draining().IsDraining() {
+		t.Error("Draining flag")
+	}
+}
+
+// golden compares got with testdata/name, or rewrites it with -update.
+func golden(t *testing.T, name, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test ./rules -update to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs from golden %s (go test ./rules -update rewrites it)\n--- got\n%s--- want\n%s", name, path, got, want)
+	}
+}
+
+// goldenPlans are the plans whose String() is pinned in testdata; the root
+// tests apply each of them to check the goldens are what nft prints.
+func goldenPlans(t *testing.T) map[string]*Plan {
+	many := testConfig()
+	many.Name = "gw_many"
+	many.Bridge = "br-lab"
+	many.ClientPort = "veth-c"
+	many.ServerPort = "veth-s"
+	many.BridgeMAC = net.HardwareAddr{0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f}
+	many.TCPPorts = []uint16{65535, 1, 22, 25, 80, 110, 143, 443, 465, 587, 993, 995, 8080, 8443}
+	many.ProxyTCPPort = 15001
+	many.Mark = 0xdead0001
+	base := mustPlan(t, testConfig())
+	return map[string]*Plan{
+		"basic.nft":    base,
+		"draining.nft": base.Draining(),
+		"many.nft":     mustPlan(t, many),
+	}
+}
+
+func TestPlanStringGolden(t *testing.T) {
+	for name, p := range goldenPlans(t) {
+		t.Run(name, func(t *testing.T) { golden(t, name, p.String()) })
+	}
+}
+
+func TestRoutingStringGolden(t *testing.T) {
+	golden(t, "routing.txt", mustPlan(t, testConfig()).Routing().String())
+}
+
+func TestRoutingRejectsInvalidWithoutKernel(t *testing.T) {
+	// A nil handle proves validation happens before any netlink call.
+	for _, r := range []Routing{{}, {Mark: 1, Table: 254, Priority: 100}, {Mark: 1, Table: 100, Priority: 0}} {
+		if err := r.Apply(nil); err == nil {
+			t.Errorf("Apply(%+v) accepted", r)
+		}
+		if err := r.Remove(nil); err == nil {
+			t.Errorf("Remove(%+v) accepted", r)
+		}
+		if _, err := r.Check(nil); err == nil {
+			t.Errorf("Check(%+v) accepted", r)
+		}
+	}
+}
