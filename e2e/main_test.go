@@ -70,7 +70,7 @@ func snapshot(t *testing.T, b *Box) string {
 		{"ip", "-6", "route", "show", "table", "all"},
 		{"ip", "-br", "link"},
 		{"ip", "-br", "addr"},
-		{"ip", "-d", "-o", "link", "show", "master", b.Bridge},
+		{"ip", "-o", "link", "show", "master", b.Bridge},
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		out, _ := b.Lab.Box.Command(ctx, c[0], c[1:]...).CombinedOutput() // "show master" fails once the bridge is gone: that is state too

@@ -154,13 +154,14 @@ func TestApplyRefusesAndChangesNothing(t *testing.T) {
 		{
 			name: "bridge name taken by a non-bridge",
 			setup: func() func() {
-				d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: b.Bridge}}
+				// This kernel has no dummy links; a veth is as much "not a bridge".
+				d := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: b.Bridge}, PeerName: b.Lab.Prefix + "vp"}
 				if err := h.LinkAdd(d); err != nil {
 					t.Fatal(err)
 				}
 				return func() { h.LinkDel(d) }
 			},
-			want: `bridge name "` + b.Bridge + `" is already used by a dummy interface`,
+			want: `bridge name "` + b.Bridge + `" is already used by a veth interface`,
 		},
 		{
 			name: "NIC enslaved to another bridge",
