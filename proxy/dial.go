@@ -1,0 +1,55 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+)
+
+// dialTransparent connects to remote from local (the client's IP, port 0),
+// so the server sees the client's address rather than the box's.
+//
+// The client's own port is not reused: the box's transparent TIME_WAIT
+// sockets from earlier connections would collide with it under load
+// (EADDRINUSE). IP_BIND_ADDRESS_NO_PORT lets connect pick the port per
+// 4-tuple instead of reserving one per client IP at bind time.
+//
+// The timeout comes from ctx. The return path works because the server's
+// replies to the client's IP reach the box (the bridge redirects them) and
+// the nft `socket transparent 1` rule marks them for local delivery.
+func dialTransparent(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error) {
+	d := net.Dialer{
+		LocalAddr: local,
+		Control: func(network, address string, rc syscall.RawConn) error {
+			return control(rc, func(fd uintptr) error {
+				if err := setTransparent(fd, network == "tcp6"); err != nil {
+					return err
+				}
+				return setBindNoPort(fd)
+			})
+		},
+		KeepAlive: -1, // see listenTransparent
+	}
+	c, err := d.DialContext(ctx, network, remote.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// dialReason condenses a dial error into the log's reason, e.g.
+// "dial: connection refused" or "dial: timeout".
+func dialReason(err error) string {
+	var errno syscall.Errno
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
+		return "dial: timeout"
+	case errors.As(err, &errno):
+		return "dial: " + errno.Error()
+	default:
+		return fmt.Sprintf("dial: %v", err)
+	}
+}

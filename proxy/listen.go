@@ -1,0 +1,53 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"syscall"
+)
+
+// listenTransparent opens a TPROXY listener. IP_TRANSPARENT must be set
+// before bind: the tproxy expression only hands packets to transparent
+// sockets, and a listener without it is never selected.
+func listenTransparent(network, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{
+		Control: func(network, address string, rc syscall.RawConn) error {
+			return control(rc, func(fd uintptr) error {
+				v6 := network == "tcp6"
+				if v6 {
+					if err := setV6Only(fd); err != nil {
+						return err
+					}
+				}
+				return setTransparent(fd, v6)
+			})
+		},
+		// The box must stay invisible: keepalive probes from the proxy would
+		// be packets neither endpoint sent. Dead peers end with IdleTimeout.
+		KeepAlive: -1,
+	}
+	ln, err := lc.Listen(context.Background(), network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", addr, err)
+	}
+	return ln, nil
+}
+
+// control runs fn on rc's file descriptor and returns fn's error, which
+// RawConn.Control alone would drop.
+func control(rc syscall.RawConn, fn func(fd uintptr) error) error {
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = fn(fd) }); err != nil {
+		return err
+	}
+	return ferr
+}
+
+// origDst is where a diverted client was going: TPROXY delivers the
+// connection to our socket without rewriting it, so the accepted socket's
+// local address is the original destination.
+func origDst(c *net.TCPConn) *net.TCPAddr {
+	a, _ := c.LocalAddr().(*net.TCPAddr)
+	return a
+}

@@ -1,0 +1,343 @@
+// Package proxy relays transparently intercepted TCP connections to their original destination, as the client.
+//
+// The box's nftables rules divert client SYNs with TPROXY to Config.Port,
+// where Proxy accepts them as the server (the accepted socket's local
+// address is the original destination) and dials that destination from the
+// client's IP, relaying bytes both ways with splice(2).
+//
+// The proxy cannot loop onto itself. Its upstream sockets are locally
+// originated: their packets take the output path and never traverse
+// prerouting, where the tproxy rule lives, so they are never diverted back
+// to the proxy port. A connection addressed to the proxy port directly (not
+// diverted) is refused by the nft input rule, and if one gets through anyway
+// Proxy resets it instead of relaying it (its original destination would be
+// the proxy itself).
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Config is what New needs. Timeouts can change later with SetTimeouts.
+type Config struct {
+	Port           uint16        // TPROXY listen port, on 0.0.0.0 and [::] (two listeners, v6 with V6ONLY)
+	ConnectTimeout time.Duration // upstream dial timeout
+	IdleTimeout    time.Duration // no bytes in EITHER direction for this long -> close both (a long one-way download is NOT idle)
+	Logger         *slog.Logger  // nil = discard
+
+	// Test hooks; nil means production behaviour.
+
+	// Listen opens one listener: network is "tcp4" or "tcp6", addr
+	// "0.0.0.0:PORT" or "[::]:PORT". Default: a transparent listener.
+	Listen func(network, addr string) (net.Listener, error)
+	// Dial connects upstream from local (client IP, port 0) to remote
+	// within ctx's deadline. Default: a transparent dialer.
+	Dial func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
+	// OrigDst returns the client's original destination. Default: the
+	// accepted connection's local address.
+	OrigDst func(c *net.TCPConn) *net.TCPAddr
+}
+
+// Stats are counters since New; all fields are read atomically.
+type Stats struct {
+	Active     int64  // connections open now (dialing or relaying)
+	Accepted   uint64 // diverted connections taken for relaying
+	Refused    uint64 // direct connections to the proxy port, reset unrelayed
+	DialFailed uint64 // accepted connections whose upstream dial failed
+	BytesUp    uint64 // client -> server
+	BytesDown  uint64 // server -> client
+}
+
+// Proxy is a transparent TCP relay. Create it with New.
+type Proxy struct {
+	port    uint16
+	log     *slog.Logger
+	listen  func(network, addr string) (net.Listener, error)
+	dial    func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
+	origDst func(c *net.TCPConn) *net.TCPAddr
+
+	connectTimeout atomic.Int64 // time.Duration
+	idleTimeout    atomic.Int64 // time.Duration
+	epoch          time.Time    // monotonic origin of conn.lastActive
+
+	mu        sync.Mutex
+	started   bool
+	serving   bool
+	stopped   bool // Shutdown called: no new conns are tracked
+	listeners []net.Listener
+	conns     map[*conn]struct{}
+	quit      chan struct{} // closed by the first Shutdown
+	connWG    sync.WaitGroup
+
+	active                                  atomic.Int64
+	accepted, refused, dialFailed, up, down atomic.Uint64
+}
+
+// New validates cfg and returns a Proxy ready to Start.
+func New(cfg Config) (*Proxy, error) {
+	var errs []error
+	if cfg.Port == 0 {
+		errs = append(errs, errors.New("proxy port: 0 is outside 1-65535"))
+	}
+	if cfg.ConnectTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("connect timeout: %v must be positive", cfg.ConnectTimeout))
+	}
+	if cfg.IdleTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("idle timeout: %v must be positive", cfg.IdleTimeout))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("invalid proxy config: %w", err)
+	}
+	p := &Proxy{
+		port:    cfg.Port,
+		log:     cfg.Logger,
+		listen:  cfg.Listen,
+		dial:    cfg.Dial,
+		origDst: cfg.OrigDst,
+		epoch:   time.Now(),
+		conns:   make(map[*conn]struct{}),
+		quit:    make(chan struct{}),
+	}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	if p.listen == nil {
+		p.listen = listenTransparent
+	}
+	if p.dial == nil {
+		p.dial = dialTransparent
+	}
+	if p.origDst == nil {
+		p.origDst = origDst
+	}
+	p.connectTimeout.Store(int64(cfg.ConnectTimeout))
+	p.idleTimeout.Store(int64(cfg.IdleTimeout))
+	return p, nil
+}
+
+// Start opens the IPv4 and IPv6 listeners. If either fails, nothing stays
+// open.
+func (p *Proxy) Start() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.started || p.stopped {
+		return errors.New("proxy already started (or shut down)")
+	}
+	port := strconv.Itoa(int(p.port))
+	var lns []net.Listener
+	for _, l := range []struct{ network, addr string }{
+		{"tcp4", net.JoinHostPort("0.0.0.0", port)},
+		{"tcp6", net.JoinHostPort("::", port)},
+	} {
+		ln, err := p.listen(l.network, l.addr)
+		if err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			return fmt.Errorf("opening %s listener: %w", l.network, err)
+		}
+		lns = append(lns, ln)
+	}
+	p.listeners = lns
+	p.started = true
+	return nil
+}
+
+// Serve accepts connections until ctx is done or Shutdown is called, then
+// closes the listeners and returns: nil after Shutdown, ctx's error after
+// ctx, or the accept error that stopped it. Established connections are not
+// touched: they end with Shutdown.
+func (p *Proxy) Serve(ctx context.Context) error {
+	p.mu.Lock()
+	switch {
+	case p.stopped:
+		p.mu.Unlock()
+		return nil
+	case !p.started:
+		p.mu.Unlock()
+		return errors.New("proxy not started")
+	case p.serving:
+		p.mu.Unlock()
+		return errors.New("proxy already serving")
+	}
+	p.serving = true
+	lns := p.listeners
+	p.mu.Unlock()
+
+	loopsDone := make(chan struct{})
+	watcherDone := make(chan struct{})
+	go func() {
+		defer close(watcherDone)
+		select {
+		case <-ctx.Done():
+			p.closeListeners()
+		case <-loopsDone:
+		}
+	}()
+	errc := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() { errc <- p.acceptLoop(ln) }()
+	}
+	var first error
+	for range lns {
+		if err := <-errc; err != nil && first == nil {
+			first = err
+			p.closeListeners() // one family failing stops both: exit, fail open
+		}
+	}
+	close(loopsDone)
+	<-watcherDone
+	if first != nil {
+		return first
+	}
+	if p.isStopped() {
+		return nil
+	}
+	return ctx.Err()
+}
+
+// acceptLoop takes connections from ln until it is closed.
+func (p *Proxy) acceptLoop(ln net.Listener) error {
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if !isResourceShortage(err) {
+				return fmt.Errorf("accepting on %s: %w", ln.Addr(), err)
+			}
+			// Out of fds or memory: established connections will free
+			// some; dying would cut them all.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			p.log.Warn("accept failed; retrying", "addr", ln.Addr().String(), "err", err, "retry_in", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-p.quit:
+				t.Stop()
+			}
+			continue
+		}
+		backoff = 0
+		c, ok := nc.(*net.TCPConn)
+		if !ok {
+			p.log.Error("listener returned a non-TCP connection", "type", fmt.Sprintf("%T", nc))
+			nc.Close()
+			continue
+		}
+		p.accept(c)
+	}
+}
+
+func isResourceShortage(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}
+
+// Shutdown stops accepting at once, waits for established connections to
+// finish until ctx is done, then resets the rest (reason "shutdown") and
+// waits for their goroutines. It returns nil if everything drained, else an
+// error wrapping ctx's.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	if !p.stopped {
+		p.stopped = true
+		close(p.quit)
+	}
+	p.mu.Unlock()
+	p.closeListeners()
+
+	// No Add can follow: accept checks p.stopped under p.mu.
+	drained := make(chan struct{})
+	go func() {
+		p.connWG.Wait()
+		close(drained)
+	}()
+	select {
+	case <-drained:
+		return nil
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	open := make([]*conn, 0, len(p.conns))
+	for c := range p.conns {
+		open = append(open, c)
+	}
+	p.mu.Unlock()
+	for _, c := range open {
+		c.abort("shutdown")
+	}
+	<-drained
+	return fmt.Errorf("closed %d connections still open after the grace period: %w", len(open), ctx.Err())
+}
+
+func (p *Proxy) closeListeners() {
+	p.mu.Lock()
+	lns := p.listeners
+	p.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close() // a second close only returns an error
+	}
+}
+
+func (p *Proxy) isStopped() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stopped
+}
+
+// SetTimeouts changes the timeouts live (SIGHUP). The connect timeout
+// applies to dials that start later; the idle timeout to every connection,
+// counted from its last activity, so a connection already idle for longer
+// than the new value closes now. Non-positive values are ignored.
+func (p *Proxy) SetTimeouts(connect, idle time.Duration) {
+	if connect > 0 {
+		p.connectTimeout.Store(int64(connect))
+	}
+	if idle <= 0 {
+		return
+	}
+	p.idleTimeout.Store(int64(idle))
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		c.rearm()
+	}
+}
+
+// Stats returns the current counters.
+func (p *Proxy) Stats() Stats {
+	return Stats{
+		Active:     p.active.Load(),
+		Accepted:   p.accepted.Load(),
+		Refused:    p.refused.Load(),
+		DialFailed: p.dialFailed.Load(),
+		BytesUp:    p.up.Load(),
+		BytesDown:  p.down.Load(),
+	}
+}
+
+// Addrs returns the listeners' addresses (nil before Start).
+func (p *Proxy) Addrs() []net.Addr {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	addrs := make([]net.Addr, 0, len(p.listeners))
+	for _, ln := range p.listeners {
+		addrs = append(addrs, ln.Addr())
+	}
+	return addrs
+}
+
+// now is the monotonic time since New, cheap enough to stamp every burst.
+func (p *Proxy) now() time.Duration { return time.Since(p.epoch) }

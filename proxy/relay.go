@@ -1,0 +1,335 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// maxChunk bounds one splice call chain so that activity is stamped at least
+// every 256 KiB even when the receiver drains slowly: a transfer that keeps
+// moving must not look idle.
+const maxChunk = 256 << 10
+
+// conn is one proxied connection: the accepted client side and the dialed
+// server side. It holds no buffers: bytes move through the kernel.
+type conn struct {
+	p        *Proxy
+	client   *net.TCPConn
+	src, dst *net.TCPAddr // client's address, original destination
+	start    time.Time
+
+	lastActive atomic.Int64   // p.now() at the last burst, in either direction
+	relays     sync.WaitGroup // relayServerToClient
+
+	// up and down are written by their relay goroutine and read by finish
+	// after both ended.
+	up, down int64
+
+	mu         sync.Mutex
+	server     *net.TCPConn       // nil until dialed
+	cancelDial context.CancelFunc // non-nil while dialing
+	watchdog   *time.Timer
+	closed     bool   // sockets closed (or being closed) by abort or finish
+	reason     string // why, for the log; "" = both sides ended with EOF
+}
+
+// accept takes a connection from a listener: it refuses direct ones and
+// starts relaying diverted ones.
+func (p *Proxy) accept(client *net.TCPConn) {
+	src, _ := client.RemoteAddr().(*net.TCPAddr)
+	dst := p.origDst(client)
+	if src == nil || dst == nil {
+		p.log.Error("cannot read the connection's addresses; resetting it")
+		reset(client)
+		return
+	}
+	c := &conn{p: p, client: client, src: src, dst: dst, start: time.Now()}
+	// Addressed to the proxy port itself: nobody was diverted here, and
+	// relaying it would dial the proxy again.
+	if dst.Port == int(p.port) {
+		p.refused.Add(1)
+		reset(client)
+		c.log(slog.LevelWarn, "direct connection to the proxy port")
+		return
+	}
+	p.mu.Lock()
+	if p.stopped {
+		p.mu.Unlock()
+		reset(client)
+		c.log(slog.LevelInfo, "shutdown")
+		return
+	}
+	p.conns[c] = struct{}{}
+	p.connWG.Add(1)
+	p.mu.Unlock()
+	p.accepted.Add(1)
+	p.active.Add(1)
+	go p.handle(c)
+}
+
+// handle dials upstream, relays both directions and logs the outcome. Its
+// goroutine becomes relayClientToServer, so a connection costs two
+// goroutines.
+func (p *Proxy) handle(c *conn) {
+	defer p.untrack(c)
+	if !c.dialUpstream() {
+		c.finish()
+		return
+	}
+	c.touch()
+	c.mu.Lock()
+	if !c.closed {
+		c.watchdog = time.AfterFunc(p.idle(), c.checkIdle)
+	}
+	c.mu.Unlock()
+	c.relays.Add(1)
+	go p.relayServerToClient(c)
+	p.relayClientToServer(c)
+	c.relays.Wait()
+	c.finish()
+}
+
+func (p *Proxy) untrack(c *conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	p.active.Add(-1)
+	p.connWG.Done()
+}
+
+// dialUpstream connects to the original destination from the client's IP.
+// On failure it resets the client, so the client sees the failure at once
+// instead of a connection that accepted and then hangs.
+func (c *conn) dialUpstream() bool {
+	p := c.p
+	network := "tcp4"
+	if c.dst.IP.To4() == nil {
+		network = "tcp6"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(p.connectTimeout.Load()))
+	defer cancel()
+	c.mu.Lock()
+	if c.closed { // Shutdown got here first
+		c.mu.Unlock()
+		return false
+	}
+	c.cancelDial = cancel
+	c.mu.Unlock()
+
+	server, err := p.dial(ctx, network, &net.TCPAddr{IP: c.src.IP, Zone: c.src.Zone}, c.dst)
+
+	c.mu.Lock()
+	c.cancelDial = nil
+	closed := c.closed
+	if err == nil && !closed {
+		c.server = server
+	}
+	c.mu.Unlock()
+	switch {
+	case closed:
+		if server != nil {
+			reset(server)
+		}
+		return false
+	case err != nil:
+		p.dialFailed.Add(1)
+		c.abort(dialReason(err))
+		return false
+	}
+	return true
+}
+
+// relayClientToServer copies the client's bytes upstream until the client's
+// EOF, then half-closes the server side.
+func (p *Proxy) relayClientToServer(c *conn) {
+	n, err, readSide := c.pump(c.client, c.server, &p.up)
+	c.up = n
+	c.endDirection(err, readSide, c.server, "client", "server")
+}
+
+// relayServerToClient copies the server's bytes downstream until the
+// server's EOF, then half-closes the client side.
+func (p *Proxy) relayServerToClient(c *conn) {
+	defer c.relays.Done()
+	n, err, readSide := c.pump(c.server, c.client, &p.down)
+	c.down = n
+	c.endDirection(err, readSide, c.client, "server", "client")
+}
+
+// pump moves src's bytes to dst until src's EOF (nil error) or a failure,
+// saying whether the failure was src's (readSide) or dst's.
+//
+// It waits for src to be readable before taking a splice pipe, then splices
+// exactly what is queued: a connection with nothing to send holds no pipe
+// (two fds and a pipe buffer each) and no buffer, only its parked goroutine.
+// A plain io.Copy would park inside splice holding the pipe, and could not
+// report progress on a slow stream. dst.ReadFrom with an io.LimitedReader
+// over a *net.TCPConn still takes Go's splice path.
+func (c *conn) pump(src, dst *net.TCPConn, total *atomic.Uint64) (n int64, err error, readSide bool) {
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return 0, err, true
+	}
+	var avail int
+	var rerr error
+	ready := func(fd uintptr) bool {
+		avail, rerr = readable(fd)
+		return rerr != syscall.EAGAIN // false: park until the poller says readable
+	}
+	lr := &io.LimitedReader{R: src}
+	for {
+		if err := rc.Read(ready); err != nil {
+			return n, err, true
+		}
+		if rerr != nil {
+			return n, rerr, true
+		}
+		c.touch()
+		if avail == 0 {
+			return n, nil, false // EOF
+		}
+		lr.N = int64(min(avail, maxChunk))
+		w, err := dst.ReadFrom(lr)
+		n += w
+		total.Add(uint64(w))
+		c.touch()
+		if err != nil {
+			// splice reports either end's failure the same way; the
+			// socket that was reset says which.
+			return n, err, wasReset(src) && !wasReset(dst)
+		}
+	}
+}
+
+// endDirection passes a clean EOF on as a half-close; any failure tears the
+// whole connection down with resets, so neither end mistakes it for a
+// complete stream.
+func (c *conn) endDirection(err error, readSide bool, dst *net.TCPConn, srcName, dstName string) {
+	switch {
+	case err == nil:
+		// If this fails the other direction fails too and says why.
+		dst.CloseWrite()
+	case errors.Is(err, net.ErrClosed):
+		c.abort("closed") // we closed it: abort already recorded why
+	case readSide:
+		c.abort(failReason(srcName, err))
+	default:
+		c.abort(failReason(dstName, err))
+	}
+}
+
+func failReason(side string, err error) string {
+	var errno syscall.Errno
+	switch {
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return side + " reset"
+	case errors.Is(err, syscall.ETIMEDOUT):
+		return side + " timeout"
+	case errors.As(err, &errno):
+		return side + " error: " + errno.Error()
+	default:
+		return side + " error: " + err.Error()
+	}
+}
+
+// abort resets both sides (and stops a dial in progress). The first reason
+// wins; later calls do nothing.
+//
+// Resetting rather than closing is deliberate: the box is invisible, so it
+// must never invent a clean end of stream that the real peer did not send.
+// A peer's reset is mirrored; an idle timeout, a failed dial or a forced
+// shutdown shows up as a reset too.
+func (c *conn) abort(reason string) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.reason = reason
+	server, cancel := c.server, c.cancelDial
+	c.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	reset(c.client)
+	if server != nil {
+		reset(server)
+	}
+}
+
+// finish closes what abort did not and writes the connection's log line.
+// Both relay directions have ended.
+func (c *conn) finish() {
+	c.mu.Lock()
+	wasClosed := c.closed
+	c.closed = true
+	if c.watchdog != nil {
+		c.watchdog.Stop()
+	}
+	reason, server := c.reason, c.server
+	c.mu.Unlock()
+	if !wasClosed { // both sides sent EOF and got ours: an orderly close
+		c.client.Close()
+		server.Close()
+		reason = "eof"
+	}
+	c.log(slog.LevelInfo, reason)
+}
+
+func (c *conn) log(level slog.Level, reason string) {
+	c.p.log.LogAttrs(context.Background(), level, "connection closed",
+		slog.String("client", c.src.String()),
+		slog.String("server", c.dst.String()),
+		slog.Int64("bytes_up", c.up),
+		slog.Int64("bytes_down", c.down),
+		slog.Duration("duration", time.Since(c.start)),
+		slog.String("reason", reason),
+	)
+}
+
+func (c *conn) touch() { c.lastActive.Store(int64(c.p.now())) }
+
+func (p *Proxy) idle() time.Duration { return time.Duration(p.idleTimeout.Load()) }
+
+// idleLeft is how long until c counts as idle under the current timeout.
+func (c *conn) idleLeft() time.Duration {
+	return c.p.idle() - (c.p.now() - time.Duration(c.lastActive.Load()))
+}
+
+// checkIdle is the watchdog: it closes c if nothing moved for IdleTimeout,
+// else sleeps until the earliest moment that could be true.
+func (c *conn) checkIdle() {
+	left := c.idleLeft()
+	if left <= 0 {
+		c.abort("idle timeout")
+		return
+	}
+	c.mu.Lock()
+	if !c.closed {
+		c.watchdog.Reset(left)
+	}
+	c.mu.Unlock()
+}
+
+// rearm reschedules the watchdog after the idle timeout changed.
+func (c *conn) rearm() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed && c.watchdog != nil {
+		c.watchdog.Reset(max(c.idleLeft(), 0))
+	}
+}
+
+// reset closes c with an RST instead of a FIN.
+func reset(c *net.TCPConn) {
+	c.SetLinger(0)
+	c.Close()
+}

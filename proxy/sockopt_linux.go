@@ -1,0 +1,91 @@
+package proxy
+
+import (
+	"fmt"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// setTransparent lets a socket bind (listener) or connect from (upstream) an
+// address that is not the box's own: IP_TRANSPARENT for IPv4 sockets,
+// IPV6_TRANSPARENT for IPv6 ones.
+func setTransparent(fd uintptr, v6 bool) error {
+	if v6 {
+		if err := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
+			return fmt.Errorf("setting IPV6_TRANSPARENT: %w", err)
+		}
+		return nil
+	}
+	if err := unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
+		return fmt.Errorf("setting IP_TRANSPARENT: %w", err)
+	}
+	return nil
+}
+
+// setV6Only keeps the [::] listener from also taking IPv4 connections (they
+// belong to the 0.0.0.0 listener, which would otherwise fail with EADDRINUSE).
+func setV6Only(fd uintptr) error {
+	if err := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+		return fmt.Errorf("setting IPV6_V6ONLY: %w", err)
+	}
+	return nil
+}
+
+// setBindNoPort defers the choice of the local port from bind to connect,
+// so the kernel picks one that is unique for the 4-tuple rather than for the
+// client IP alone: many clients' connections share few source IPs on the box.
+// The option lives at SOL_IP for IPv6 sockets too.
+func setBindNoPort(fd uintptr) error {
+	if err := unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+		return fmt.Errorf("setting IP_BIND_ADDRESS_NO_PORT: %w", err)
+	}
+	return nil
+}
+
+// readable reports what a read on fd would do right now, without consuming
+// anything: n > 0 bytes are queued; n == 0 with a nil error is EOF; EAGAIN
+// means nothing yet; any other error is the socket's pending error (a reset).
+func readable(fd uintptr) (int, error) {
+	var q int32
+	// SIOCINQ first: while a transfer is streaming it answers alone.
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.SIOCINQ, uintptr(unsafe.Pointer(&q))); e != 0 {
+		return 0, fmt.Errorf("reading SIOCINQ: %w", e)
+	}
+	if q > 0 {
+		return int(q), nil
+	}
+	// An empty queue is either "nothing yet", EOF or an error: only a
+	// peek tells them apart.
+	var b [1]byte
+	for {
+		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if err == unix.EINTR {
+			continue
+		}
+		return n, err
+	}
+}
+
+// tcpClose is TCP_CLOSE in the kernel's TCP state enum: where a socket goes
+// when it receives a reset.
+const tcpClose = 7
+
+// wasReset reports whether c's socket has been torn down by its peer, to tell
+// which side of a failed splice (read or write end) caused the failure.
+func wasReset(c syscall.Conn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var state uint8
+	if rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			state = info.State
+		}
+	}) != nil {
+		return false
+	}
+	return state == tcpClose
+}

@@ -1,0 +1,19 @@
+//go:build !linux
+
+package proxy
+
+import (
+	"fmt"
+	"runtime"
+	"syscall"
+)
+
+// errNotImplemented is what every kernel-facing helper returns off Linux:
+// TPROXY, IP_TRANSPARENT and SIOCINQ are Linux features.
+var errNotImplemented = fmt.Errorf("transparent proxying is not implemented on %s", runtime.GOOS)
+
+func setTransparent(fd uintptr, v6 bool) error { return errNotImplemented }
+func setV6Only(fd uintptr) error               { return errNotImplemented }
+func setBindNoPort(fd uintptr) error           { return errNotImplemented }
+func readable(fd uintptr) (int, error)         { return 0, errNotImplemented }
+func wasReset(c syscall.Conn) bool             { return false }
