@@ -88,6 +88,9 @@ func (r *Runner) Run(ctx context.Context) error {
 		case <-tick:
 			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
 		case err := <-serveErr:
+			if ctx.Err() != nil { // Serve saw the cancellation first
+				return r.drain(cfg, plan, nft, p)
+			}
 			return fmt.Errorf("proxy stopped: %w", err)
 		case <-ctx.Done():
 			return r.drain(cfg, plan, nft, p)
@@ -177,6 +180,10 @@ func liveChangeable(old, cfg *Config) error {
 	return errors.Join(errs...)
 }
 
+// acceptSettle is how long a stopping proxy keeps accepting after new SYNs
+// stop being diverted to it: a few round trips of a LAN.
+const acceptSettle = 300 * time.Millisecond
+
 // drain stops diverting new connections, lets established ones finish
 // within the grace period, then drops the diversion by closing its owner.
 func (r *Runner) drain(cfg *Config, plan *rules.Plan, nft *nftables.Conn, p *proxy.Proxy) error {
@@ -184,6 +191,8 @@ func (r *Runner) drain(cfg *Config, plan *rules.Plan, nft *nftables.Conn, p *pro
 	if err := plan.Draining().ApplyOwned(nft); err != nil {
 		r.Logger.Error("could not stop diverting new connections; draining anyway", "err", err)
 	}
+	// Handshakes the old ruleset sent here are still completing: take them.
+	p.StopAccepting(acceptSettle)
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Proxy.ShutdownGrace)
 	defer cancel()
 	if err := p.Shutdown(ctx); err != nil {

@@ -33,6 +33,7 @@ func dialTransparent(ctx context.Context, network string, local, remote *net.TCP
 		},
 		KeepAlive: -1, // see listenTransparent
 	}
+	d.SetMultipathTCP(false) // plain TCP, as the client spoke it (see listenTransparent)
 	c, err := d.DialContext(ctx, network, remote.String())
 	if err != nil {
 		return nil, err

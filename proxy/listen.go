@@ -27,6 +27,11 @@ func listenTransparent(network, addr string) (net.Listener, error) {
 		// be packets neither endpoint sent. Dead peers end with IdleTimeout.
 		KeepAlive: -1,
 	}
+	// Go listens with MPTCP by default where the kernel has it. The proxy
+	// must not: it would negotiate MPTCP with a client that offers it, on
+	// behalf of a server that may not speak it (the box is visible), and an
+	// MPTCP socket does not behave like TCP under splice and SIOCINQ.
+	lc.SetMultipathTCP(false)
 	ln, err := lc.Listen(context.Background(), network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", addr, err)

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -72,7 +73,9 @@ type Proxy struct {
 	mu        sync.Mutex
 	started   bool
 	serving   bool
-	stopped   bool // Shutdown called: no new conns are tracked
+	stopped   bool          // Shutdown called: no new conns are tracked
+	settling  bool          // StopAccepting called: a deadline ends the accept loops
+	loopsDone chan struct{} // closed when Serve's accept loops have ended
 	listeners []net.Listener
 	conns     map[*conn]struct{}
 	quit      chan struct{} // closed by the first Shutdown
@@ -171,9 +174,10 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	}
 	p.serving = true
 	lns := p.listeners
+	loopsDone := make(chan struct{})
+	p.loopsDone = loopsDone
 	p.mu.Unlock()
 
-	loopsDone := make(chan struct{})
 	watcherDone := make(chan struct{})
 	go func() {
 		defer close(watcherDone)
@@ -211,7 +215,7 @@ func (p *Proxy) acceptLoop(ln net.Listener) error {
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) && p.isSettling() {
 				return nil
 			}
 			if !isResourceShortage(err) {
@@ -238,6 +242,33 @@ func (p *Proxy) acceptLoop(ln net.Listener) error {
 		}
 		p.accept(c)
 	}
+}
+
+// StopAccepting keeps taking connections for settle, then stops. Call it
+// after the diversion stopped sending new SYNs here (the draining ruleset):
+// handshakes already under way still complete into the listen queue within
+// a round trip, and closing the listener then would reset them. Each one
+// taken is relayed as usual. Shutdown closes the listeners afterwards.
+func (p *Proxy) StopAccepting(settle time.Duration) {
+	p.mu.Lock()
+	p.settling = true
+	lns, done := p.listeners, p.loopsDone
+	p.mu.Unlock()
+	deadline := time.Now().Add(settle)
+	for _, ln := range lns {
+		if d, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
+			d.SetDeadline(deadline)
+		}
+	}
+	if done != nil {
+		<-done
+	}
+}
+
+func (p *Proxy) isSettling() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.settling
 }
 
 func isResourceShortage(err error) bool {

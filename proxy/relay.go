@@ -270,6 +270,12 @@ func (c *conn) abort(reason string) {
 func (c *conn) finish() {
 	c.mu.Lock()
 	wasClosed := c.closed
+	c.mu.Unlock()
+	if !wasClosed {
+		c.awaitAcked(c.server)
+	}
+	c.mu.Lock()
+	wasClosed = c.closed
 	c.closed = true
 	if c.watchdog != nil {
 		c.watchdog.Stop()
@@ -332,4 +338,27 @@ func (c *conn) rearm() {
 func reset(c *net.TCPConn) {
 	c.SetLinger(0)
 	c.Close()
+}
+
+// awaitAcked waits, before an orderly close, until both peers have
+// acknowledged everything sent to them, our FIN included. A closed socket
+// would go on sending by itself, but only while the diversion exists: if
+// the proxy then exits, its tables go, the server's ACKs are bridged to
+// the real client, and the client resets the server's connection. So a
+// connection counts as active (and Shutdown waits for it) until its bytes
+// are delivered. Bounded by the idle timeout; abort ends it early.
+func (c *conn) awaitAcked(server *net.TCPConn) {
+	deadline := c.p.now() + c.p.idle()
+	delay := time.Millisecond
+	for unacked(c.client)+unacked(server) > 0 && c.p.now() < deadline && !c.isClosed() {
+		// Nothing signals "peer acknowledged": poll the kernel's counter.
+		time.Sleep(delay)
+		delay = min(2*delay, 50*time.Millisecond)
+	}
+}
+
+func (c *conn) isClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
 }

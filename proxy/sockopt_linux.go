@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"net"
 	"syscall"
 	"unsafe"
 
@@ -88,4 +89,20 @@ func wasReset(c syscall.Conn) bool {
 		return false
 	}
 	return state == tcpClose
+}
+
+// unacked is how many bytes (a FIN counts as one) c has sent that its peer
+// has not acknowledged yet: SIOCOUTQ. 0 when it cannot be read.
+func unacked(c *net.TCPConn) int {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var q int32
+	rc.Control(func(fd uintptr) {
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.SIOCOUTQ, uintptr(unsafe.Pointer(&q))); e != 0 {
+			q = 0
+		}
+	})
+	return int(q)
 }

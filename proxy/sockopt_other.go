@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"fmt"
+	"net"
 	"runtime"
 	"syscall"
 )
@@ -17,3 +18,5 @@ func setV6Only(fd uintptr) error               { return errNotImplemented }
 func setBindNoPort(fd uintptr) error           { return errNotImplemented }
 func readable(fd uintptr) (int, error)         { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
+
+func unacked(*net.TCPConn) int { return 0 }

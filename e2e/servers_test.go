@@ -1,0 +1,93 @@
+package e2e
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"testing"
+)
+
+// stream writes n deterministic pseudo-random bytes to w and returns their
+// SHA-256.
+func stream(w io.Writer, n int64, seed uint64) (string, error) {
+	h := sha256.New()
+	src := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)})
+	_, err := io.CopyN(io.MultiWriter(w, h), src, n)
+	return hex.EncodeToString(h.Sum(nil)), err
+}
+
+// drain reads r to EOF and returns the SHA-256 of what it read and how much.
+func drain(r io.Reader) (string, int64, error) {
+	h := sha256.New()
+	n, err := io.Copy(h, r)
+	return hex.EncodeToString(h.Sum(nil)), n, err
+}
+
+// served is what a test server saw of one connection.
+type served struct {
+	peer     string // remote address as the server saw it
+	gotSHA   string // of what it received
+	got      int64
+	sentSHA  string
+	readErr  error
+	writeErr error
+}
+
+// mirrorServer accepts on ln; per connection it sends n pseudo-random bytes
+// while reading everything the client sends, then half-closes.
+func mirrorServer(t *testing.T, ln net.Listener, n int64) <-chan served {
+	t.Helper()
+	out := make(chan served, 256)
+	var wg sync.WaitGroup
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				wg.Wait()
+				close(out)
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				var s served
+				s.peer = c.RemoteAddr().String()
+				done := make(chan struct{})
+				go func() {
+					s.gotSHA, s.got, s.readErr = drain(c)
+					close(done)
+				}()
+				s.sentSHA, s.writeErr = stream(c, n, 2)
+				c.(*net.TCPConn).CloseWrite()
+				<-done
+				out <- s
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+	return out
+}
+
+// echoServer echoes each connection until the client half-closes, then
+// half-closes itself.
+func echoServer(t *testing.T, ln net.Listener) {
+	t.Helper()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+}
