@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
@@ -47,7 +48,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		return fmt.Errorf("opening netlink: %w", err)
 	}
 	defer h.Close()
-	plan, err := divertPlan(h, cfg)
+	plan, err := divertPlan(h, cfg, nil)
 	if err != nil {
 		return err
 	}
@@ -83,10 +84,18 @@ func (r *Runner) Run(ctx context.Context) error {
 		defer t.Stop()
 		tick = t.C
 	}
+	linger := time.NewTicker(lingerCheck)
+	defer linger.Stop()
 	for {
 		select {
 		case <-tick:
 			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+		case <-linger.C:
+			if nplan, err := r.shrinkLinger(plan, nft, p); err != nil {
+				log.Error("updating diversion for ports dropped on reload", "err", err)
+			} else {
+				plan = nplan
+			}
 		case err := <-serveErr:
 			if ctx.Err() != nil { // Serve saw the cancellation first
 				return r.drain(cfg, plan, nft, p)
@@ -100,19 +109,19 @@ func (r *Runner) Run(ctx context.Context) error {
 				return r.drain(cfg, plan, nft, p)
 			}
 			daemon.SdNotify(false, daemon.SdNotifyReloading)
-			ncfg, nplan, err := r.reload(cfg, h, nft, p)
+			ncfg, nplan, err := r.reload(cfg, plan, h, nft, p)
 			if err != nil {
 				log.Error("reload refused; keeping the running config", "err", err)
 			} else {
 				cfg, plan = ncfg, nplan
-				log.Info("reloaded", "tcp_ports", cfg.Intercept.TCPPorts, "idle_timeout", cfg.Proxy.IdleTimeout, "log_level", cfg.Log.Level)
+				log.Info("reloaded", "tcp_ports", cfg.Intercept.TCPPorts, "lingering", plan.Config().LingerPorts, "idle_timeout", cfg.Proxy.IdleTimeout, "log_level", cfg.Log.Level)
 			}
 			daemon.SdNotify(false, daemon.SdNotifyReady)
 		}
 	}
 }
 
-func divertPlan(h *netlink.Handle, cfg *Config) (*rules.Plan, error) {
+func divertPlan(h *netlink.Handle, cfg *Config, linger []uint16) (*rules.Plan, error) {
 	spec, err := cfg.BridgeSpec()
 	if err != nil {
 		return nil, err
@@ -126,11 +135,55 @@ func divertPlan(h *netlink.Handle, cfg *Config) (*rules.Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	plan, err := rules.NewPlan(cfg.RulesConfig(mac))
+	rc := cfg.RulesConfig(mac)
+	rc.LingerPorts = linger
+	plan, err := rules.NewPlan(rc)
 	if err != nil {
 		return nil, fmt.Errorf("building rule plan: %w", err)
 	}
 	return plan, nil
+}
+
+// lingerCheck is how often ports dropped by a reload are re-examined.
+const lingerCheck = 2 * time.Second
+
+// lingering are the ports the old plan diverted that still carry proxied
+// connections: a reload must not strand them (their frames would be
+// bridged past the proxy that both ends are talking to).
+func lingering(old *rules.Plan, p *proxy.Proxy) []uint16 {
+	c := old.Config()
+	diverted := append(c.TCPPorts, c.LingerPorts...)
+	var out []uint16
+	for _, port := range p.ActivePorts() {
+		if slices.Contains(diverted, port) {
+			out = append(out, port)
+		}
+	}
+	return out
+}
+
+// shrinkLinger drops lingering ports whose last proxied connection ended.
+func (r *Runner) shrinkLinger(plan *rules.Plan, nft *nftables.Conn, p *proxy.Proxy) (*rules.Plan, error) {
+	c := plan.Config()
+	if len(c.LingerPorts) == 0 {
+		return plan, nil
+	}
+	active := p.ActivePorts()
+	keep := slices.DeleteFunc(slices.Clone(c.LingerPorts), func(port uint16) bool { return !slices.Contains(active, port) })
+	if len(keep) == len(c.LingerPorts) {
+		return plan, nil
+	}
+	dropped := slices.DeleteFunc(slices.Clone(c.LingerPorts), func(port uint16) bool { return slices.Contains(keep, port) })
+	c.LingerPorts = keep
+	nplan, err := rules.NewPlan(c)
+	if err != nil {
+		return plan, err
+	}
+	if err := nplan.ApplyOwned(nft); err != nil {
+		return plan, err
+	}
+	r.Logger.Info("stopped diverting ports with no proxied connections left", "ports", dropped, "lingering", keep)
+	return nplan, nil
 }
 
 func proxyConfig(cfg *Config, log *slog.Logger) proxy.Config {
@@ -144,7 +197,7 @@ func proxyConfig(cfg *Config, log *slog.Logger) proxy.Config {
 
 // reload applies what can change live (intercepted ports, timeouts, log
 // level) and refuses the rest, keeping the running config.
-func (r *Runner) reload(old *Config, h *netlink.Handle, nft *nftables.Conn, p *proxy.Proxy) (*Config, *rules.Plan, error) {
+func (r *Runner) reload(old *Config, oldPlan *rules.Plan, h *netlink.Handle, nft *nftables.Conn, p *proxy.Proxy) (*Config, *rules.Plan, error) {
 	cfg, err := Load(r.Path, r.Overrides)
 	if err != nil {
 		return nil, nil, err
@@ -152,7 +205,7 @@ func (r *Runner) reload(old *Config, h *netlink.Handle, nft *nftables.Conn, p *p
 	if err := liveChangeable(old, cfg); err != nil {
 		return nil, nil, err
 	}
-	plan, err := divertPlan(h, cfg)
+	plan, err := divertPlan(h, cfg, lingering(oldPlan, p))
 	if err != nil {
 		return nil, nil, err
 	}

@@ -108,3 +108,10 @@ func needRoot(t *testing.T) {
 		t.Skip("needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to build network namespaces")
 	}
 }
+
+func readFile(p string) (string, error) {
+	b, err := os.ReadFile(p)
+	return string(b), err
+}
+
+func writeFile(p, s string) error { return os.WriteFile(p, []byte(s), 0o644) }

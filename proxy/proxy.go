@@ -19,8 +19,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -372,3 +374,16 @@ func (p *Proxy) Addrs() []net.Addr {
 
 // now is the monotonic time since New, cheap enough to stamp every burst.
 func (p *Proxy) now() time.Duration { return time.Since(p.epoch) }
+
+// ActivePorts are the original destination ports of the open connections,
+// sorted: a reload that stops intercepting a port keeps its frames
+// diverted while any of these remain.
+func (p *Proxy) ActivePorts() []uint16 {
+	p.mu.Lock()
+	seen := map[uint16]bool{}
+	for c := range p.conns {
+		seen[uint16(c.dst.Port)] = true
+	}
+	p.mu.Unlock()
+	return slices.Sorted(maps.Keys(seen))
+}

@@ -134,10 +134,10 @@ func (p *Plan) tableDefs(set func(nftables.TableFamily) *nftables.Set) []tableDe
 	}
 }
 
-// setElements are the intercepted ports as set keys (network byte order).
-func (p *Plan) setElements() []nftables.SetElement {
-	els := make([]nftables.SetElement, 0, len(p.cfg.TCPPorts))
-	for _, port := range p.cfg.TCPPorts {
+// setElements are ports as set keys (network byte order).
+func setElements(ports []uint16) []nftables.SetElement {
+	els := make([]nftables.SetElement, 0, len(ports))
+	for _, port := range ports {
 		els = append(els, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(port)})
 	}
 	return els

@@ -68,7 +68,7 @@ func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
 		// AddSet only fails on a malformed set or element, which a
 		// validated plan cannot produce; the half-queued batch is then
 		// left unflushed.
-		if err := c.AddSet(s, p.setElements()); err != nil {
+		if err := c.AddSet(s, setElements(p.portsFor(fam))); err != nil {
 			return fmt.Errorf("adding set %s to table %s %s: %w", setName, familyName(fam), p.cfg.Name, err)
 		}
 		sets[fam] = s

@@ -4,6 +4,7 @@ package rules
 import (
 	"errors"
 	"fmt"
+	"github.com/google/nftables"
 	"net"
 	"slices"
 	"strings"
@@ -11,16 +12,21 @@ import (
 
 // Config is everything the diversion needs, in plain values.
 type Config struct {
-	Name         string           // nft table name used in both families, e.g. "ghostwire"
-	Bridge       string           // bridge device, e.g. "br0" (inet rules match iifname Bridge)
-	ClientPort   string           // bridge port toward clients
-	ServerPort   string           // bridge port toward servers
-	BridgeMAC    net.HardwareAddr // written as destination MAC into diverted frames
-	TCPPorts     []uint16         // intercepted TCP ports (NewPlan sorts + dedups)
-	ProxyTCPPort uint16           // local TPROXY port
-	Mark         uint32           // fwmark for policy routing (non-zero)
-	RouteTable   int              // policy routing table (1..2^31-1, not 253/254/255 default/main/local)
-	RulePriority int              // ip rule priority ghostwire owns (1..32765: before the main table)
+	Name       string           // nft table name used in both families, e.g. "ghostwire"
+	Bridge     string           // bridge device, e.g. "br0" (inet rules match iifname Bridge)
+	ClientPort string           // bridge port toward clients
+	ServerPort string           // bridge port toward servers
+	BridgeMAC  net.HardwareAddr // written as destination MAC into diverted frames
+	TCPPorts   []uint16         // intercepted TCP ports (NewPlan sorts + dedups)
+	// LingerPorts are ports no longer intercepted whose proxied connections
+	// are still open (after a reload dropped them). Their frames are still
+	// redirected to the box, so those flows live on; their new connections
+	// are not proxied (routed through). Overlap with TCPPorts is dropped.
+	LingerPorts  []uint16
+	ProxyTCPPort uint16 // local TPROXY port
+	Mark         uint32 // fwmark for policy routing (non-zero)
+	RouteTable   int    // policy routing table (1..2^31-1, not 253/254/255 default/main/local)
+	RulePriority int    // ip rule priority ghostwire owns (1..32765: before the main table)
 }
 
 // Plan is a validated Config: the two nftables tables and the policy routing
@@ -54,6 +60,7 @@ var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
 func NewPlan(cfg Config) (*Plan, error) {
 	cfg.BridgeMAC = slices.Clone(cfg.BridgeMAC)
 	cfg.TCPPorts = slices.Compact(slices.Sorted(slices.Values(cfg.TCPPorts)))
+	cfg.LingerPorts = minus(slices.Compact(slices.Sorted(slices.Values(cfg.LingerPorts))), cfg.TCPPorts)
 
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
@@ -152,7 +159,22 @@ func (p *Plan) Config() Config {
 	c := p.cfg
 	c.BridgeMAC = slices.Clone(c.BridgeMAC)
 	c.TCPPorts = slices.Clone(c.TCPPorts)
+	c.LingerPorts = slices.Clone(c.LingerPorts)
 	return c
+}
+
+// redirectPorts are the ports whose frames the bridge table sends up to
+// the box: the intercepted ones and the lingering ones.
+func (p *Plan) redirectPorts() []uint16 {
+	return slices.Sorted(slices.Values(append(slices.Clone(p.cfg.TCPPorts), p.cfg.LingerPorts...)))
+}
+
+// portsFor is the content of the tcp_ports set in the table of family fam.
+func (p *Plan) portsFor(fam nftables.TableFamily) []uint16 {
+	if fam == nftables.TableFamilyBridge {
+		return p.redirectPorts()
+	}
+	return p.cfg.TCPPorts
 }
 
 // Draining returns the plan for a proxy that is shutting down: new TCP

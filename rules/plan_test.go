@@ -2,6 +2,7 @@ package rules
 
 import (
 	"flag"
+	"github.com/google/nftables"
 	"net"
 	"os"
 	"path/filepath"
@@ -209,5 +210,30 @@ func TestRoutingRejectsInvalidWithoutKernel(t *testing.T) {
 		if _, err := r.Check(nil); err == nil {
 			t.Errorf("Check(%+v) accepted", r)
 		}
+	}
+}
+
+// Lingering ports stay in the bridge redirect set but not in the TPROXY set.
+func TestLingerPorts(t *testing.T) {
+	cfg := testConfig()
+	cfg.TCPPorts = []uint16{8080}
+	cfg.LingerPorts = []uint16{80, 8080, 80}
+	p, err := NewPlan(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Config().LingerPorts; !slices.Equal(got, []uint16{80}) {
+		t.Errorf("LingerPorts = %v, want [80] (sorted, deduplicated, minus intercepted)", got)
+	}
+	if got := p.portsFor(nftables.TableFamilyBridge); !slices.Equal(got, []uint16{80, 8080}) {
+		t.Errorf("bridge set = %v, want [80 8080]", got)
+	}
+	if got := p.portsFor(nftables.TableFamilyINet); !slices.Equal(got, []uint16{8080}) {
+		t.Errorf("inet set = %v, want [8080]", got)
+	}
+	text := p.String()
+	bridge, inet, _ := strings.Cut(text, "table inet")
+	if !strings.Contains(bridge, "elements = { 80, 8080 }") || !strings.Contains(inet, "elements = { 8080 }") {
+		t.Errorf("rendered sets wrong:\n%s", text)
 	}
 }

@@ -22,7 +22,7 @@ func (p *Plan) String() string {
 func (p *Plan) renderBridge(b *strings.Builder) {
 	c := &p.cfg
 	fmt.Fprintf(b, "table bridge %s {\n", c.Name)
-	renderSet(b, c.TCPPorts)
+	renderSet(b, p.redirectPorts())
 	b.WriteString("\n")
 	fmt.Fprintf(b, "\tchain %s {\n", chainPrerouting)
 	b.WriteString("\t\ttype filter hook prerouting priority dstnat; policy accept;\n")

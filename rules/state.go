@@ -94,10 +94,11 @@ func (p *Plan) checkTable(c *nftables.Conn, t *nftables.Table, td tableDef, wher
 			}
 		}
 		slices.Sort(got)
-		if missing := minus(p.cfg.TCPPorts, got); len(missing) > 0 {
+		want := p.portsFor(td.family)
+		if missing := minus(want, got); len(missing) > 0 {
 			drift = append(drift, fmt.Sprintf("%s: set %s lacks ports %v", where, setName, missing))
 		}
-		if extra := minus(got, p.cfg.TCPPorts); len(extra) > 0 {
+		if extra := minus(got, want); len(extra) > 0 {
 			drift = append(drift, fmt.Sprintf("%s: set %s has unexpected ports %v", where, setName, extra))
 		}
 	}

@@ -1,0 +1,223 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// peerServer accepts on ln and, per connection, echoes after announcing the
+// peer address it sees: "peer=IP:PORT\n".
+func peerServer(t *testing.T, ln net.Listener) {
+	t.Helper()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+}
+
+// probe makes one short connection and returns the peer address the server
+// saw and the client's own address.
+func probe(b *Box, addr string, timeout time.Duration) (peer string, local net.Addr, err error) {
+	c, err := Dial(b.Lab.Client, "tcp", addr, timeout)
+	if err != nil {
+		return "", nil, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	io.WriteString(c, "x")
+	c.CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return "", nil, err
+	}
+	line, rest, _ := strings.Cut(string(got), "\n")
+	if rest != "x" {
+		return "", nil, fmt.Errorf("echo came back as %q", rest)
+	}
+	return strings.TrimPrefix(line, "peer="), c.LocalAddr(), nil
+}
+
+// kill -9 of the proxy mid-transfer: new connections go straight through
+// (bridged: the server sees the client's own address and port) within 1 s;
+// the in-flight proxied transfer ends (it is lost) but does not hang.
+func TestKill9FailsOpenWithin1s(t *testing.T) {
+	b := proxiedBox(t, 80)
+	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
+	ln, err := Listen(b.Lab.Server, "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerServer(t, ln)
+
+	// A transfer in flight through the proxy.
+	inflight, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inflight.Close()
+	transferDone := make(chan error, 1)
+	go func() {
+		_, err := stream(inflight, 1<<40, 7) // until it breaks
+		transferDone <- err
+	}()
+	// And a proxied probe, proving interception before the kill.
+	if peer, local, err := probe(b, addr, 5*time.Second); err != nil || peer == local.String() {
+		t.Fatalf("before the kill: probe peer %s local %v err %v: want a proxied connection", peer, local, err)
+	}
+
+	if err := b.Proxy.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	<-b.Proxy.Done()
+
+	// A stream of new connections: the first success must come within 1 s,
+	// and it must be bridged, not proxied.
+	var firstOK time.Duration
+	for i := 0; time.Since(killed) < 3*time.Second; i++ {
+		peer, local, err := probe(b, addr, 500*time.Millisecond)
+		if err != nil {
+			if firstOK > 0 {
+				t.Errorf("connection %d at +%s failed after the wire was back: %v", i, time.Since(killed), err)
+			}
+			continue
+		}
+		if peer != local.String() {
+			t.Errorf("after the kill, server saw %s for client %s: still proxied?", peer, local)
+		}
+		if firstOK == 0 {
+			firstOK = time.Since(killed)
+		}
+	}
+	t.Logf("first bridged connection succeeded %s after kill -9", firstOK)
+	if firstOK == 0 || firstOK > time.Second {
+		t.Errorf("new connections succeeded only %s after kill -9, want within 1s", firstOK)
+	}
+	select {
+	case err := <-transferDone:
+		if err == nil {
+			t.Error("the in-flight transfer reported success after its proxy died")
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the in-flight transfer hangs after kill -9")
+	}
+	b.Proxy = nil
+	if st, _ := b.Status(); !strings.HasPrefix(st, "ghostwire: bypassing") {
+		t.Errorf("status after kill -9 = %q, want bypassing", st)
+	}
+}
+
+// A flow that started while the proxy was down keeps working after the
+// proxy returns (not hijacked midway), and new connections are proxied again.
+func TestRestartResumesInterceptionOldFlowsSurvive(t *testing.T) {
+	b := proxiedBox(t, 80)
+	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
+	ln, err := Listen(b.Lab.Server, "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerServer(t, ln)
+	if err := b.StopProxy(syscall.SIGKILL); err == nil {
+		t.Fatal("SIGKILL reported a clean exit")
+	}
+
+	old, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("connection while the proxy is down: %v", err)
+	}
+	defer old.Close()
+	old.SetDeadline(time.Now().Add(30 * time.Second))
+	rd := newLineReader(old)
+	if peer := rd.line(t); peer != "peer="+old.LocalAddr().String() {
+		t.Fatalf("while down the server saw %q, want the client itself %s", peer, old.LocalAddr())
+	}
+	echo := func(msg string) {
+		t.Helper()
+		if _, err := io.WriteString(old, msg); err != nil {
+			t.Fatalf("old flow write: %v", err)
+		}
+		if got := rd.n(t, len(msg)); got != msg {
+			t.Fatalf("old flow echo = %q, want %q", got, msg)
+		}
+	}
+	echo("before restart;")
+
+	if err := b.StartProxy(); err != nil {
+		t.Fatal(err)
+	}
+	peer, local, err := probe(b, addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("new connection after restart: %v", err)
+	}
+	if host, _, _ := net.SplitHostPort(peer); host != b.Lab.ClientIP4.String() || peer == local.String() {
+		t.Errorf("after restart the server saw %s for %s, want the client's IP from the proxy's port", peer, local)
+	}
+	waitConnLog(t, b, local)
+
+	echo(strings.Repeat("after restart;", 10000)) // well past one window
+	old.CloseWrite()
+	if rest, err := io.ReadAll(rd); err != nil || len(rest) != 0 {
+		t.Fatalf("old flow did not end cleanly: %q, %v", rest, err)
+	}
+	if ls := b.ConnLogFor(old.LocalAddr()); len(ls) != 0 {
+		t.Errorf("the flow from the down period was hijacked by the proxy: %v", ls)
+	}
+}
+
+// `ghostwire status` in each state.
+func TestStatusStates(t *testing.T) {
+	needRoot(t)
+	b := newBox(t, 80)
+	want := func(stage, prefix string) {
+		t.Helper()
+		st, err := b.Status()
+		if err != nil || !strings.HasPrefix(st, prefix) {
+			t.Errorf("%s: status = %q (%v), want %q", stage, st, err, prefix)
+		}
+	}
+	want("before apply", "ghostwire: not provisioned")
+	if _, err := b.Ghostwire("apply", "--no-diversion"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if b.Proxy != nil {
+			b.StopProxy(syscall.SIGTERM)
+		}
+		b.Ghostwire("teardown")
+	})
+	want("provisioned, no proxy", "ghostwire: bypassing")
+	if err := b.StartProxy(); err != nil {
+		t.Fatal(err)
+	}
+	want("proxy running", "ghostwire: intercepting")
+	out, _ := b.Ghostwire("status")
+	if !strings.Contains(out, "owned by the running proxy") || !strings.Contains(out, "provisioning: in place") {
+		t.Errorf("status while intercepting:\n%s", out)
+	}
+	if _, err := b.Ghostwire("teardown"); err == nil {
+		t.Error("teardown succeeded under a running proxy")
+	}
+	b.StopProxy(syscall.SIGKILL)
+	want("proxy killed", "ghostwire: bypassing")
+	if _, err := b.Ghostwire("teardown"); err != nil {
+		t.Fatal(err)
+	}
+	want("after teardown", "ghostwire: not provisioned")
+	b.Proxy = nil
+}
