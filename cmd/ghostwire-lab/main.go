@@ -152,8 +152,9 @@ func request(b *e2e.Box, server, wantPeer string) error {
 	if err != nil {
 		return fmt.Errorf("no proxy log line for %s: %w\nproxy stderr:\n%s", c.LocalAddr(), err, b.Proxy.Stderr())
 	}
+	dur, _ := line["duration"].(float64) // slog's JSON writes durations in nanoseconds
 	fmt.Printf("proxy log:       client=%v server=%v bytes_up=%v bytes_down=%v duration=%v reason=%v\n",
-		line["client"], line["server"], line["bytes_up"], line["bytes_down"], line["duration"], line["reason"])
+		line["client"], line["server"], line["bytes_up"], line["bytes_down"], time.Duration(dur).Round(time.Microsecond), line["reason"])
 	return nil
 }
 
