@@ -10,27 +10,6 @@ import (
 	"time"
 )
 
-// peerServer accepts on ln and, per connection, echoes after announcing the
-// peer address it sees: "peer=IP:PORT\n".
-func peerServer(t *testing.T, ln net.Listener) {
-	t.Helper()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close() })
-}
-
 // probe makes one short connection and returns the peer address the server
 // saw and the client's own address.
 func probe(b *Box, addr string, timeout time.Duration) (peer string, local net.Addr, err error) {
@@ -58,12 +37,7 @@ func probe(b *Box, addr string, timeout time.Duration) (peer string, local net.A
 // the in-flight proxied transfer ends (it is lost) but does not hang.
 func TestKill9FailsOpenWithin1s(t *testing.T) {
 	b := proxiedBox(t, 80)
-	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	ln, err := Listen(b.Lab.Server, "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peerServer(t, ln)
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
 
 	// A transfer in flight through the proxy.
 	inflight, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
@@ -127,12 +101,7 @@ func TestKill9FailsOpenWithin1s(t *testing.T) {
 // proxy returns (not hijacked midway), and new connections are proxied again.
 func TestRestartResumesInterceptionOldFlowsSurvive(t *testing.T) {
 	b := proxiedBox(t, 80)
-	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	ln, err := Listen(b.Lab.Server, "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peerServer(t, ln)
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
 	if err := b.StopProxy(syscall.SIGKILL); err == nil {
 		t.Fatal("SIGKILL reported a clean exit")
 	}

@@ -168,12 +168,7 @@ func TestProxyHalfClose(t *testing.T) {
 
 func TestProxy200Concurrent(t *testing.T) {
 	b := proxiedBox(t, 80)
-	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	ln, err := Listen(b.Lab.Server, "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	echoServer(t, ln)
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", echoServer)
 	const n = 200
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
@@ -214,12 +209,8 @@ func TestProxyLeavesOtherPortsAlone(t *testing.T) {
 	b := proxiedBox(t, 80)
 	plain := net.JoinHostPort(b.Lab.ServerIP4.String(), "8080")
 	proxied := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	for _, a := range []string{plain, proxied} {
-		ln, err := Listen(b.Lab.Server, "tcp", a)
-		if err != nil {
-			t.Fatal(err)
-		}
-		echoServer(t, ln)
+	for _, port := range []string{"8080", "80"} {
+		listenServer(t, b, b.Lab.ServerIP4.String(), port, echoServer)
 	}
 	roundTrip := func(addr string) net.Addr {
 		c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
-	"net"
 	"strings"
 	"syscall"
 	"testing"
@@ -39,15 +38,8 @@ func (r *lineReader) n(t *testing.T, n int) string {
 // and the dropped port stops being diverted once it is idle.
 func TestSIGHUPChangesPortsWithoutDropping(t *testing.T) {
 	b := proxiedBox(t, 80)
-	for _, port := range []string{"80", "8080"} {
-		ln, err := Listen(b.Lab.Server, "tcp", net.JoinHostPort(b.Lab.ServerIP4.String(), port))
-		if err != nil {
-			t.Fatal(err)
-		}
-		peerServer(t, ln)
-	}
-	addr80 := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	addr8080 := net.JoinHostPort(b.Lab.ServerIP4.String(), "8080")
+	addr80 := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
+	addr8080 := listenServer(t, b, b.Lab.ServerIP4.String(), "8080", peerServer)
 
 	inflight, err := Dial(b.Lab.Client, "tcp", addr80, 5*time.Second)
 	if err != nil {
@@ -131,12 +123,7 @@ func TestSIGHUPRefusesFixedKeys(t *testing.T) {
 	if ls := b.ProxyLog("reload refused; keeping the running config"); !strings.Contains(ls[0]["err"].(string), "proxy.tcp_port cannot change on reload") {
 		t.Errorf("refusal does not name the key: %v", ls[0])
 	}
-	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	ln, err := Listen(b.Lab.Server, "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peerServer(t, ln)
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
 	if peer, local, err := probe(b, addr, 5*time.Second); err != nil || peer == local.String() {
 		t.Errorf("after a refused reload: peer %s local %v err %v, want still proxied", peer, local, err)
 	}

@@ -3,6 +3,7 @@ package e2e
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -72,9 +73,9 @@ func mirrorServer(t *testing.T, ln net.Listener, n int64) <-chan served {
 	return out
 }
 
-// echoServer echoes each connection until the client half-closes, then
-// half-closes itself.
-func echoServer(t *testing.T, ln net.Listener) {
+// serveConns runs handle for every connection ln accepts, until the test
+// ends.
+func serveConns(t *testing.T, ln net.Listener, handle func(*net.TCPConn)) {
 	t.Helper()
 	go func() {
 		for {
@@ -84,10 +85,41 @@ func echoServer(t *testing.T, ln net.Listener) {
 			}
 			go func() {
 				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
+				handle(c.(*net.TCPConn))
 			}()
 		}
 	}()
 	t.Cleanup(func() { ln.Close() })
+}
+
+// echoServer echoes each connection until the client half-closes, then
+// half-closes itself.
+func echoServer(t *testing.T, ln net.Listener) {
+	serveConns(t, ln, func(c *net.TCPConn) {
+		io.Copy(c, c)
+		c.CloseWrite()
+	})
+}
+
+// peerServer announces the peer address it sees, "peer=IP:PORT\n", then
+// echoes like echoServer.
+func peerServer(t *testing.T, ln net.Listener) {
+	serveConns(t, ln, func(c *net.TCPConn) {
+		fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
+		io.Copy(c, c)
+		c.CloseWrite()
+	})
+}
+
+// listenServer listens in the server namespace on host:port and serves
+// with serve.
+func listenServer(t *testing.T, b *Box, host, port string, serve func(*testing.T, net.Listener)) string {
+	t.Helper()
+	addr := net.JoinHostPort(host, port)
+	ln, err := Listen(b.Lab.Server, "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve(t, ln)
+	return addr
 }

@@ -19,12 +19,7 @@ func TestWireCheck(t *testing.T) {
 	for _, f := range families(b) {
 		t.Run(f.name, func(t *testing.T) {
 			client, server, box := netip.MustParseAddr(f.client), netip.MustParseAddr(f.server), netip.MustParseAddr(f.box)
-			addr := net.JoinHostPort(f.server, "80")
-			ln, err := Listen(b.Lab.Server, "tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			echoServer(t, ln)
+			addr := listenServer(t, b, f.server, "80", echoServer)
 			capClient, err := b.Lab.Client.Capture(b.Lab.ClientIf)
 			if err != nil {
 				t.Fatal(err)
