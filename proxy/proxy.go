@@ -83,6 +83,8 @@ type Proxy struct {
 	quit      chan struct{} // closed by the first Shutdown
 	connWG    sync.WaitGroup
 
+	bufs sync.Pool // *[]byte of bufSize, held only while a message is in hand
+
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
 }
@@ -112,6 +114,7 @@ func New(cfg Config) (*Proxy, error) {
 		conns:   make(map[*conn]struct{}),
 		quit:    make(chan struct{}),
 	}
+	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}

@@ -12,6 +12,10 @@ import (
 	"time"
 )
 
+// bufSize is the pooled read buffer for small messages: a read that fills
+// it switches the direction to splicing.
+const bufSize = 16 << 10
+
 // maxChunk bounds one splice call chain so that activity is stamped at least
 // every 256 KiB even when the receiver drains slowly: a transfer that keeps
 // moving must not look idle.
@@ -25,8 +29,8 @@ type conn struct {
 	src, dst *net.TCPAddr // client's address, original destination
 	start    time.Time
 
-	lastActive atomic.Int64   // p.now() at the last burst, in either direction
-	relays     sync.WaitGroup // relayServerToClient
+	lastActive atomic.Int64 // p.now() at the last burst, in either direction
+	directions atomic.Int32 // relay directions still running
 
 	// up and down are written by their relay goroutine and read by finish
 	// after both ended.
@@ -74,13 +78,14 @@ func (p *Proxy) accept(client *net.TCPConn) {
 	go p.handle(c)
 }
 
-// handle dials upstream, relays both directions and logs the outcome. Its
-// goroutine becomes relayClientToServer, so a connection costs two
-// goroutines.
+// handle dials upstream and hands the two directions to goroutines of
+// their own; the last one to end finishes the connection. The dialing
+// goroutine then exits: its stack grew deep in the dialer, and parking that
+// for the life of an idle connection would cost more than a fresh one.
 func (p *Proxy) handle(c *conn) {
-	defer p.untrack(c)
 	if !c.dialUpstream() {
 		c.finish()
+		p.untrack(c)
 		return
 	}
 	c.touch()
@@ -89,11 +94,18 @@ func (p *Proxy) handle(c *conn) {
 		c.watchdog = time.AfterFunc(p.idle(), c.checkIdle)
 	}
 	c.mu.Unlock()
-	c.relays.Add(1)
+	c.directions.Store(2)
 	go p.relayServerToClient(c)
-	p.relayClientToServer(c)
-	c.relays.Wait()
-	c.finish()
+	go p.relayClientToServer(c)
+}
+
+// directionDone is called by each relay as it ends; the second one closes
+// the connection and logs it.
+func (p *Proxy) directionDone(c *conn) {
+	if c.directions.Add(-1) == 0 {
+		c.finish()
+		p.untrack(c)
+	}
 }
 
 func (p *Proxy) untrack(c *conn) {
@@ -149,6 +161,7 @@ func (c *conn) dialUpstream() bool {
 // relayClientToServer copies the client's bytes upstream until the client's
 // EOF, then half-closes the server side.
 func (p *Proxy) relayClientToServer(c *conn) {
+	defer p.directionDone(c)
 	n, err, readSide := c.pump(c.client, c.server, &p.up)
 	c.up = n
 	c.endDirection(err, readSide, c.server, "client", "server")
@@ -157,7 +170,7 @@ func (p *Proxy) relayClientToServer(c *conn) {
 // relayServerToClient copies the server's bytes downstream until the
 // server's EOF, then half-closes the client side.
 func (p *Proxy) relayServerToClient(c *conn) {
-	defer c.relays.Done()
+	defer p.directionDone(c)
 	n, err, readSide := c.pump(c.server, c.client, &p.down)
 	c.down = n
 	c.endDirection(err, readSide, c.client, "server", "client")
@@ -166,44 +179,75 @@ func (p *Proxy) relayServerToClient(c *conn) {
 // pump moves src's bytes to dst until src's EOF (nil error) or a failure,
 // saying whether the failure was src's (readSide) or dst's.
 //
-// It waits for src to be readable before taking a splice pipe, then splices
-// exactly what is queued: a connection with nothing to send holds no pipe
-// (two fds and a pipe buffer each) and no buffer, only its parked goroutine.
-// A plain io.Copy would park inside splice holding the pipe, and could not
-// report progress on a slow stream. dst.ReadFrom with an io.LimitedReader
-// over a *net.TCPConn still takes Go's splice path.
+// Two regimes, because an appliance carries both chatty and bulk flows:
+//   - small messages (HTTP requests, keep-alive responses): the readiness
+//     callback itself reads into a pooled buffer, so a message costs one
+//     read and one write, and a connection with nothing to send holds no
+//     buffer and no splice pipe, only its parked goroutine;
+//   - bulk: when a read fills the buffer, more is queued, and the rest is
+//     spliced (kernel to kernel, no copy through user space) in chunks of
+//     what the socket holds, stamping activity after each so a slow stream
+//     never looks idle. dst.ReadFrom with an io.LimitedReader over a
+//     *net.TCPConn takes Go's splice path.
 func (c *conn) pump(src, dst *net.TCPConn, total *atomic.Uint64) (n int64, err error, readSide bool) {
 	rc, err := src.SyscallConn()
 	if err != nil {
 		return 0, err, true
 	}
-	var avail int
-	var rerr error
-	ready := func(fd uintptr) bool {
-		avail, rerr = readable(fd)
-		return rerr != syscall.EAGAIN // false: park until the poller says readable
+	var (
+		buf  *[]byte
+		got  int
+		rerr error
+	)
+	readInto := func(fd uintptr) bool {
+		buf = c.p.bufs.Get().(*[]byte)
+		got, rerr = readFD(fd, *buf)
+		if rerr == syscall.EAGAIN {
+			c.p.bufs.Put(buf)
+			return false // park until the poller says readable
+		}
+		return true
 	}
 	lr := &io.LimitedReader{R: src}
 	for {
-		if err := rc.Read(ready); err != nil {
+		if err := rc.Read(readInto); err != nil {
 			return n, err, true
 		}
 		if rerr != nil {
+			c.p.bufs.Put(buf)
 			return n, rerr, true
 		}
 		c.touch()
-		if avail == 0 {
+		if got == 0 {
+			c.p.bufs.Put(buf)
 			return n, nil, false // EOF
 		}
-		lr.N = int64(min(avail, maxChunk))
-		w, err := dst.ReadFrom(lr)
-		n += w
+		w, err := dst.Write((*buf)[:got])
+		full := got == len(*buf)
+		c.p.bufs.Put(buf)
+		n += int64(w)
 		total.Add(uint64(w))
-		c.touch()
 		if err != nil {
-			// splice reports either end's failure the same way; the
-			// socket that was reset says which.
-			return n, err, wasReset(src) && !wasReset(dst)
+			return n, err, false
+		}
+		for full { // bulk: splice what is queued until the socket runs dry
+			avail, err := queued(src)
+			if err != nil {
+				return n, err, true
+			}
+			if avail == 0 {
+				break
+			}
+			lr.N = int64(min(avail, maxChunk))
+			w, err := dst.ReadFrom(lr)
+			n += w
+			total.Add(uint64(w))
+			c.touch()
+			if err != nil {
+				// splice reports either end's failure the same way; the
+				// socket that was reset says which.
+				return n, err, wasReset(src) && !wasReset(dst)
+			}
 		}
 	}
 }

@@ -45,28 +45,38 @@ func setBindNoPort(fd uintptr) error {
 	return nil
 }
 
-// readable reports what a read on fd would do right now, without consuming
-// anything: n > 0 bytes are queued; n == 0 with a nil error is EOF; EAGAIN
-// means nothing yet; any other error is the socket's pending error (a reset).
-func readable(fd uintptr) (int, error) {
-	var q int32
-	// SIOCINQ first: while a transfer is streaming it answers alone.
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.SIOCINQ, uintptr(unsafe.Pointer(&q))); e != 0 {
-		return 0, fmt.Errorf("reading SIOCINQ: %w", e)
-	}
-	if q > 0 {
-		return int(q), nil
-	}
-	// An empty queue is either "nothing yet", EOF or an error: only a
-	// peek tells them apart.
-	var b [1]byte
+// readFD is one non-blocking read(2), retried on EINTR. EAGAIN means
+// nothing is queued yet.
+func readFD(fd uintptr, b []byte) (int, error) {
 	for {
-		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		n, err := unix.Read(int(fd), b)
 		if err == unix.EINTR {
 			continue
 		}
+		if n < 0 {
+			n = 0
+		}
 		return n, err
 	}
+}
+
+// queued is how many bytes c's receive queue holds (SIOCINQ).
+func queued(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var q int32
+	var e syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		_, _, e = unix.Syscall(unix.SYS_IOCTL, fd, unix.SIOCINQ, uintptr(unsafe.Pointer(&q)))
+	}); err != nil {
+		return 0, err
+	}
+	if e != 0 {
+		return 0, fmt.Errorf("reading SIOCINQ: %w", e)
+	}
+	return int(q), nil
 }
 
 // tcpClose is TCP_CLOSE in the kernel's TCP state enum: where a socket goes

@@ -16,7 +16,8 @@ var errNotImplemented = fmt.Errorf("transparent proxying is not implemented on %
 func setTransparent(fd uintptr, v6 bool) error { return errNotImplemented }
 func setV6Only(fd uintptr) error               { return errNotImplemented }
 func setBindNoPort(fd uintptr) error           { return errNotImplemented }
-func readable(fd uintptr) (int, error)         { return 0, errNotImplemented }
+func readFD(uintptr, []byte) (int, error)      { return 0, errNotImplemented }
+func queued(*net.TCPConn) (int, error)         { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
 
 func unacked(*net.TCPConn) int { return 0 }
