@@ -15,8 +15,8 @@ TESTFLAGS ?= -count=1 -timeout 45m
 
 all: build
 
+# Static: the binary must run on the appliance whatever glibc the build host has.
 build:
-	# Static: the binary must run on the appliance whatever glibc the build host has.
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/ghostwire
 
 # deps installs what the tests, demo and bench read state back with, on a
@@ -46,11 +46,14 @@ unit:
 demo: deps build
 	$(GO) run ./cmd/ghostwire-lab demo --ghostwire $(BIN)
 
+# bench measures ghostwire against plain bridging and HAProxy (needs root;
+# installs iperf3, wrk, haproxy if missing). BENCHFLAGS adds flags, e.g.
+# BENCHFLAGS="-rounds 5 -json /tmp/b.json". See docs/performance.md.
 bench: build
-	$(GO) run ./bench -ghostwire $(BIN)
+	$(GO) run ./bench -ghostwire $(BIN) $(BENCHFLAGS)
 
 bench-quick: build
-	$(GO) run ./bench -ghostwire $(BIN) -quick
+	$(GO) run ./bench -ghostwire $(BIN) -quick $(BENCHFLAGS)
 
 # install builds, then installs the binary, both units (@BINDIR@ replaced by
 # $(BINDIR)) and the example config (never over a real ghostwire.yaml):

@@ -1,0 +1,214 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"math"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseIperf3(t *testing.T) {
+	out := []byte(`{"start":{},"intervals":[],"end":{"sum_sent":{"bits_per_second":2.1e10,"retransmits":3},
+		"sum_received":{"bits_per_second":2.05e10}}}`)
+	r, err := parseIperf3(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if math.Abs(r.Gbps-20.5) > 1e-9 || r.Retransmits != 3 {
+		t.Errorf("got %+v, want 20.5 Gbit/s, 3 retransmits", r)
+	}
+	if _, err := parseIperf3([]byte(`{"error":"unable to connect to server: Connection refused"}`)); err == nil ||
+		!strings.Contains(err.Error(), "Connection refused") {
+		t.Errorf("iperf3 error field not reported: %v", err)
+	}
+	if _, err := parseIperf3([]byte(`not json`)); err == nil {
+		t.Error("garbage parsed")
+	}
+}
+
+const wrkOut = `Running 2s test @ http://192.0.2.2:80/
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.46ms    1.02ms  21.94ms   80.21%
+    Req/Sec    13.12k   612.37    14.25k    70.00%
+  Latency Distribution
+     50%    2.30ms
+     75%    2.88ms
+     90%    3.62ms
+     99%  812.50us
+  52274 requests in 2.00s, 5.13MB read
+  Socket errors: connect 0, read 12, write 1, timeout 2
+  Non-2xx or 3xx responses: 4
+Requests/sec:  26119.85
+Transfer/sec:      2.56MB
+`
+
+func TestParseWrk(t *testing.T) {
+	r, err := parseWrk([]byte(wrkOut))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := wrkResult{ReqPerSec: 26119.85, P99: 812500 * time.Nanosecond, Requests: 52274, Errors: 19}
+	if r != want {
+		t.Errorf("got %+v, want %+v", r, want)
+	}
+	if _, err := parseWrk([]byte("unable to connect to 192.0.2.2:80 Connection refused\n")); err == nil {
+		t.Error("wrk failure parsed as a result")
+	}
+}
+
+func TestParseWrkDuration(t *testing.T) {
+	for in, want := range map[string]time.Duration{
+		"812.00us": 812 * time.Microsecond, "1.50ms": 1500 * time.Microsecond,
+		"2.00s": 2 * time.Second, "1.00m": time.Minute,
+	} {
+		got, err := parseWrkDuration(in)
+		if err != nil || got != want {
+			t.Errorf("%s: got %v, %v; want %v", in, got, err, want)
+		}
+	}
+	if _, err := parseWrkDuration("3.0x"); err == nil {
+		t.Error("unknown unit accepted")
+	}
+}
+
+func TestParseProc(t *testing.T) {
+	rss, err := parseVmRSS([]byte("Name:\tghostwire\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t5\n"))
+	if err != nil || rss != 12345 {
+		t.Errorf("VmRSS: got %d, %v", rss, err)
+	}
+	if _, err := parseVmRSS([]byte("Name:\tkthreadd\n")); err == nil {
+		t.Error("missing VmRSS not reported")
+	}
+	// comm with a space and a parenthesis; utime 150, stime 50
+	stat := "4242 (gw (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 150 50 0 0 20 0 7 0 100 0 0"
+	cpu, err := parseProcCPU([]byte(stat))
+	if err != nil || cpu != 200 {
+		t.Errorf("stat: got %d, %v; want 200", cpu, err)
+	}
+}
+
+func TestSummarize(t *testing.T) {
+	for _, tc := range []struct {
+		in   []float64
+		want summary
+	}{
+		{[]float64{3, 1, 2}, summary{Median: 2, Min: 1, Max: 3, N: 3}},
+		{[]float64{4, 1, 3, 2}, summary{Median: 2.5, Min: 1, Max: 4, N: 4}},
+		{[]float64{7}, summary{Median: 7, Min: 7, Max: 7, N: 1}},
+	} {
+		if got := summarize(tc.in); got != tc.want {
+			t.Errorf("summarize(%v) = %+v, want %+v", tc.in, got, tc.want)
+		}
+	}
+	if s := summarize(nil); !math.IsNaN(s.Median) || s.N != 0 {
+		t.Errorf("empty: %+v", s)
+	}
+}
+
+func samplesFor(w string, byMode map[string][]float64) []sample {
+	var out []sample
+	for m, vs := range byMode {
+		for i, v := range vs {
+			out = append(out, sample{Round: i + 1, Mode: m, Workload: w, Value: v})
+		}
+	}
+	return out
+}
+
+func TestCompareAndTargets(t *testing.T) {
+	var s []sample
+	s = append(s, samplesFor(wlIperf1, map[string][]float64{
+		modePlain: {20, 21, 22}, modeGhostwire: {19, 19.5, 20}, modeHAProxy: {8, 9, 10}, modeHAProxySplice: {11, 12, 13},
+	})...)
+	s = append(s, samplesFor(wlMemPer, map[string][]float64{
+		modeGhostwire: {9}, modeHAProxy: {3}, modeHAProxySplice: {4},
+	})...)
+	cmp := compare(summaries(s))
+	if len(cmp) != 2 {
+		t.Fatalf("comparisons: %+v", cmp)
+	}
+	c := cmp[0]
+	if c.Workload != wlIperf1 || c.BestHAProxy != modeHAProxySplice ||
+		math.Abs(c.VsPlain-19.5/21) > 1e-9 || math.Abs(c.VsHAProxy-19.5/12) > 1e-9 {
+		t.Errorf("iperf3-1: %+v", c)
+	}
+	// lower is better for memory: the best HAProxy is the smaller one
+	if m := cmp[1]; m.BestHAProxy != modeHAProxy || m.VsPlain != 0 || m.PlainVal != 0 {
+		t.Errorf("rss: %+v", m)
+	}
+
+	got := evaluate(issueTargets, cmp)
+	res := map[string]string{}
+	for _, tg := range got {
+		v := "n/a"
+		if tg.Measured {
+			v = map[bool]string{true: "PASS", false: "MISS"}[tg.Pass]
+		}
+		res[tg.Workload+" "+tg.Against] = v
+	}
+	want := map[string]string{
+		"iperf3-1 plain":         "PASS", // 0.93 >= 0.9
+		"iperf3-1 haproxy":       "PASS", // 1.625 >= 1.6
+		"iperf3-4 plain":         "n/a",
+		"http-close haproxy":     "n/a",
+		"http-keepalive haproxy": "n/a",
+		"rss-per-conn absolute":  "MISS", // 9 > 8
+	}
+	for k, v := range want {
+		if res[k] != v {
+			t.Errorf("%s: %s, want %s", k, res[k], v)
+		}
+	}
+}
+
+func TestReport(t *testing.T) {
+	s := samplesFor(wlIperf1, map[string][]float64{
+		modePlain: {20, 21, 22}, modeGhostwire: {10, 11, 12}, modeHAProxy: {8, 9, 10}, modeHAProxySplice: {11},
+	})
+	var buf bytes.Buffer
+	writeReport(&buf, s, allModes)
+	out := buf.String()
+	for _, want := range []string{"21.0 (20.0–22.0)", "11.0 (10.0–12.0)", "0.52", "1.00 (haproxy-splice)", "MISS MISS", ">= 0.9× plain"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestHTTPRequestParsing(t *testing.T) {
+	in := "GET / HTTP/1.1\r\nHost: x\r\n\r\n" +
+		"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" +
+		"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc" +
+		"GET / HTTP/1.0\r\n\r\n"
+	r := bufio.NewReader(strings.NewReader(in))
+	for i, want := range []bool{false, true, false, true} {
+		got, err := readRequest(r)
+		if err != nil || got != want {
+			t.Errorf("request %d: close=%v err=%v, want close=%v", i, got, err, want)
+		}
+	}
+	if _, err := readRequest(r); err == nil {
+		t.Error("EOF not reported")
+	}
+}
+
+func TestFitConns(t *testing.T) {
+	for limit, want := range map[uint64]int{20000: 8000, 24000: 10000, 200000: 98000, 1024: 0} {
+		if got := fitConns(limit); got != want {
+			t.Errorf("fitConns(%d) = %d, want %d", limit, got, want)
+		}
+	}
+	cfg := haproxyConfig(true, 9200)
+	for _, want := range []string{"maxconn 9200", "bind 0.0.0.0:9876 transparent", "bind [::]:9876 transparent v6only",
+		"source 0.0.0.0 usesrc clientip", "server orig 0.0.0.0\n", "option splice-auto"} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("haproxy config lacks %q:\n%s", want, cfg)
+		}
+	}
+	if strings.Contains(haproxyConfig(false, 2000), "splice") {
+		t.Error("plain haproxy config splices")
+	}
+}

@@ -1,0 +1,308 @@
+// Command bench measures ghostwire against plain bridging and HAProxy in
+// one lab, modes interleaved round by round, and prints a table plus a JSON
+// file with every figure, ghostwire's ratios and issue 5's targets.
+//
+//	go run ./bench -ghostwire bin/ghostwire [-quick] [-rounds N] [-json FILE]
+//
+// It needs root (it builds network namespaces) and installs iperf3, wrk and
+// haproxy from the distribution's packages when they are missing. All
+// traffic stays inside the lab's namespaces, and every namespace and
+// process it made is gone when it exits, on error or Ctrl-C too.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type options struct {
+	ghostwire string
+	quick     bool
+	rounds    int
+	jsonOut   string
+	modes     []string
+	conns     int
+	iperfDur  time.Duration
+	wrkDur    time.Duration
+	keep      bool     // keep going after a failed measurement
+	only      []string // workload keys to run; empty: all
+}
+
+func (o options) runs(key string) bool { return len(o.only) == 0 || contains(o.only, key) }
+
+func main() {
+	var (
+		o         options
+		modes     string
+		only      string
+		serveAddr string
+	)
+	flag.StringVar(&o.ghostwire, "ghostwire", "bin/ghostwire", "ghostwire binary to measure (empty: skip the ghostwire mode)")
+	flag.BoolVar(&o.quick, "quick", false, "one round with short runs (~1 minute), for development")
+	flag.IntVar(&o.rounds, "rounds", 0, "rounds of all modes (default 3, or 1 with -quick)")
+	flag.StringVar(&o.jsonOut, "json", "bin/bench-results.json", "write every sample, the summary and the targets here as JSON")
+	flag.StringVar(&modes, "modes", strings.Join(allModes, ","), "modes to run, in round order")
+	flag.StringVar(&only, "workloads", "", "comma-separated workloads to run (iperf3-1, iperf3-4, http-close, http-keepalive, rss-per-conn; default all)")
+	flag.IntVar(&o.conns, "conns", 10000, "idle proxied connections for the memory workload (0 skips it)")
+	flag.DurationVar(&o.iperfDur, "iperf-time", 0, "iperf3 run length (default 10s, or 2s with -quick)")
+	flag.DurationVar(&o.wrkDur, "wrk-time", 0, "wrk run length (default 10s, or 2s with -quick)")
+	flag.BoolVar(&o.keep, "keep-going", true, "record a failed measurement and carry on instead of stopping")
+	flag.StringVar(&serveAddr, "serve-http", "", "internal: run the bench's HTTP server on ADDR (the bench starts it in the server namespace)")
+	flag.Parse()
+
+	if serveAddr != "" {
+		if err := serveHTTP(serveAddr); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
+
+	o.modes = strings.Split(modes, ",")
+	if only != "" {
+		o.only = strings.Split(only, ",")
+		for _, w := range o.only {
+			if !contains([]string{wlIperf1, wlIperf4, wlHTTPClose, wlKeepAlive, wlMemPer}, w) {
+				fatalf("unknown workload %q", w)
+			}
+		}
+	}
+	for _, m := range o.modes {
+		if !isMode(m) {
+			fatalf("unknown mode %q (modes: %s)", m, strings.Join(allModes, ", "))
+		}
+	}
+	if o.rounds == 0 {
+		o.rounds = 3
+		if o.quick {
+			o.rounds = 1
+		}
+	}
+	def := 10 * time.Second
+	if o.quick {
+		def = 2 * time.Second
+	}
+	if o.iperfDur == 0 {
+		o.iperfDur = def
+	}
+	if o.wrkDur == 0 {
+		o.wrkDur = def
+	}
+	if err := run(o); err != nil {
+		fatalf("%v", err)
+	}
+}
+
+func isMode(m string) bool {
+	for _, a := range allModes {
+		if a == m {
+			return true
+		}
+	}
+	return false
+}
+
+func fatalf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", a...)
+	os.Exit(1)
+}
+
+func run(o options) error {
+	if runtime.GOOS != "linux" {
+		return fmt.Errorf("needs Linux (network namespaces, nftables), not %s", runtime.GOOS)
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: it builds network namespaces and provisions a bridge in them (try: sudo make bench)")
+	}
+	if o.ghostwire != "" {
+		abs, err := filepath.Abs(o.ghostwire)
+		if err != nil {
+			return err
+		}
+		if fi, err := os.Stat(abs); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+			return fmt.Errorf("ghostwire binary %s is missing or not executable (make build), or pass -ghostwire '' to run the other modes only", abs)
+		}
+		o.ghostwire = abs
+	} else {
+		o.modes = without(o.modes, modeGhostwire)
+		fmt.Fprintln(os.Stderr, "bench: no ghostwire binary: skipping the ghostwire mode; the diversion for HAProxy comes from the reference nft ruleset")
+	}
+	if err := ensureTools(); err != nil {
+		return err
+	}
+	// 10,000 proxied connections are 20,000 descriptors in the proxy and
+	// 10,000 in this process; children (proxies, servers) inherit this.
+	// Raising the hard limit takes CAP_SYS_RESOURCE: without it, measure
+	// as many connections as fit and say so.
+	limit, err := raiseNoFile(uint64(2*o.conns + 4000))
+	if err != nil {
+		return err
+	}
+	if fit := fitConns(limit); o.conns > fit {
+		fmt.Fprintf(os.Stderr, "bench: the open-files hard limit is %d and cannot be raised here (no CAP_SYS_RESOURCE):"+
+			" measuring memory with %d idle connections instead of %d (a proxy needs 2 descriptors per connection)\n",
+			limit, fit, o.conns)
+		o.conns = fit
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	defer stop()
+
+	b, err := newBench(ctx, o)
+	if err != nil {
+		return err
+	}
+	runErr := b.run(ctx)
+	closeErr := b.close()
+	if runErr == nil && ctx.Err() != nil {
+		runErr = errors.New("interrupted")
+	}
+
+	if len(b.samples) > 0 {
+		fmt.Println()
+		fmt.Printf("ghostwire bench: %d round(s), iperf3 %v, wrk %v, %d idle conns, kernel %s, %d CPUs\n",
+			o.rounds, o.iperfDur, o.wrkDur, o.conns, kernelRelease(), runtime.NumCPU())
+		writeReport(os.Stdout, b.samples, o.modes)
+		if err := writeJSON(o, b); err != nil {
+			runErr = errors.Join(runErr, err)
+		} else {
+			fmt.Printf("\nJSON: %s\n", o.jsonOut)
+		}
+	}
+	return errors.Join(runErr, closeErr)
+}
+
+func without(list []string, drop string) []string {
+	var out []string
+	for _, s := range list {
+		if s != drop {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// ensureTools installs the packages that provide missing tools.
+func ensureTools() error {
+	need := []struct{ bin, pkg string }{
+		{"iperf3", "iperf3"}, {"wrk", "wrk"}, {"haproxy", "haproxy"},
+		{"nft", "nftables"}, {"ip", "iproute2"}, {"ss", "iproute2"},
+	}
+	var pkgs []string
+	for _, n := range need {
+		if _, err := exec.LookPath(n.bin); err != nil && !contains(pkgs, n.pkg) {
+			pkgs = append(pkgs, n.pkg)
+		}
+	}
+	if len(pkgs) == 0 {
+		return nil
+	}
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		return fmt.Errorf("missing %s and no apt-get to install them", strings.Join(pkgs, ", "))
+	}
+	fmt.Fprintf(os.Stderr, "bench: installing %s\n", strings.Join(pkgs, " "))
+	env := append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+	install := func() error {
+		cmd := exec.Command("apt-get", append([]string{"install", "-y", "-qq", "--no-install-recommends"}, pkgs...)...)
+		cmd.Env, cmd.Stdout, cmd.Stderr = env, os.Stderr, os.Stderr
+		return cmd.Run()
+	}
+	if err := install(); err != nil {
+		upd := exec.Command("apt-get", "update", "-qq")
+		upd.Env, upd.Stdout, upd.Stderr = env, os.Stderr, os.Stderr
+		if err := upd.Run(); err != nil {
+			return fmt.Errorf("apt-get update: %w", err)
+		}
+		if err := install(); err != nil {
+			return fmt.Errorf("apt-get install %s: %w", strings.Join(pkgs, " "), err)
+		}
+	}
+	return nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// raiseNoFile sets RLIMIT_NOFILE to at least n if allowed, else soft to
+// hard, and returns the soft limit now in force (inherited by children:
+// setting it explicitly also stops Go restoring the old soft limit in them).
+func raiseNoFile(n uint64) (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("reading RLIMIT_NOFILE: %w", err)
+	}
+	want := syscall.Rlimit{Cur: max(lim.Cur, n), Max: max(lim.Max, n)}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err == nil {
+		return want.Cur, nil
+	}
+	want = syscall.Rlimit{Cur: lim.Max, Max: lim.Max}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err != nil {
+		return 0, fmt.Errorf("setting RLIMIT_NOFILE to %d: %w", lim.Max, err)
+	}
+	return want.Cur, nil
+}
+
+// fitConns is how many idle proxied connections fit in an open-files limit:
+// two descriptors each in the proxy, plus headroom for listeners, HAProxy's
+// splice pipes and reserve, and the runtime, rounded down to a thousand.
+func fitConns(limit uint64) int {
+	if limit < 6000 {
+		return 0
+	}
+	return int((limit-4000)/2) / 1000 * 1000
+}
+
+func kernelRelease() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func writeJSON(o options, b *bench) error {
+	sum := summaries(b.samples)
+	cmp := compare(sum)
+	doc := map[string]any{
+		"started":      b.started.Format(time.RFC3339),
+		"quick":        o.quick,
+		"rounds":       o.rounds,
+		"modes":        o.modes,
+		"iperf_time_s": o.iperfDur.Seconds(),
+		"wrk_time_s":   o.wrkDur.Seconds(),
+		"idle_conns":   o.conns,
+		"kernel":       kernelRelease(),
+		"cpus":         runtime.NumCPU(),
+		"tools":        b.versions,
+		"samples":      b.samples,
+		"summary":      sum,
+		"ghostwire":    cmp,
+		"targets":      evaluate(issueTargets, cmp),
+		"failures":     b.failures,
+	}
+	data, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(o.jsonOut), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(o.jsonOut, append(data, '\n'), 0o644)
+}
