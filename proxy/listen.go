@@ -20,7 +20,10 @@ func listenTransparent(network, addr string) (net.Listener, error) {
 						return err
 					}
 				}
-				return setTransparent(fd, v6)
+				if err := setTransparent(fd, v6); err != nil {
+					return err
+				}
+				return setReusePort(fd)
 			})
 		},
 		// The box must stay invisible: keepalive probes from the proxy would

@@ -22,6 +22,7 @@ import (
 	"maps"
 	"net"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -62,11 +63,14 @@ type Stats struct {
 
 // Proxy is a transparent TCP relay. Create it with New.
 type Proxy struct {
-	port    uint16
-	log     *slog.Logger
-	listen  func(network, addr string) (net.Listener, error)
-	dial    func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
-	origDst func(c *net.TCPConn) *net.TCPAddr
+	port   uint16
+	log    *slog.Logger
+	listen func(network, addr string) (net.Listener, error)
+	// listenersPerFamily is 1 with a test Listen hook (port 0 would give
+	// each listener its own port), else one per CPU.
+	listenersPerFamily int
+	dial               func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
+	origDst            func(c *net.TCPConn) *net.TCPAddr
 
 	connectTimeout atomic.Int64 // time.Duration
 	idleTimeout    atomic.Int64 // time.Duration
@@ -118,11 +122,13 @@ func New(cfg Config) (*Proxy, error) {
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
+	p.listenersPerFamily = 1
 	if p.listen == nil {
 		p.listen = listenTransparent
+		p.listenersPerFamily = runtime.GOMAXPROCS(0)
 	}
 	if p.dial == nil {
-		p.dial = dialTransparent
+		p.dial = dialTransparent()
 	}
 	if p.origDst == nil {
 		p.origDst = origDst
@@ -147,6 +153,12 @@ func (p *Proxy) Start() error {
 		{"tcp6", net.JoinHostPort("::", port)},
 	} {
 		ln, err := p.listen(l.network, l.addr)
+		// One listener per CPU (SO_REUSEPORT): the kernel spreads new
+		// connections over them, so accepting is not one goroutine's job.
+		for i := 1; err == nil && i < p.listenersPerFamily; i++ {
+			lns = append(lns, ln)
+			ln, err = p.listen(l.network, l.addr)
+		}
 		if err != nil {
 			for _, ln := range lns {
 				ln.Close()

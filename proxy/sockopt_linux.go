@@ -116,3 +116,11 @@ func unacked(c *net.TCPConn) int {
 	})
 	return int(q)
 }
+
+// setReusePort lets one listener per CPU share the proxy port.
+func setReusePort(fd uintptr) error {
+	if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+		return fmt.Errorf("setting SO_REUSEPORT: %w", err)
+	}
+	return nil
+}

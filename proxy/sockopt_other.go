@@ -20,4 +20,5 @@ func readFD(uintptr, []byte) (int, error)      { return 0, errNotImplemented }
 func queued(*net.TCPConn) (int, error)         { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
 
-func unacked(*net.TCPConn) int { return 0 }
+func unacked(*net.TCPConn) int   { return 0 }
+func setReusePort(uintptr) error { return errNotImplemented }

@@ -71,6 +71,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 	topo := newTopology(t)
 
 	logs := newLogSink()
+	dial := dialTransparent()
 	p, err := New(Config{
 		Port:           nsProxyPort,
 		ConnectTimeout: 5 * time.Second,
@@ -81,7 +82,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 		// goroutines run on threads of the test's namespace.
 		Dial: func(ctx context.Context, network string, local, remote *net.TCPAddr) (c *net.TCPConn, err error) {
 			if nsErr := inNetns(topo.box, func() error {
-				c, err = dialTransparent(ctx, network, local, remote)
+				c, err = dial(ctx, network, local, remote)
 				return nil
 			}); nsErr != nil {
 				return nil, nsErr
