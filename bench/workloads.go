@@ -232,13 +232,20 @@ func (b *bench) measureMemory(ctx context.Context, round int, mode string) error
 			err, held, n, tail(b.proxy.Stderr(), 600))
 	}
 	opened := time.Since(t0)
-	// RSS settles once the last goroutines/sessions are set up.
+	// The workload is idle connections: hold them idle for idleHold, the
+	// same for every mode (ghostwire moves a connection idle for 1 s off
+	// its goroutines), then sample once RSS has stopped moving.
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(idleHold):
+	}
 	var rss1 int64
-	poll(ctx, 5*time.Second, "the proxy's RSS to settle", func() (bool, error) {
+	poll(ctx, 10*time.Second, "the proxy's RSS to settle", func() (bool, error) {
 		prev := rss1
 		r, err := vmRSS(pid)
 		rss1 = r
-		return prev > 0 && r-prev <= prev/200, err
+		return prev > 0 && abs(r-prev) <= prev/200, err
 	})
 	if rss1 == 0 {
 		return errors.New("could not read the proxy's RSS")
@@ -247,6 +254,17 @@ func (b *bench) measureMemory(ctx context.Context, round int, mode string) error
 	b.add(sample{Round: round, Mode: mode, Workload: wlMemPer, Unit: "KiB", Value: per,
 		Note: fmt.Sprintf("RSS %d -> %d KiB, %d conns opened in %.1fs", rss0, rss1, n, opened.Seconds())})
 	return nil
+}
+
+// idleHold is how long the memory workload keeps its connections idle
+// before measuring.
+const idleHold = 5 * time.Second
+
+func abs(x int64) int64 {
+	if x < 0 {
+		return -x
+	}
+	return x
 }
 
 func vmRSS(pid int) (int64, error) {

@@ -23,6 +23,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync"
@@ -37,6 +38,10 @@ type Config struct {
 	ConnectTimeout time.Duration // upstream dial timeout
 	IdleTimeout    time.Duration // no bytes in EITHER direction for this long -> close both (a long one-way download is NOT idle)
 	Logger         *slog.Logger  // nil = discard
+	// ParkAfter is how long a connection stays idle before its two relay
+	// goroutines hand it to an epoll set and exit, so that idle
+	// connections cost no goroutine stacks (0 = 1s).
+	ParkAfter time.Duration
 
 	// Test hooks; nil means production behaviour.
 
@@ -59,6 +64,7 @@ type Stats struct {
 	DialFailed uint64 // accepted connections whose upstream dial failed
 	BytesUp    uint64 // client -> server
 	BytesDown  uint64 // server -> client
+	Parked     int    // relay directions idle in the epoll set, not on goroutines
 }
 
 // Proxy is a transparent TCP relay. Create it with New.
@@ -88,6 +94,11 @@ type Proxy struct {
 	connWG    sync.WaitGroup
 
 	bufs sync.Pool // *[]byte of bufSize, held only while a message is in hand
+
+	parkAfter          time.Duration
+	parkedSinceRelease atomic.Int64
+	sleeper            *sleeper      // set by Start
+	stopSweep          chan struct{} // closed by Shutdown once drained
 
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
@@ -119,6 +130,10 @@ func New(cfg Config) (*Proxy, error) {
 		quit:    make(chan struct{}),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
+	p.parkAfter = cfg.ParkAfter
+	if p.parkAfter <= 0 {
+		p.parkAfter = time.Second
+	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
@@ -167,10 +182,58 @@ func (p *Proxy) Start() error {
 		}
 		lns = append(lns, ln)
 	}
+	sl, err := newSleeper()
+	if err != nil {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		return err
+	}
 	p.listeners = lns
+	p.sleeper = sl
+	p.stopSweep = make(chan struct{})
+	go p.sweepIdle(p.stopSweep)
 	p.started = true
 	return nil
 }
+
+// sweepIdle nudges connections idle for parkAfter: a read deadline in the
+// past wakes their parked pumps, which then move to the sleeper. The hot
+// path pays nothing for this.
+func (p *Proxy) sweepIdle(stop <-chan struct{}) {
+	t := time.NewTicker(p.parkAfter / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		now := p.now()
+		var idle []*conn
+		p.mu.Lock()
+		for c := range p.conns {
+			if now-time.Duration(c.lastActive.Load()) >= p.parkAfter && !c.parkAsked.Load() {
+				idle = append(idle, c)
+			}
+		}
+		p.mu.Unlock()
+		for _, c := range idle {
+			c.nudge()
+		}
+		// Parked goroutines leave their stacks in the runtime's pools, and
+		// an idle process runs no GC to hand them back to the OS. After a
+		// large batch, do it once.
+		if p.parkedSinceRelease.Load() >= releaseAfterParks {
+			p.parkedSinceRelease.Store(0)
+			debug.FreeOSMemory()
+		}
+	}
+}
+
+// releaseAfterParks is how many parked directions make it worth a GC to
+// return their stacks' memory.
+const releaseAfterParks = 1024
 
 // Serve accepts connections until ctx is done or Shutdown is called, then
 // closes the listeners and returns: nil after Shutdown, ctx's error after
@@ -312,6 +375,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		p.connWG.Wait()
 		close(drained)
 	}()
+	defer p.stopSleeper()
 	select {
 	case <-drained:
 		return nil
@@ -328,6 +392,18 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	<-drained
 	return fmt.Errorf("closed %d connections still open after the grace period: %w", len(open), ctx.Err())
+}
+
+// stopSleeper ends the sweeper and the sleeper once no connection is left.
+func (p *Proxy) stopSleeper() {
+	p.mu.Lock()
+	s, stop := p.sleeper, p.stopSweep
+	p.stopSweep = nil
+	p.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		s.close()
+	}
 }
 
 func (p *Proxy) closeListeners() {
@@ -373,7 +449,18 @@ func (p *Proxy) Stats() Stats {
 		DialFailed: p.dialFailed.Load(),
 		BytesUp:    p.up.Load(),
 		BytesDown:  p.down.Load(),
+		Parked:     p.parked(),
 	}
+}
+
+func (p *Proxy) parked() int {
+	p.mu.Lock()
+	s := p.sleeper
+	p.mu.Unlock()
+	if s == nil {
+		return 0
+	}
+	return s.sleeping()
 }
 
 // Addrs returns the listeners' addresses (nil before Start).

@@ -3,9 +3,11 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -30,11 +32,11 @@ type conn struct {
 	start    time.Time
 
 	lastActive atomic.Int64 // p.now() at the last burst, in either direction
-	directions atomic.Int32 // relay directions still running
+	directions atomic.Int32 // relay directions still running (or parked)
+	parkAsked  atomic.Bool  // the sweeper woke the pumps to park them
 
-	// up and down are written by their relay goroutine and read by finish
-	// after both ended.
-	up, down int64
+	// up is client to server, down server to client.
+	up, down direction
 
 	mu         sync.Mutex
 	server     *net.TCPConn       // nil until dialed
@@ -42,6 +44,19 @@ type conn struct {
 	watchdog   *time.Timer
 	closed     bool   // sockets closed (or being closed) by abort or finish
 	reason     string // why, for the log; "" = both sides ended with EOF
+}
+
+// direction is one way of a connection. n is written only by the goroutine
+// relaying it (one at a time: parking hands it over) and read by finish
+// after both ended.
+type direction struct {
+	src, dst *net.TCPConn
+	from, to string // "client" / "server", for the log
+	total    *atomic.Uint64
+	n        int64
+	relay    func(*conn) // the named relay function, to resume it
+	sleepID  uint64      // non-zero while parked in the sleeper; guarded by conn.mu
+	sleepFD  int
 }
 
 // accept takes a connection from a listener: it refuses direct ones and
@@ -94,6 +109,8 @@ func (p *Proxy) handle(c *conn) {
 		c.watchdog = time.AfterFunc(p.idle(), c.checkIdle)
 	}
 	c.mu.Unlock()
+	c.up = direction{src: c.client, dst: c.server, from: "client", to: "server", total: &p.up, relay: p.relayClientToServer}
+	c.down = direction{src: c.server, dst: c.client, from: "server", to: "client", total: &p.down, relay: p.relayServerToClient}
 	c.directions.Store(2)
 	go p.relayServerToClient(c)
 	go p.relayClientToServer(c)
@@ -160,20 +177,21 @@ func (c *conn) dialUpstream() bool {
 
 // relayClientToServer copies the client's bytes upstream until the client's
 // EOF, then half-closes the server side.
-func (p *Proxy) relayClientToServer(c *conn) {
-	defer p.directionDone(c)
-	n, err, readSide := c.pump(c.client, c.server, &p.up)
-	c.up = n
-	c.endDirection(err, readSide, c.server, "client", "server")
-}
+func (p *Proxy) relayClientToServer(c *conn) { c.relay(&c.up) }
 
 // relayServerToClient copies the server's bytes downstream until the
 // server's EOF, then half-closes the client side.
-func (p *Proxy) relayServerToClient(c *conn) {
-	defer p.directionDone(c)
-	n, err, readSide := c.pump(c.server, c.client, &p.down)
-	c.down = n
-	c.endDirection(err, readSide, c.client, "server", "client")
+func (p *Proxy) relayServerToClient(c *conn) { c.relay(&c.down) }
+
+// relay runs d until it ends, or until it is parked (its goroutine then
+// exits and the sleeper starts a new one when d has something to read).
+func (c *conn) relay(d *direction) {
+	err, readSide := c.pump(d)
+	if errors.Is(err, errParked) {
+		return
+	}
+	c.endDirection(err, readSide, d.dst, d.from, d.to)
+	c.p.directionDone(c)
 }
 
 // pump moves src's bytes to dst until src's EOF (nil error) or a failure,
@@ -189,10 +207,15 @@ func (p *Proxy) relayServerToClient(c *conn) {
 //     what the socket holds, stamping activity after each so a slow stream
 //     never looks idle. dst.ReadFrom with an io.LimitedReader over a
 //     *net.TCPConn takes Go's splice path.
-func (c *conn) pump(src, dst *net.TCPConn, total *atomic.Uint64) (n int64, err error, readSide bool) {
+func (c *conn) pump(d *direction) (err error, readSide bool) {
+	src, dst, total := d.src, d.dst, d.total
+	// A past deadline is how the sweeper asks a parked pump to move to the
+	// sleeper; a resumed pump must not see it again, and may be asked again.
+	src.SetReadDeadline(time.Time{})
+	c.parkAsked.Store(false)
 	rc, err := src.SyscallConn()
 	if err != nil {
-		return 0, err, true
+		return err, true
 	}
 	var (
 		buf  *[]byte
@@ -211,45 +234,112 @@ func (c *conn) pump(src, dst *net.TCPConn, total *atomic.Uint64) (n int64, err e
 	lr := &io.LimitedReader{R: src}
 	for {
 		if err := rc.Read(readInto); err != nil {
-			return n, err, true
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return c.park(d), true
+			}
+			return err, true
 		}
 		if rerr != nil {
 			c.p.bufs.Put(buf)
-			return n, rerr, true
+			return rerr, true
 		}
 		c.touch()
 		if got == 0 {
 			c.p.bufs.Put(buf)
-			return n, nil, false // EOF
+			return nil, false // EOF
 		}
 		w, err := dst.Write((*buf)[:got])
 		full := got == len(*buf)
 		c.p.bufs.Put(buf)
-		n += int64(w)
+		d.n += int64(w)
 		total.Add(uint64(w))
 		if err != nil {
-			return n, err, false
+			return err, false
 		}
 		for full { // bulk: splice what is queued until the socket runs dry
 			avail, err := queued(src)
 			if err != nil {
-				return n, err, true
+				return err, true
 			}
 			if avail == 0 {
 				break
 			}
 			lr.N = int64(min(avail, maxChunk))
 			w, err := dst.ReadFrom(lr)
-			n += w
+			d.n += w
 			total.Add(uint64(w))
 			c.touch()
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// The sweeper's nudge landed on a busy flow: not idle.
+				src.SetReadDeadline(time.Time{})
+				continue
+			}
 			if err != nil {
 				// splice reports either end's failure the same way; the
 				// socket that was reset says which.
-				return n, err, wasReset(src) && !wasReset(dst)
+				return err, wasReset(src) && !wasReset(dst)
 			}
 		}
 	}
+}
+
+// nudge asks c's pumps to park: their next wait ends at once with a
+// deadline error, and they hand themselves to the sleeper.
+func (c *conn) nudge() {
+	c.mu.Lock()
+	server, closed := c.server, c.closed
+	c.mu.Unlock()
+	if closed || server == nil || c.parkAsked.Swap(true) {
+		return
+	}
+	past := time.Unix(1, 0)
+	c.client.SetReadDeadline(past)
+	server.SetReadDeadline(past)
+}
+
+// errParked says a direction's goroutine handed it to the sleeper.
+var errParked = errors.New("parked")
+
+// park hands d to the sleeper: its goroutine exits, and d.relay runs again
+// on a new one when d.src has something to read (or fails).
+func (c *conn) park(d *direction) error {
+	d.src.SetReadDeadline(time.Time{})
+	fd := -1
+	if rc, err := d.src.SyscallConn(); err == nil {
+		rc.Control(func(f uintptr) { fd = int(f) })
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || fd < 0 {
+		return net.ErrClosed
+	}
+	id, err := c.p.sleeper.park(fd, func() {
+		c.mu.Lock()
+		d.sleepID = 0
+		c.mu.Unlock()
+		c.parkAsked.Store(false)
+		go d.relay(c)
+	})
+	if err != nil {
+		return fmt.Errorf("parking idle direction: %w", err)
+	}
+	d.sleepID, d.sleepFD = id, fd
+	c.p.parkedSinceRelease.Add(1)
+	return errParked
+}
+
+// unpark takes the parked directions back from the sleeper when the
+// connection is being torn down: each one the sleeper had not woken yet is
+// finished here, since no goroutine will come back for it. Called with
+// c.mu held, before the sockets close.
+func (c *conn) unpark() (finished int) {
+	for _, d := range []*direction{&c.up, &c.down} {
+		if d.sleepID != 0 && c.p.sleeper.cancel(d.sleepID, d.sleepFD) {
+			finished++
+		}
+		d.sleepID = 0
+	}
+	return finished
 }
 
 // endDirection passes a clean EOF on as a half-close; any failure tears the
@@ -299,6 +389,7 @@ func (c *conn) abort(reason string) {
 	c.closed = true
 	c.reason = reason
 	server, cancel := c.server, c.cancelDial
+	parked := c.unpark()
 	c.mu.Unlock()
 	if cancel != nil {
 		cancel()
@@ -306,6 +397,9 @@ func (c *conn) abort(reason string) {
 	reset(c.client)
 	if server != nil {
 		reset(server)
+	}
+	for range parked {
+		go c.p.directionDone(c)
 	}
 }
 
@@ -338,8 +432,8 @@ func (c *conn) log(level slog.Level, reason string) {
 	c.p.log.LogAttrs(context.Background(), level, "connection closed",
 		slog.String("client", c.src.String()),
 		slog.String("server", c.dst.String()),
-		slog.Int64("bytes_up", c.up),
-		slog.Int64("bytes_down", c.down),
+		slog.Int64("bytes_up", c.up.n),
+		slog.Int64("bytes_down", c.down.n),
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("reason", reason),
 	)
