@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -419,7 +420,12 @@ func TestProcess(t *testing.T) {
 func TestDoRestoresNamespace(t *testing.T) {
 	t.Parallel()
 	l := NewT(t)
-	hostNS, err := os.Readlink("/proc/self/ns/net")
+	// The claim is about the caller's own thread, so pin it and read that
+	// thread's namespace (not /proc/self, the main thread's, which a
+	// parallel test may be switching at this moment).
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	hostNS, err := os.Readlink(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
 	if err != nil {
 		t.Fatal(err)
 	}
