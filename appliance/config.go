@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -109,12 +110,34 @@ func Load(path string, overrides map[string]any) (*Config, error) {
 		stringToUintHook,
 	)))
 	if err != nil {
-		return nil, fmt.Errorf("config %s: %w", describe(path), err)
+		return nil, fmt.Errorf("config %s: %w", describe(path), unknownKeys(err))
 	}
 	if err := c.Validate(); err != nil {
 		return nil, fmt.Errorf("config %s: %w", describe(path), err)
 	}
 	return &c, nil
+}
+
+// invalidKeys matches mapstructure's "'SECTION' has invalid keys: A, B".
+var invalidKeys = regexp.MustCompile(`'([a-z_.]*)' has invalid keys: ([^\n]+)`)
+
+// unknownKeys restates mapstructure's unknown-key errors in config terms
+// ("unknown config key intercept.udp_portz"); other errors pass through.
+func unknownKeys(err error) error {
+	ms := invalidKeys.FindAllStringSubmatch(err.Error(), -1)
+	if len(ms) == 0 {
+		return err
+	}
+	var keys []string
+	for _, m := range ms {
+		for _, k := range strings.Split(m[2], ", ") {
+			if m[1] != "" {
+				k = m[1] + "." + k
+			}
+			keys = append(keys, k)
+		}
+	}
+	return fmt.Errorf("unknown config key(s): %s", strings.Join(keys, ", "))
 }
 
 func describe(path string) string {

@@ -72,8 +72,8 @@ func TestLoadRefusals(t *testing.T) {
 	for _, tc := range []struct {
 		name, old, new, want string
 	}{
-		{"unknown key", "intercept:", "bogus: 1\nintercept:", "bogus"},
-		{"unknown nested key", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_portz: [53]", "udp_portz"},
+		{"unknown key", "intercept:", "bogus: 1\nintercept:", "unknown config key(s): bogus"},
+		{"unknown nested key", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_portz: [53]", "unknown config key(s): intercept.udp_portz"},
 		{"same NIC twice", "server_nic: wan0", "server_nic: lan0", `same interface "lan0"`},
 		{"missing NIC", "  server_nic: wan0\n", "", "bridge.server_nic is required"},
 		{"port 0", "[80, 443]", "[0, 443]", "port 0 is outside 1-65535"},
