@@ -42,6 +42,11 @@ func (r *Runner) Run(ctx context.Context) error {
 	lvl, _ := cfg.LogLevel()
 	r.Level.Set(lvl)
 	log := r.Logger
+	// Catch signals before the diversion exists: a SIGTERM that lands
+	// during start-up must drain, not kill the process with default action.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -75,9 +80,6 @@ func (r *Runner) Run(ctx context.Context) error {
 	log.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort)
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 	var tick <-chan time.Time
 	if iv, err := daemon.SdWatchdogEnabled(false); err == nil && iv > 0 {
 		t := time.NewTicker(iv / 3)

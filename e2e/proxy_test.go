@@ -75,12 +75,8 @@ func TestProxyBulkBothWaysServerSeesClient(t *testing.T) {
 	const size = 64 << 20
 	for _, f := range families(b) {
 		t.Run(f.name, func(t *testing.T) {
-			addr := net.JoinHostPort(f.server, "80")
-			ln, err := Listen(b.Lab.Server, "tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got := mirrorServer(t, ln, size)
+			var got <-chan served
+			addr := listenServer(t, b, f.server, "80", func(t *testing.T, ln net.Listener) { got = mirrorServer(t, ln, size) })
 			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -130,24 +126,15 @@ func TestProxyHalfClose(t *testing.T) {
 	b := proxiedBox(t, 80)
 	for _, f := range families(b) {
 		t.Run(f.name, func(t *testing.T) {
-			addr := net.JoinHostPort(f.server, "80")
-			ln, err := Listen(b.Lab.Server, "tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
 			const reply = 1 << 20
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				defer c.Close()
-				if _, _, err := drain(c); err != nil { // returns only at the client's EOF
-					return
-				}
-				stream(c, reply, 3)
-			}()
+			addr := listenServer(t, b, f.server, "80", func(t *testing.T, ln net.Listener) {
+				serveConns(t, ln, func(c *net.TCPConn) {
+					if _, _, err := drain(c); err != nil { // returns only at the client's EOF
+						return
+					}
+					stream(c, reply, 3)
+				})
+			})
 			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -267,12 +254,8 @@ func TestDirectConnectionsRefused(t *testing.T) {
 // through (routed, not proxied), and the proxy exits 0.
 func TestSIGTERMDrains(t *testing.T) {
 	b := proxiedBox(t, 80)
-	addr := net.JoinHostPort(b.Lab.ServerIP4.String(), "80")
-	ln, err := Listen(b.Lab.Server, "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := mirrorServer(t, ln, 0)
+	var got <-chan served
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", func(t *testing.T, ln net.Listener) { got = mirrorServer(t, ln, 0) })
 	c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)

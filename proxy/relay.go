@@ -24,7 +24,8 @@ const bufSize = 16 << 10
 const maxChunk = 256 << 10
 
 // conn is one proxied connection: the accepted client side and the dialed
-// server side. It holds no buffers: bytes move through the kernel.
+// server side. It owns no buffer: small messages borrow a pooled one for the
+// length of a read and a write, bulk bytes are spliced in the kernel.
 type conn struct {
 	p        *Proxy
 	client   *net.TCPConn
@@ -99,19 +100,19 @@ func (p *Proxy) accept(client *net.TCPConn) {
 // for the life of an idle connection would cost more than a fresh one.
 func (p *Proxy) handle(c *conn) {
 	if !c.dialUpstream() {
-		c.finish()
-		p.untrack(c)
+		p.closeConn(c)
 		return
 	}
+	// The directions exist before the watchdog can abort (which reads them).
+	c.up = direction{src: c.client, dst: c.server, from: "client", to: "server", total: &p.up, relay: p.relayClientToServer}
+	c.down = direction{src: c.server, dst: c.client, from: "server", to: "client", total: &p.down, relay: p.relayServerToClient}
+	c.directions.Store(2)
 	c.touch()
 	c.mu.Lock()
 	if !c.closed {
 		c.watchdog = time.AfterFunc(p.idle(), c.checkIdle)
 	}
 	c.mu.Unlock()
-	c.up = direction{src: c.client, dst: c.server, from: "client", to: "server", total: &p.up, relay: p.relayClientToServer}
-	c.down = direction{src: c.server, dst: c.client, from: "server", to: "client", total: &p.down, relay: p.relayServerToClient}
-	c.directions.Store(2)
 	go p.relayServerToClient(c)
 	go p.relayClientToServer(c)
 }
@@ -120,12 +121,13 @@ func (p *Proxy) handle(c *conn) {
 // the connection and logs it.
 func (p *Proxy) directionDone(c *conn) {
 	if c.directions.Add(-1) == 0 {
-		c.finish()
-		p.untrack(c)
+		p.closeConn(c)
 	}
 }
 
-func (p *Proxy) untrack(c *conn) {
+// closeConn finishes c (closes, logs) and stops tracking it.
+func (p *Proxy) closeConn(c *conn) {
+	c.finish()
 	p.mu.Lock()
 	delete(p.conns, c)
 	p.mu.Unlock()
@@ -257,7 +259,7 @@ func (c *conn) pump(d *direction) (err error, readSide bool) {
 			return err, false
 		}
 		for full { // bulk: splice what is queued until the socket runs dry
-			avail, err := queued(src)
+			avail, err := queued(rc)
 			if err != nil {
 				return err, true
 			}
@@ -317,8 +319,7 @@ func (c *conn) park(d *direction) error {
 		c.mu.Lock()
 		d.sleepID = 0
 		c.mu.Unlock()
-		c.parkAsked.Store(false)
-		go d.relay(c)
+		go d.relay(c) // pump clears the nudge and parkAsked
 	})
 	if err != nil {
 		return fmt.Errorf("parking idle direction: %w", err)
@@ -406,14 +407,11 @@ func (c *conn) abort(reason string) {
 // finish closes what abort did not and writes the connection's log line.
 // Both relay directions have ended.
 func (c *conn) finish() {
-	c.mu.Lock()
-	wasClosed := c.closed
-	c.mu.Unlock()
-	if !wasClosed {
-		c.awaitAcked(c.server)
+	if !c.isClosed() {
+		c.awaitAcked()
 	}
 	c.mu.Lock()
-	wasClosed = c.closed
+	wasClosed := c.closed
 	c.closed = true
 	if c.watchdog != nil {
 		c.watchdog.Stop()
@@ -485,10 +483,10 @@ func reset(c *net.TCPConn) {
 // the real client, and the client resets the server's connection. So a
 // connection counts as active (and Shutdown waits for it) until its bytes
 // are delivered. Bounded by the idle timeout; abort ends it early.
-func (c *conn) awaitAcked(server *net.TCPConn) {
+func (c *conn) awaitAcked() {
 	deadline := c.p.now() + c.p.idle()
 	delay := time.Millisecond
-	for unacked(c.client)+unacked(server) > 0 && c.p.now() < deadline && !c.isClosed() {
+	for unacked(c.client)+unacked(c.server) > 0 && c.p.now() < deadline && !c.isClosed() {
 		// Nothing signals "peer acknowledged": poll the kernel's counter.
 		time.Sleep(delay)
 		delay = min(2*delay, 50*time.Millisecond)

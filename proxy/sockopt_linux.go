@@ -60,12 +60,10 @@ func readFD(fd uintptr, b []byte) (int, error) {
 	}
 }
 
-// queued is how many bytes c's receive queue holds (SIOCINQ).
-func queued(c *net.TCPConn) (int, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
+// queued is how many bytes the socket behind rc has in its receive queue
+// (SIOCINQ). It takes the RawConn the caller already holds: it runs once
+// per spliced chunk.
+func queued(rc syscall.RawConn) (int, error) {
 	var q int32
 	var e syscall.Errno
 	if err := rc.Control(func(fd uintptr) {

@@ -17,7 +17,7 @@ func setTransparent(fd uintptr, v6 bool) error { return errNotImplemented }
 func setV6Only(fd uintptr) error               { return errNotImplemented }
 func setBindNoPort(fd uintptr) error           { return errNotImplemented }
 func readFD(uintptr, []byte) (int, error)      { return 0, errNotImplemented }
-func queued(*net.TCPConn) (int, error)         { return 0, errNotImplemented }
+func queued(syscall.RawConn) (int, error)      { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
 
 func unacked(*net.TCPConn) int   { return 0 }
