@@ -47,6 +47,9 @@ type ProxyConfig struct {
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
 	IdleTimeout    time.Duration `mapstructure:"idle_timeout"`
 	ShutdownGrace  time.Duration `mapstructure:"shutdown_grace"`
+	// Offload lets the kernel forward established connections (sockmap)
+	// instead of the proxy's relay goroutines.
+	Offload bool `mapstructure:"offload"`
 }
 
 type RoutingConfig struct {
@@ -72,6 +75,7 @@ var defaults = map[string]any{
 	"proxy.connect_timeout": "5s",
 	"proxy.idle_timeout":    "5m",
 	"proxy.shutdown_grace":  "30s",
+	"proxy.offload":         true,
 	"routing.mark":          1,
 	"routing.table":         100,
 	"routing.priority":      1000,

@@ -46,7 +46,9 @@ func TestNewValidates(t *testing.T) {
 
 // TestRelayBothWaysConcurrently moves 64 MiB each way at once and compares
 // checksums at both ends.
-func TestRelayBothWaysConcurrently(t *testing.T) {
+func TestRelayBothWaysConcurrently(t *testing.T) { forModes(t, testRelayBothWaysConcurrently) }
+
+func testRelayBothWaysConcurrently(t *testing.T, m mode) {
 	checkGoroutines(t)
 	const size = 64 << 20
 	type result struct {
@@ -55,7 +57,7 @@ func TestRelayBothWaysConcurrently(t *testing.T) {
 		err       error
 	}
 	atServer := make(chan result, 1)
-	h := startProxy(t, func(c *net.TCPConn) {
+	h := m.start(t, func(c *net.TCPConn) {
 		var r result
 		var werr error
 		done := make(chan struct{})
@@ -98,6 +100,7 @@ func TestRelayBothWaysConcurrently(t *testing.T) {
 		t.Error("server received different bytes than the client sent")
 	}
 	r := h.logs.closed(t, 1)[0]
+	m.carried(t, r)
 	if field(r, "reason") != "eof" || field(r, "bytes_up") != "67108864" || field(r, "bytes_down") != "67108864" {
 		t.Errorf("log record = %v, want reason eof and 64 MiB each way", r)
 	}
@@ -109,10 +112,12 @@ func TestRelayBothWaysConcurrently(t *testing.T) {
 // TestHalfClose: the client finishes its request with a FIN; the server
 // only answers after seeing that EOF, and the answer still arrives whole.
 // The log record carries every attribute.
-func TestHalfClose(t *testing.T) {
+func TestHalfClose(t *testing.T) { forModes(t, testHalfClose) }
+
+func testHalfClose(t *testing.T, m mode) {
 	checkGoroutines(t)
 	reply := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
-	h := startProxy(t, func(c *net.TCPConn) {
+	h := m.start(t, func(c *net.TCPConn) {
 		req, err := io.ReadAll(c) // returns at the client's FIN
 		if err != nil || string(req) != "request" {
 			t.Errorf("server read %q, %v", req, err)
@@ -157,10 +162,12 @@ func TestHalfClose(t *testing.T) {
 	}
 }
 
-func TestManyConcurrent(t *testing.T) {
+func TestManyConcurrent(t *testing.T) { forModes(t, testManyConcurrent) }
+
+func testManyConcurrent(t *testing.T, m mode) {
 	checkGoroutines(t)
 	const n = 200
-	h := startProxy(t, func(c *net.TCPConn) {
+	h := m.start(t, func(c *net.TCPConn) {
 		// Echo, then pass the client's FIN back.
 		io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, 4096))
 		c.CloseWrite()
@@ -200,13 +207,15 @@ func TestManyConcurrent(t *testing.T) {
 	waitFor(t, "no active connections", func() bool { return h.p.Stats().Active == 0 })
 }
 
-func TestIdleTimeout(t *testing.T) {
+func TestIdleTimeout(t *testing.T) { forModes(t, testIdleTimeout) }
+
+func testIdleTimeout(t *testing.T, m mode) {
 	const idle = 200 * time.Millisecond
 	short := func(c *Config) { c.IdleTimeout = idle }
 
 	t.Run("idle connection closes", func(t *testing.T) {
 		checkGoroutines(t)
-		h := startProxy(t, func(c *net.TCPConn) {
+		h := m.start(t, func(c *net.TCPConn) {
 			c.Write([]byte("hi"))
 			io.Copy(io.Discard, c)
 		}, short)
@@ -221,7 +230,9 @@ func TestIdleTimeout(t *testing.T) {
 		if el := time.Since(start); el < idle {
 			t.Errorf("closed after %v, before the %v idle timeout", el, idle)
 		}
-		if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "idle timeout" {
+		r := h.logs.closed(t, 1)[0]
+		m.carried(t, r)
+		if field(r, "reason") != "idle timeout" {
 			t.Errorf("reason = %s, want idle timeout", field(r, "reason"))
 		}
 	})
@@ -231,7 +242,7 @@ func TestIdleTimeout(t *testing.T) {
 	const ticks = 30 // 30 x 50ms = 7.5 idle timeouts
 	t.Run("slow download is not idle", func(t *testing.T) {
 		checkGoroutines(t)
-		h := startProxy(t, func(c *net.TCPConn) {
+		h := m.start(t, func(c *net.TCPConn) {
 			tick := time.NewTicker(idle / 4)
 			defer tick.Stop()
 			for range ticks {
@@ -247,13 +258,15 @@ func TestIdleTimeout(t *testing.T) {
 			t.Fatalf("read %d bytes (%v), want %d then EOF", len(got), err, ticks)
 		}
 		c.Close() // else the connection stays half-open, and then idles out
-		if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "eof" {
+		r := h.logs.closed(t, 1)[0]
+		m.carried(t, r)
+		if field(r, "reason") != "eof" {
 			t.Errorf("reason = %s, want eof", field(r, "reason"))
 		}
 	})
 	t.Run("slow upload is not idle", func(t *testing.T) {
 		checkGoroutines(t)
-		h := startProxy(t, func(c *net.TCPConn) {
+		h := m.start(t, func(c *net.TCPConn) {
 			got, _ := io.ReadAll(c)
 			c.Write([]byte(strings.ToUpper(string(got))))
 		}, short)
@@ -271,13 +284,15 @@ func TestIdleTimeout(t *testing.T) {
 		if err != nil || string(got) != strings.Repeat("X", ticks) {
 			t.Fatalf("read %q (%v)", got, err)
 		}
-		if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "eof" {
+		r := h.logs.closed(t, 1)[0]
+		m.carried(t, r)
+		if field(r, "reason") != "eof" {
 			t.Errorf("reason = %s, want eof", field(r, "reason"))
 		}
 	})
 	t.Run("SetTimeouts shortens it for open connections", func(t *testing.T) {
 		checkGoroutines(t)
-		h := startProxy(t, func(c *net.TCPConn) {
+		h := m.start(t, func(c *net.TCPConn) {
 			c.Write([]byte("hi"))
 			io.Copy(io.Discard, c)
 		}, nil) // one minute
@@ -289,7 +304,9 @@ func TestIdleTimeout(t *testing.T) {
 		h.p.SetTimeouts(time.Second, idle)
 		_, err := c.Read(buf)
 		wantReset(t, err)
-		if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "idle timeout" {
+		r := h.logs.closed(t, 1)[0]
+		m.carried(t, r)
+		if field(r, "reason") != "idle timeout" {
 			t.Errorf("reason = %s, want idle timeout", field(r, "reason"))
 		}
 	})
@@ -349,10 +366,12 @@ func TestDirectConnectionRefused(t *testing.T) {
 	}
 }
 
-func TestResetIsMirrored(t *testing.T) {
+func TestResetIsMirrored(t *testing.T) { forModes(t, testResetIsMirrored) }
+
+func testResetIsMirrored(t *testing.T, m mode) {
 	t.Run("server reset", func(t *testing.T) {
 		checkGoroutines(t)
-		h := startProxy(t, func(c *net.TCPConn) {
+		h := m.start(t, func(c *net.TCPConn) {
 			io.ReadFull(c, make([]byte, 5))
 			reset(c)
 		}, nil)
@@ -360,14 +379,16 @@ func TestResetIsMirrored(t *testing.T) {
 		c.Write([]byte("hello"))
 		_, err := c.Read(make([]byte, 1))
 		wantReset(t, err)
-		if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "server reset" {
+		r := h.logs.closed(t, 1)[0]
+		m.carried(t, r)
+		if field(r, "reason") != "server reset" {
 			t.Errorf("reason = %s", field(r, "reason"))
 		}
 	})
 	t.Run("client reset", func(t *testing.T) {
 		checkGoroutines(t)
 		serverErr := make(chan error, 1)
-		h := startProxy(t, func(c *net.TCPConn) {
+		h := m.start(t, func(c *net.TCPConn) {
 			c.Write([]byte("hi"))
 			_, err := io.Copy(io.Discard, c)
 			serverErr <- err
@@ -378,17 +399,21 @@ func TestResetIsMirrored(t *testing.T) {
 		}
 		reset(c)
 		wantReset(t, <-serverErr)
-		if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "client reset" {
+		r := h.logs.closed(t, 1)[0]
+		m.carried(t, r)
+		if field(r, "reason") != "client reset" {
 			t.Errorf("reason = %s", field(r, "reason"))
 		}
 	})
 }
 
-func TestShutdownDrains(t *testing.T) {
+func TestShutdownDrains(t *testing.T) { forModes(t, testShutdownDrains) }
+
+func testShutdownDrains(t *testing.T, m mode) {
 	checkGoroutines(t)
 	const half = 1 << 20
 	release := make(chan struct{})
-	h := startProxy(t, func(c *net.TCPConn) {
+	h := m.start(t, func(c *net.TCPConn) {
 		c.Write(make([]byte, half))
 		<-release
 		c.Write(make([]byte, half))
@@ -447,9 +472,11 @@ func TestShutdownDrains(t *testing.T) {
 	}
 }
 
-func TestShutdownForcesAfterGrace(t *testing.T) {
+func TestShutdownForcesAfterGrace(t *testing.T) { forModes(t, testShutdownForcesAfterGrace) }
+
+func testShutdownForcesAfterGrace(t *testing.T, m mode) {
 	checkGoroutines(t)
-	h := startProxy(t, func(c *net.TCPConn) {
+	h := m.start(t, func(c *net.TCPConn) {
 		c.Write([]byte("hi"))
 		io.Copy(io.Discard, c)
 	}, nil)
@@ -467,7 +494,9 @@ func TestShutdownForcesAfterGrace(t *testing.T) {
 	}
 	_, err := c.Read(make([]byte, 1))
 	wantReset(t, err)
-	if r := h.logs.closed(t, 1)[0]; field(r, "reason") != "shutdown" {
+	r := h.logs.closed(t, 1)[0]
+	m.carried(t, r)
+	if field(r, "reason") != "shutdown" {
 		t.Errorf("reason = %s", field(r, "reason"))
 	}
 	if err := h.serve(); err != nil {

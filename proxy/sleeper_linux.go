@@ -24,6 +24,13 @@ type sleeper struct {
 	done    chan struct{}
 }
 
+// Event masks for park.
+const (
+	readable   = unix.EPOLLIN | unix.EPOLLRDHUP // data, a FIN or an error
+	peerClosed = unix.EPOLLRDHUP                // a FIN or an error, not data
+	failed     = 0                              // an error or hang-up only
+)
+
 func newSleeper() (*sleeper, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
@@ -46,8 +53,9 @@ func newSleeper() (*sleeper, error) {
 }
 
 // park calls resume (once, on the loop's goroutine: it must not block) when
-// fd becomes readable, unless cancel gets there first.
-func (s *sleeper) park(fd int, resume func()) (uint64, error) {
+// fd reports one of events (EPOLLERR and EPOLLHUP always count), unless
+// cancel gets there first.
+func (s *sleeper) park(fd int, events uint32, resume func()) (uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -56,9 +64,9 @@ func (s *sleeper) park(fd int, resume func()) (uint64, error) {
 	id := s.next
 	s.next++
 	s.waiting[id] = resume
-	// Level-triggered, one shot: data that arrived before this call wakes
+	// Level-triggered, one shot: a state that arose before this call wakes
 	// it at once, and the fd is reported once per park.
-	ev := &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(id), Pad: int32(id >> 32)}
+	ev := &unix.EpollEvent{Events: events | unix.EPOLLONESHOT, Fd: int32(id), Pad: int32(id >> 32)}
 	err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, fd, ev)
 	if errors.Is(err, unix.EEXIST) { // still registered, disarmed, from an earlier park
 		err = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_MOD, fd, ev)
