@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -315,5 +316,64 @@ func TestSIGTERMDrains(t *testing.T) {
 	b.Proxy = nil
 	if st, _ := b.Status(); !strings.HasPrefix(st, "ghostwire: bypassing") {
 		t.Errorf("status after the proxy stopped = %q, want bypassing", st)
+	}
+}
+
+// A chatty connection (many small messages, like HTTP keep-alive) is handed
+// to the kernel after a few messages; through the real TPROXY path it
+// still carries every byte both ways, bulk included, between the real
+// addresses, and the log says the kernel carried it.
+func TestProxyChattyConnectionOffloaded(t *testing.T) {
+	b := proxiedBox(t, 80)
+	if w := b.ProxyLog("kernel forwarding unavailable; relaying in user space"); len(w) > 0 {
+		t.Fatalf("the proxy could not load its sockmap: %v", w[0])
+	}
+	for _, f := range families(b) {
+		t.Run(f.name, func(t *testing.T) {
+			addr := listenServer(t, b, f.server, "80", peerServer)
+			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			r := bufio.NewReader(c)
+			peer, err := r.ReadString('\n')
+			if host, _, _ := net.SplitHostPort(strings.TrimSpace(strings.TrimPrefix(peer, "peer="))); err != nil || host != f.client {
+				t.Fatalf("server saw peer %q (%v), want %s", peer, err, f.client)
+			}
+			msg := strings.Repeat("k", 100)
+			buf := make([]byte, len(msg))
+			const rounds = 50
+			for i := range rounds {
+				if _, err := io.WriteString(c, msg); err != nil {
+					t.Fatalf("round trip %d: %v", i, err)
+				}
+				if _, err := io.ReadFull(r, buf); err != nil || string(buf) != msg {
+					t.Fatalf("round trip %d: got %q (%v)", i, buf, err)
+				}
+			}
+			const size = 4 << 20
+			type res struct {
+				sha string
+				n   int64
+				err error
+			}
+			rc := make(chan res, 1)
+			go func() { sha, n, err := drain(r); rc <- res{sha, n, err} }()
+			sent, err := stream(c, size, 5)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.CloseWrite()
+			if got := <-rc; got.err != nil || got.n != size || got.sha != sent {
+				t.Fatalf("echoed bulk: %d of %d bytes, sha match %v (%v)", got.n, size, got.sha == sent, got.err)
+			}
+			line := waitConnLog(t, b, c.LocalAddr())
+			up := float64(rounds*len(msg) + size)
+			if line["offloaded"] != true || line["reason"] != "eof" || line["bytes_up"] != up || line["bytes_down"] != up+float64(len(peer)) {
+				t.Errorf("proxy log line = %v, want offloaded, eof, %v bytes up", line, up)
+			}
+		})
 	}
 }
