@@ -86,13 +86,7 @@ func TestProxyBulkBothWaysServerSeesClient(t *testing.T) {
 			if c.RemoteAddr().String() != addr {
 				t.Errorf("client is connected to %s, want the server %s", c.RemoteAddr(), addr)
 			}
-			type res struct {
-				sha string
-				n   int64
-				err error
-			}
-			rc := make(chan res, 1)
-			go func() { sha, n, err := drain(c); rc <- res{sha, n, err} }()
+			rc := drainAsync(c)
 			sent, err := stream(c, size, 1)
 			if err != nil {
 				t.Fatalf("client send: %v", err)
@@ -354,13 +348,7 @@ func TestProxyChattyConnectionOffloaded(t *testing.T) {
 				}
 			}
 			const size = 4 << 20
-			type res struct {
-				sha string
-				n   int64
-				err error
-			}
-			rc := make(chan res, 1)
-			go func() { sha, n, err := drain(r); rc <- res{sha, n, err} }()
+			rc := drainAsync(r)
 			sent, err := stream(c, size, 5)
 			if err != nil {
 				t.Fatal(err)

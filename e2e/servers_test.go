@@ -20,6 +20,23 @@ func stream(w io.Writer, n int64, seed uint64) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), err
 }
 
+// drained is what drain returned.
+type drained struct {
+	sha string
+	n   int64
+	err error
+}
+
+// drainAsync drains r on a goroutine of its own.
+func drainAsync(r io.Reader) <-chan drained {
+	out := make(chan drained, 1)
+	go func() {
+		sha, n, err := drain(r)
+		out <- drained{sha, n, err}
+	}()
+	return out
+}
+
 // drain reads r to EOF and returns the SHA-256 of what it read and how much.
 func drain(r io.Reader) (string, int64, error) {
 	h := sha256.New()

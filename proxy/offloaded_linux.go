@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -168,7 +169,7 @@ func (c *conn) awaitForwarded(i int) bool {
 		c.mu.Unlock()
 		switch {
 		case gerr != nil || serr != nil:
-			c.abort(fmt.Sprintf("error: reading TCP_INFO: %v", firstErr(gerr, serr)))
+			c.abort(fmt.Sprintf("error: reading TCP_INFO: %v", errors.Join(gerr, serr)))
 			return false
 		case written(sent) >= got.Bytes_received-1: // the FIN counts one
 			return true
@@ -185,15 +186,6 @@ func (c *conn) awaitForwarded(i int) bool {
 // plus not sent yet.
 func written(ti *unix.TCPInfo) uint64 {
 	return ti.Bytes_sent - ti.Bytes_retrans + uint64(ti.Notsent_bytes)
-}
-
-func firstErr(errs ...error) error {
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // offloadedActivity stamps c's last activity from the kernel's own record
