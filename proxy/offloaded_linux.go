@@ -156,30 +156,24 @@ func (c *conn) sideEvent(i int) {
 // passed on earlier would cut them off. Usually true at once. False when c
 // was closed meanwhile (or is, after a stall of IdleTimeout).
 func (c *conn) awaitForwarded(i int) bool {
-	deadline := c.p.now() + c.p.idle()
-	delay := 20 * time.Microsecond
-	for {
-		c.mu.Lock()
-		if c.closed {
-			c.mu.Unlock()
-			return false
-		}
+	var err error
+	done, timedOut := c.waitUntil(20*time.Microsecond, 10*time.Millisecond, func() bool {
 		got, gerr := unix.GetsockoptTCPInfo(c.off.fd[i], unix.IPPROTO_TCP, unix.TCP_INFO)
 		sent, serr := unix.GetsockoptTCPInfo(c.off.fd[1-i], unix.IPPROTO_TCP, unix.TCP_INFO)
-		c.mu.Unlock()
-		switch {
-		case gerr != nil || serr != nil:
-			c.abort(fmt.Sprintf("error: reading TCP_INFO: %v", errors.Join(gerr, serr)))
-			return false
-		case written(sent) >= got.Bytes_received-1: // the FIN counts one
+		if err = errors.Join(gerr, serr); err != nil {
 			return true
-		case c.p.now() > deadline:
-			c.abort("idle timeout")
-			return false
 		}
-		time.Sleep(delay)
-		delay = min(2*delay, 10*time.Millisecond)
+		return written(sent) >= got.Bytes_received-1 // the FIN counts one
+	})
+	switch {
+	case err != nil:
+		c.abort(fmt.Sprintf("error: reading TCP_INFO: %v", err))
+		return false
+	case timedOut:
+		c.abort("idle timeout")
+		return false
 	}
+	return done
 }
 
 // written is how many bytes a socket has taken for sending: sent once,
@@ -246,25 +240,18 @@ func (c *conn) abortOffloaded() {
 // finishOffloaded closes both sockets after both FINs were passed on and
 // acknowledged, then logs. Both sides have ended, or abort closed them.
 func (c *conn) finishOffloaded() {
-	deadline := c.p.now() + c.p.idle()
-	delay := time.Millisecond
-	for {
-		c.mu.Lock()
-		if c.closed {
-			break
-		}
-		if unackedFD(c.off.fd[0])+unackedFD(c.off.fd[1]) == 0 || c.p.now() >= deadline {
-			c.closed = true
-			c.reason = "eof"
-			c.unwatchOffloaded()
-			c.countOffloaded()
-			unix.Close(c.off.fd[0])
-			unix.Close(c.off.fd[1])
-			break
-		}
-		c.mu.Unlock()
-		time.Sleep(delay) // see awaitAcked
-		delay = min(2*delay, 50*time.Millisecond)
+	// As awaitAcked, and closing anyway when the time runs out.
+	c.waitUntil(time.Millisecond, 50*time.Millisecond, func() bool {
+		return unackedFD(c.off.fd[0])+unackedFD(c.off.fd[1]) == 0
+	})
+	c.mu.Lock()
+	if !c.closed {
+		c.closed = true
+		c.reason = "eof"
+		c.unwatchOffloaded()
+		c.countOffloaded()
+		unix.Close(c.off.fd[0])
+		unix.Close(c.off.fd[1])
 	}
 	if c.watchdog != nil {
 		c.watchdog.Stop()

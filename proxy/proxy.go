@@ -42,11 +42,11 @@ type Config struct {
 	// goroutines hand it to an epoll set and exit, so that idle
 	// connections cost no goroutine stacks (0 = 1s).
 	ParkAfter time.Duration
-	// Offload hands each connection's bytes to the kernel once it is
-	// dialed: a sockmap redirects what either socket receives to the
-	// other's send queue, so no byte and no wake-up reaches the process
-	// (see offloader). If the kernel refuses (no BPF, no CAP_BPF), the
-	// proxy relays in user space and says so once.
+	// Offload hands chatty connections' bytes to the kernel (see
+	// OffloadAfter): a sockmap redirects what either socket receives to
+	// the other's send queue, so no byte and no wake-up reaches the
+	// process (see offloader). If the kernel refuses (no BPF, no CAP_BPF),
+	// the proxy relays in user space and says so once.
 	Offload bool
 	// OffloadAfter is how many small messages (both ways together) a
 	// connection relays before the kernel takes it: bulk flows stay on

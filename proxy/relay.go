@@ -216,11 +216,14 @@ func (c *conn) relay(d *direction) {
 //     callback itself reads into a pooled buffer, so a message costs one
 //     read and one write, and a connection with nothing to send holds no
 //     buffer and no splice pipe, only its parked goroutine;
-//   - bulk: when a read fills the buffer, more is queued, and the rest is
-//     spliced (kernel to kernel, no copy through user space) in chunks of
-//     what the socket holds, stamping activity after each so a slow stream
-//     never looks idle. dst.ReadFrom with an io.LimitedReader over a
-//     *net.TCPConn takes Go's splice path.
+//   - bulk: once a read fills the buffer, the direction splices (kernel to
+//     kernel, no copy through user space) until EOF or an idle spell, in
+//     calls of up to maxChunk, stamping activity after each so a slow
+//     stream never looks idle. dst.ReadFrom with an io.LimitedReader over
+//     a *net.TCPConn takes Go's splice path.
+//
+// With Config.Offload, a connection that has relayed OffloadAfter small
+// messages and no bulk is handed to the kernel (see handoff.go).
 func (c *conn) pump(d *direction) (err error, readSide bool) {
 	src, dst, total := d.src, d.dst, d.total
 	if held, err := c.hold(d); held {
@@ -274,7 +277,7 @@ func (c *conn) pump(d *direction) (err error, readSide bool) {
 			return err, false
 		}
 		if !full {
-			if c.messages.Add(1) == c.p.offloadAfter && c.p.offload != nil && !c.bulk.Load() {
+			if c.p.offload != nil && c.messages.Add(1) == c.p.offloadAfter && !c.bulk.Load() {
 				c.requestHandoff()
 			}
 			continue
@@ -539,12 +542,33 @@ func reset(c *net.TCPConn) {
 // connection counts as active (and Shutdown waits for it) until its bytes
 // are delivered. Bounded by the idle timeout; abort ends it early.
 func (c *conn) awaitAcked() {
+	c.waitUntil(time.Millisecond, 50*time.Millisecond, func() bool {
+		return unacked(c.client)+unacked(c.server) == 0
+	})
+}
+
+// waitUntil polls done (called with c.mu held, while c is open), sleeping
+// first, then twice as long each time up to most, for at most IdleTimeout:
+// for what it waits on, the kernel offers a counter but no event. done
+// says whether done held; timedOut whether the time ran out. Both false:
+// c was closed.
+func (c *conn) waitUntil(first, most time.Duration, cond func() bool) (done, timedOut bool) {
 	deadline := c.p.now() + c.p.idle()
-	delay := time.Millisecond
-	for unacked(c.client)+unacked(c.server) > 0 && c.p.now() < deadline && !c.isClosed() {
-		// Nothing signals "peer acknowledged": poll the kernel's counter.
+	for delay := first; ; delay = min(2*delay, most) {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return false, false
+		}
+		done = cond()
+		c.mu.Unlock()
+		if done {
+			return true, false
+		}
+		if c.p.now() >= deadline {
+			return false, true
+		}
 		time.Sleep(delay)
-		delay = min(2*delay, 50*time.Millisecond)
 	}
 }
 

@@ -60,23 +60,6 @@ func readFD(fd uintptr, b []byte) (int, error) {
 	}
 }
 
-// queued is how many bytes the socket behind rc has in its receive queue
-// (SIOCINQ). It takes the RawConn the caller already holds: it runs once
-// per spliced chunk.
-func queued(rc syscall.RawConn) (int, error) {
-	var q int32
-	var e syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		_, _, e = unix.Syscall(unix.SYS_IOCTL, fd, unix.SIOCINQ, uintptr(unsafe.Pointer(&q)))
-	}); err != nil {
-		return 0, err
-	}
-	if e != 0 {
-		return 0, fmt.Errorf("reading SIOCINQ: %w", e)
-	}
-	return int(q), nil
-}
-
 // tcpClose is TCP_CLOSE in the kernel's TCP state enum: where a socket goes
 // when it receives a reset.
 const tcpClose = 7

@@ -10,14 +10,13 @@ import (
 )
 
 // errNotImplemented is what every kernel-facing helper returns off Linux:
-// TPROXY, IP_TRANSPARENT and SIOCINQ are Linux features.
+// TPROXY, IP_TRANSPARENT and SIOCOUTQ are Linux features.
 var errNotImplemented = fmt.Errorf("transparent proxying is not implemented on %s", runtime.GOOS)
 
 func setTransparent(fd uintptr, v6 bool) error { return errNotImplemented }
 func setV6Only(fd uintptr) error               { return errNotImplemented }
 func setBindNoPort(fd uintptr) error           { return errNotImplemented }
 func readFD(uintptr, []byte) (int, error)      { return 0, errNotImplemented }
-func queued(syscall.RawConn) (int, error)      { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
 
 func unacked(*net.TCPConn) int   { return 0 }
