@@ -247,6 +247,9 @@ func (r *Runner) drain(cfg *Config, plan *rules.Plan, nft *nftables.Conn, p *pro
 	daemon.SdNotify(false, daemon.SdNotifyStopping)
 	if err := plan.Draining().ApplyOwned(nft); err != nil {
 		r.Logger.Error("could not stop diverting new connections; draining anyway", "err", err)
+	} else {
+		// From here on new connections are routed past the proxy.
+		r.Logger.Info("draining", "active", p.Stats().Active)
 	}
 	// Handshakes the old ruleset sent here are still completing: take them.
 	p.StopAccepting(acceptSettle)

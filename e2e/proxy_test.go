@@ -264,8 +264,10 @@ func TestSIGTERMDrains(t *testing.T) {
 	if err := b.Proxy.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if err := WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("stopping")) > 0, nil }); err != nil {
-		t.Fatalf("proxy did not start stopping: %v", err)
+	// "stopping" is logged on the signal, before the draining ruleset is
+	// in; "draining" once new connections are no longer diverted.
+	if err := WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("draining")) > 0, nil }); err != nil {
+		t.Fatalf("proxy did not start draining: %v", err)
 	}
 	// A new connection while draining is neither hijacked nor cut.
 	c2, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
