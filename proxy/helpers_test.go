@@ -333,6 +333,17 @@ func (m mode) start(t *testing.T, handle func(*net.TCPConn), tweak func(*Config)
 	return h
 }
 
+// closedWith checks the record of h's one connection: it closed for
+// reason, carried as m carries bytes.
+func (m mode) closedWith(t *testing.T, h *harness, reason string) {
+	t.Helper()
+	r := h.logs.closed(t, 1)[0]
+	m.carried(t, r)
+	if got := field(r, "reason"); got != reason {
+		t.Errorf("reason = %s, want %s", got, reason)
+	}
+}
+
 // carried checks that a connection's log record says it went the mode's way.
 func (m mode) carried(t *testing.T, r map[string]any) {
 	t.Helper()

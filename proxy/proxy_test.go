@@ -240,11 +240,7 @@ func testIdleTimeout(t *testing.T, m mode) {
 		if el := time.Since(<-wrote); el < idle-slack {
 			t.Errorf("closed %v after the last byte, before the %v idle timeout", el, idle)
 		}
-		r := h.logs.closed(t, 1)[0]
-		m.carried(t, r)
-		if field(r, "reason") != "idle timeout" {
-			t.Errorf("reason = %s, want idle timeout", field(r, "reason"))
-		}
+		m.closedWith(t, h, "idle timeout")
 	})
 
 	// A trickle in one direction keeps the connection alive even though
@@ -268,11 +264,7 @@ func testIdleTimeout(t *testing.T, m mode) {
 			t.Fatalf("read %d bytes (%v), want %d then EOF", len(got), err, ticks)
 		}
 		c.Close() // else the connection stays half-open, and then idles out
-		r := h.logs.closed(t, 1)[0]
-		m.carried(t, r)
-		if field(r, "reason") != "eof" {
-			t.Errorf("reason = %s, want eof", field(r, "reason"))
-		}
+		m.closedWith(t, h, "eof")
 	})
 	t.Run("slow upload is not idle", func(t *testing.T) {
 		checkGoroutines(t)
@@ -294,11 +286,7 @@ func testIdleTimeout(t *testing.T, m mode) {
 		if err != nil || string(got) != strings.Repeat("X", ticks) {
 			t.Fatalf("read %q (%v)", got, err)
 		}
-		r := h.logs.closed(t, 1)[0]
-		m.carried(t, r)
-		if field(r, "reason") != "eof" {
-			t.Errorf("reason = %s, want eof", field(r, "reason"))
-		}
+		m.closedWith(t, h, "eof")
 	})
 	t.Run("SetTimeouts shortens it for open connections", func(t *testing.T) {
 		checkGoroutines(t)
@@ -314,11 +302,7 @@ func testIdleTimeout(t *testing.T, m mode) {
 		h.p.SetTimeouts(time.Second, idle)
 		_, err := c.Read(buf)
 		wantReset(t, err)
-		r := h.logs.closed(t, 1)[0]
-		m.carried(t, r)
-		if field(r, "reason") != "idle timeout" {
-			t.Errorf("reason = %s, want idle timeout", field(r, "reason"))
-		}
+		m.closedWith(t, h, "idle timeout")
 	})
 }
 
@@ -389,11 +373,7 @@ func testResetIsMirrored(t *testing.T, m mode) {
 		c.Write([]byte("hello"))
 		_, err := c.Read(make([]byte, 1))
 		wantReset(t, err)
-		r := h.logs.closed(t, 1)[0]
-		m.carried(t, r)
-		if field(r, "reason") != "server reset" {
-			t.Errorf("reason = %s", field(r, "reason"))
-		}
+		m.closedWith(t, h, "server reset")
 	})
 	t.Run("client reset", func(t *testing.T) {
 		checkGoroutines(t)
@@ -409,11 +389,7 @@ func testResetIsMirrored(t *testing.T, m mode) {
 		}
 		reset(c)
 		wantReset(t, <-serverErr)
-		r := h.logs.closed(t, 1)[0]
-		m.carried(t, r)
-		if field(r, "reason") != "client reset" {
-			t.Errorf("reason = %s", field(r, "reason"))
-		}
+		m.closedWith(t, h, "client reset")
 	})
 }
 
@@ -504,11 +480,7 @@ func testShutdownForcesAfterGrace(t *testing.T, m mode) {
 	}
 	_, err := c.Read(make([]byte, 1))
 	wantReset(t, err)
-	r := h.logs.closed(t, 1)[0]
-	m.carried(t, r)
-	if field(r, "reason") != "shutdown" {
-		t.Errorf("reason = %s", field(r, "reason"))
-	}
+	m.closedWith(t, h, "shutdown")
 	if err := h.serve(); err != nil {
 		t.Errorf("Serve = %v", err)
 	}
