@@ -47,9 +47,12 @@ type ProxyConfig struct {
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
 	IdleTimeout    time.Duration `mapstructure:"idle_timeout"`
 	ShutdownGrace  time.Duration `mapstructure:"shutdown_grace"`
-	// Offload lets the kernel forward established connections (sockmap)
-	// instead of the proxy's relay goroutines.
-	Offload bool `mapstructure:"offload"`
+	// MaxConnections is how many connections the proxy carries at once;
+	// 0 derives it from the fd limit (see proxy.DefaultMaxConns).
+	MaxConnections int `mapstructure:"max_connections"`
+	// Overload is what happens to new connections at the limit: "bypass"
+	// (bridged untouched) or "refuse" (reset).
+	Overload string `mapstructure:"overload"`
 }
 
 type RoutingConfig struct {
@@ -75,7 +78,8 @@ var defaults = map[string]any{
 	"proxy.connect_timeout": "5s",
 	"proxy.idle_timeout":    "5m",
 	"proxy.shutdown_grace":  "30s",
-	"proxy.offload":         true,
+	"proxy.max_connections": 0,
+	"proxy.overload":        "bypass",
 	"routing.mark":          1,
 	"routing.table":         100,
 	"routing.priority":      1000,
@@ -141,7 +145,21 @@ func unknownKeys(err error) error {
 			keys = append(keys, k)
 		}
 	}
+	var why []string
+	for _, k := range keys {
+		if r, ok := removedKeys[k]; ok {
+			why = append(why, fmt.Sprintf("%s was removed: %s", k, r))
+		}
+	}
+	if len(why) > 0 {
+		return fmt.Errorf("unknown config key(s): %s (%s)", strings.Join(keys, ", "), strings.Join(why, "; "))
+	}
 	return fmt.Errorf("unknown config key(s): %s", strings.Join(keys, ", "))
+}
+
+// removedKeys say why a key that older configs carry is gone, and what to do.
+var removedKeys = map[string]string{
+	"proxy.offload": "kernel forwarding (sockmap) let a peer queue without limit on the box; every byte is now relayed with flow control. Delete the line",
 }
 
 func describe(path string) string {
@@ -204,6 +222,12 @@ func (c *Config) Validate() error {
 		if d.v <= 0 {
 			bad("%s: %s must be positive", d.key, d.v)
 		}
+	}
+	if c.Proxy.MaxConnections < 0 {
+		bad("proxy.max_connections: %d must be 0 (derived from the fd limit) or positive", c.Proxy.MaxConnections)
+	}
+	if o := c.Proxy.Overload; o != "bypass" && o != "refuse" { // TODO(rules.ParseOverload)
+		bad("proxy.overload: %q must be bypass (new connections cross the bridge untouched) or refuse (they are reset)", c.Proxy.Overload)
 	}
 	if c.Routing.Mark == 0 {
 		bad("routing.mark must be non-zero")

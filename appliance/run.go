@@ -193,7 +193,6 @@ func proxyConfig(cfg *Config, log *slog.Logger) proxy.Config {
 		Port:           uint16(cfg.Proxy.TCPPort),
 		ConnectTimeout: cfg.Proxy.ConnectTimeout,
 		IdleTimeout:    cfg.Proxy.IdleTimeout,
-		Offload:        cfg.Proxy.Offload,
 		Logger:         log,
 	}
 }
@@ -231,7 +230,6 @@ func liveChangeable(old, cfg *Config) error {
 	}
 	fixed("bridge", old.Bridge, cfg.Bridge)
 	fixed("proxy.tcp_port", old.Proxy.TCPPort, cfg.Proxy.TCPPort)
-	fixed("proxy.offload", old.Proxy.Offload, cfg.Proxy.Offload)
 	fixed("routing", old.Routing, cfg.Routing)
 	fixed("state_file", old.StateFile, cfg.StateFile)
 	return errors.Join(errs...)

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -302,52 +301,11 @@ func field(r map[string]any, k string) string {
 	}
 }
 
-// mode is how the proxy under test carries bytes: its relay goroutines, or
-// the kernel (Config.Offload).
-type mode struct{ offload bool }
-
-// forModes runs test once per mode; the kernel one needs root.
-func forModes(t *testing.T, test func(*testing.T, mode)) {
-	t.Run("relay", func(t *testing.T) { test(t, mode{}) })
-	t.Run("offload", func(t *testing.T) {
-		if os.Geteuid() != 0 {
-			t.Skip("kernel offload needs root (CAP_BPF and CAP_NET_ADMIN); the relay mode ran")
-		}
-		test(t, mode{offload: true})
-	})
-}
-
-// start is startProxy in mode m.
-func (m mode) start(t *testing.T, handle func(*net.TCPConn), tweak func(*Config)) *harness {
-	t.Helper()
-	h := startProxy(t, handle, func(c *Config) {
-		c.Offload = m.offload
-		c.OffloadAfter = -1 // at once: every test's traffic goes the kernel's way
-		if tweak != nil {
-			tweak(c)
-		}
-	})
-	if m.offload && h.p.offload == nil {
-		t.Fatal("Config.Offload set but the kernel refused it; see the proxy's warning")
-	}
-	return h
-}
-
-// closedWith checks the record of h's one connection: it closed for
-// reason, carried as m carries bytes.
-func (m mode) closedWith(t *testing.T, h *harness, reason string) {
+// closedWith checks the record of h's one connection: it closed for reason.
+func closedWith(t *testing.T, h *harness, reason string) {
 	t.Helper()
 	r := h.logs.closed(t, 1)[0]
-	m.carried(t, r)
 	if got := field(r, "reason"); got != reason {
 		t.Errorf("reason = %s, want %s", got, reason)
-	}
-}
-
-// carried checks that a connection's log record says it went the mode's way.
-func (m mode) carried(t *testing.T, r map[string]any) {
-	t.Helper()
-	if got := r["offloaded"] == true; got != m.offload {
-		t.Errorf("log record says offloaded=%v, want %v: %v", got, m.offload, r)
 	}
 }

@@ -42,17 +42,6 @@ type Config struct {
 	// goroutines hand it to an epoll set and exit, so that idle
 	// connections cost no goroutine stacks (0 = 1s).
 	ParkAfter time.Duration
-	// Offload hands chatty connections' bytes to the kernel (see
-	// OffloadAfter): a sockmap redirects what either socket receives to
-	// the other's send queue, so no byte and no wake-up reaches the
-	// process (see offloader). If the kernel refuses (no BPF, no CAP_BPF),
-	// the proxy relays in user space and says so once.
-	Offload bool
-	// OffloadAfter is how many small messages (both ways together) a
-	// connection relays before the kernel takes it: bulk flows stay on
-	// splice, which a single fast stream prefers. 0 means 8; negative
-	// means at once, right after the dial, bulk or not.
-	OffloadAfter int
 
 	// Test hooks; nil means production behaviour.
 
@@ -76,7 +65,6 @@ type Stats struct {
 	BytesUp    uint64 // client -> server
 	BytesDown  uint64 // server -> client
 	Parked     int    // relay directions idle in the epoll set, not on goroutines
-	Offloaded  int64  // open connections forwarded by the kernel
 }
 
 // Proxy is a transparent TCP relay. Create it with New.
@@ -110,10 +98,6 @@ type Proxy struct {
 	parkAfter          time.Duration
 	parkedSinceRelease atomic.Int64
 	sleeper            *sleeper // set by Start
-	wantOffload        bool
-	offloadAfter       int32
-	offload            *offloader // set by Start when Config.Offload and the kernel allows
-	offloaded          atomic.Int64
 	stopSweep          chan struct{} // closed by Shutdown once drained
 
 	active                                  atomic.Int64
@@ -146,11 +130,6 @@ func New(cfg Config) (*Proxy, error) {
 		quit:    make(chan struct{}),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
-	p.wantOffload = cfg.Offload
-	p.offloadAfter = int32(cfg.OffloadAfter)
-	if cfg.OffloadAfter == 0 {
-		p.offloadAfter = defaultOffloadAfter
-	}
 	p.parkAfter = cfg.ParkAfter
 	if p.parkAfter <= 0 {
 		p.parkAfter = time.Second
@@ -209,13 +188,6 @@ func (p *Proxy) Start() error {
 			ln.Close()
 		}
 		return err
-	}
-	if p.wantOffload {
-		o, err := newOffloader()
-		if err != nil {
-			p.log.Warn("kernel forwarding unavailable; relaying in user space", "err", err)
-		}
-		p.offload = o
 	}
 	p.listeners = lns
 	p.sleeper = sl
@@ -425,15 +397,12 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 // stopSleeper ends the sweeper and the sleeper once no connection is left.
 func (p *Proxy) stopSleeper() {
 	p.mu.Lock()
-	s, stop, o := p.sleeper, p.stopSweep, p.offload
+	s, stop := p.sleeper, p.stopSweep
 	p.stopSweep = nil
 	p.mu.Unlock()
 	if stop != nil {
 		close(stop)
 		s.close()
-		if o != nil {
-			o.close()
-		}
 	}
 }
 
@@ -481,7 +450,6 @@ func (p *Proxy) Stats() Stats {
 		BytesUp:    p.up.Load(),
 		BytesDown:  p.down.Load(),
 		Parked:     p.parked(),
-		Offloaded:  p.offloaded.Load(),
 	}
 }
 

@@ -35,21 +35,16 @@ type conn struct {
 	lastActive atomic.Int64 // p.now() at the last burst, in either direction
 	directions atomic.Int32 // relay directions still running (or parked)
 	parkAsked  atomic.Bool  // the sweeper woke the pumps to park them
-	messages   atomic.Int32 // small messages relayed, both ways (see offloadAfter)
-	bulk       atomic.Bool  // a read filled the buffer: stays on splice
 
 	// up is client to server, down server to client.
 	up, down direction
 
 	mu         sync.Mutex
 	server     *net.TCPConn       // nil until dialed
-	off        *offloaded         // non-nil once the kernel forwards c's bytes
 	cancelDial context.CancelFunc // non-nil while dialing
 	watchdog   *time.Timer
 	closed     bool   // sockets closed (or being closed) by abort or finish
 	reason     string // why, for the log; "" = both sides ended with EOF
-	handoff    bool   // the pumps are asked to stop so the kernel can take over
-	handingOff bool   // both stopped; the last one's goroutine is offloading
 }
 
 // direction is one way of a connection. n is written only by the goroutine
@@ -63,7 +58,6 @@ type direction struct {
 	relay    func(*conn) // the named relay function, to resume it
 	sleepID  uint64      // non-zero while parked in the sleeper; guarded by conn.mu
 	sleepFD  int
-	held     bool // stopped for a handoff, its goroutine gone; guarded by conn.mu
 }
 
 // accept takes a connection from a listener: it refuses direct ones and
@@ -114,9 +108,6 @@ func (p *Proxy) handle(c *conn) {
 	c.down = direction{src: c.server, dst: c.client, from: "server", to: "client", total: &p.down, relay: p.relayServerToClient}
 	c.directions.Store(2)
 	c.touch()
-	if p.offload != nil && p.offloadAfter < 0 && c.offload() {
-		return
-	}
 	c.mu.Lock()
 	if !c.closed {
 		c.watchdog = time.AfterFunc(p.idle(), c.checkIdle)
@@ -198,9 +189,6 @@ func (p *Proxy) relayServerToClient(c *conn) { c.relay(&c.down) }
 // exits and the sleeper starts a new one when d has something to read).
 func (c *conn) relay(d *direction) {
 	err, readSide := c.pump(d)
-	for errors.Is(err, errResume) {
-		err, readSide = c.pump(d)
-	}
 	if errors.Is(err, errParked) {
 		return
 	}
@@ -222,13 +210,12 @@ func (c *conn) relay(d *direction) {
 //     stream never looks idle. dst.ReadFrom with an io.LimitedReader over
 //     a *net.TCPConn takes Go's splice path.
 //
-// With Config.Offload, a connection that has relayed OffloadAfter small
-// messages and no bulk is handed to the kernel (see handoff.go).
+// Either way the proxy never holds more than one buffer of a direction's
+// bytes, and only while the write of them blocks: what a peer sends beyond
+// that waits in the kernel's socket buffers, so a receiver that stops
+// reading stops its sender (TCP flow control end to end).
 func (c *conn) pump(d *direction) (err error, readSide bool) {
 	src, dst, total := d.src, d.dst, d.total
-	if held, err := c.hold(d); held {
-		return err, true
-	}
 	// A past deadline is how the sweeper asks a parked pump to move to the
 	// sleeper; a resumed pump must not see it again, and may be asked again.
 	src.SetReadDeadline(time.Time{})
@@ -277,12 +264,8 @@ func (c *conn) pump(d *direction) (err error, readSide bool) {
 			return err, false
 		}
 		if !full {
-			if c.p.offload != nil && c.messages.Add(1) == c.p.offloadAfter && !c.bulk.Load() {
-				c.requestHandoff()
-			}
 			continue
 		}
-		c.bulk.Store(true)
 		// Bulk: stay on splice, as io.Copy would, until EOF or an idle
 		// spell. Falling back to copying reads whenever the queue runs dry
 		// (it does, many times a second, in a fast stream) cost a third of
@@ -296,10 +279,9 @@ func (c *conn) pump(d *direction) (err error, readSide bool) {
 				c.touch()
 			}
 			switch {
-			case errors.Is(err, os.ErrDeadlineExceeded) && (w == 0 || c.handoffPending()):
-				// The sweeper's nudge found the flow idle, or a handoff
-				// waits for this pump: go back to waiting the cheap way,
-				// where the deadline parks or holds it.
+			case errors.Is(err, os.ErrDeadlineExceeded) && w == 0:
+				// The sweeper's nudge found the flow idle: go back to
+				// waiting the cheap way, where the deadline parks it.
 			case errors.Is(err, os.ErrDeadlineExceeded):
 				// The nudge landed on a busy flow: not idle.
 				src.SetReadDeadline(time.Time{})
@@ -339,9 +321,6 @@ var errParked = errors.New("parked")
 // park hands d to the sleeper: its goroutine exits, and d.relay runs again
 // on a new one when d.src has something to read (or fails).
 func (c *conn) park(d *direction) error {
-	if held, err := c.hold(d); held {
-		return err
-	}
 	d.src.SetReadDeadline(time.Time{})
 	fd := -1
 	if rc, err := d.src.SyscallConn(); err == nil {
@@ -376,10 +355,6 @@ func (c *conn) unpark() (finished int) {
 			finished++
 		}
 		d.sleepID = 0
-		if d.held { // stopped for a handoff that will not happen now
-			finished++
-			d.held = false
-		}
 	}
 	return finished
 }
@@ -430,10 +405,6 @@ func (c *conn) abort(reason string) {
 	}
 	c.closed = true
 	c.reason = reason
-	if c.off != nil {
-		c.abortOffloaded() // unlocks
-		return
-	}
 	server, cancel := c.server, c.cancelDial
 	parked := c.unpark()
 	c.mu.Unlock()
@@ -452,13 +423,6 @@ func (c *conn) abort(reason string) {
 // finish closes what abort did not and writes the connection's log line.
 // Both relay directions have ended.
 func (c *conn) finish() {
-	c.mu.Lock()
-	off := c.off
-	c.mu.Unlock()
-	if off != nil {
-		c.finishOffloaded()
-		return
-	}
 	if !c.isClosed() {
 		c.awaitAcked()
 	}
@@ -485,7 +449,6 @@ func (c *conn) log(level slog.Level, reason string) {
 		slog.Int64("bytes_up", c.up.n),
 		slog.Int64("bytes_down", c.down.n),
 		slog.Duration("duration", time.Since(c.start)),
-		slog.Bool("offloaded", c.off != nil),
 		slog.String("reason", reason),
 	)
 }
@@ -502,11 +465,6 @@ func (c *conn) idleLeft() time.Duration {
 // checkIdle is the watchdog: it closes c if nothing moved for IdleTimeout,
 // else sleeps until the earliest moment that could be true.
 func (c *conn) checkIdle() {
-	c.mu.Lock()
-	if c.off != nil {
-		c.offloadedActivity()
-	}
-	c.mu.Unlock()
 	left := c.idleLeft()
 	if left <= 0 {
 		c.abort("idle timeout")

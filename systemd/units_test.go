@@ -158,14 +158,12 @@ func TestRunUnit(t *testing.T) {
 		t.Errorf("%s: TimeoutStopSec=%s is not above proxy.shutdown_grace=%s", runUnit, stop, g)
 	}
 
-	// CAP_NET_ADMIN: owned nftables tables and IP_TRANSPARENT; CAP_BPF and
-	// bpf(2), allowed after @privileged is denied, for proxy.offload.
-	// Nothing else: the default proxy port (9876) needs no
-	// CAP_NET_BIND_SERVICE.
-	checkSet(t, runUnit, u, s, "CapabilityBoundingSet", "CAP_NET_ADMIN", "CAP_BPF")
-	if filters := u.list(s, "SystemCallFilter"); exampleValue(t, "proxy.offload") == "true" &&
-		(!slices.Contains(filters, "bpf") || slices.Index(filters, "bpf") < slices.Index(filters, "~@privileged")) {
-		t.Errorf("%s: SystemCallFilter=%q must allow bpf after denying @privileged: proxy.offload is on", runUnit, filters)
+	// CAP_NET_ADMIN: owned nftables tables and IP_TRANSPARENT. Nothing
+	// else: the default proxy port (9876) needs no CAP_NET_BIND_SERVICE, and
+	// nothing loads BPF (no bpf(2) past ~@privileged).
+	checkSet(t, runUnit, u, s, "CapabilityBoundingSet", "CAP_NET_ADMIN")
+	if filters := u.list(s, "SystemCallFilter"); slices.Contains(filters, "bpf") {
+		t.Errorf("%s: SystemCallFilter=%q allows bpf(2), which nothing needs", runUnit, filters)
 	}
 	if port := exampleValue(t, "proxy.tcp_port"); mustAtoi(t, port) < 1024 {
 		t.Errorf("%s: proxy.tcp_port %s < 1024 needs CAP_NET_BIND_SERVICE, which %s does not grant", exampleConfig, port, runUnit)
