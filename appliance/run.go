@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"slices"
 	"syscall"
 	"time"
@@ -45,7 +46,7 @@ func (r *Runner) Run(ctx context.Context) error {
 	// Catch signals before the diversion exists: a SIGTERM that lands
 	// during start-up must drain, not kill the process with default action.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1)
 	defer signal.Stop(sigs)
 
 	h, err := netlink.NewHandle()
@@ -106,6 +107,10 @@ func (r *Runner) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return r.drain(cfg, plan, nft, p)
 		case s := <-sigs:
+			if s == syscall.SIGUSR1 {
+				logStats(log, p)
+				continue
+			}
 			if s != syscall.SIGHUP {
 				log.Info("stopping", "signal", s.String(), "grace", cfg.Proxy.ShutdownGrace)
 				return r.drain(cfg, plan, nft, p)
@@ -121,6 +126,17 @@ func (r *Runner) Run(ctx context.Context) error {
 			daemon.SdNotify(false, daemon.SdNotifyReady)
 		}
 	}
+}
+
+// logStats is SIGUSR1: one "stats" line with the proxy's counters and the
+// process's own use, so an operator (and the soak test) can watch for
+// leaks without a debugger.
+func logStats(log *slog.Logger, p *proxy.Proxy) {
+	st := p.Stats()
+	log.Info("stats",
+		"active", st.Active, "accepted", st.Accepted, "refused", st.Refused,
+		"dial_failed", st.DialFailed, "bytes_up", st.BytesUp, "bytes_down", st.BytesDown,
+		"parked", st.Parked, "goroutines", runtime.NumGoroutine())
 }
 
 func divertPlan(h *netlink.Handle, cfg *Config, linger []uint16) (*rules.Plan, error) {
