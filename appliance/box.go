@@ -66,13 +66,23 @@ type SysctlChange struct {
 }
 
 // Plan validates c against the kernel (missing NICs, NICs in another bridge,
-// a name taken by a non-bridge) and returns what apply would do.
+// NICs carrying addresses, a name taken by a non-bridge) and returns what
+// apply would do. Apply plans before it writes the state file or touches
+// the kernel, so a refusal here leaves the box as it was.
 func (b *Box) Plan(c *Config) (*Plan, error) {
 	spec, err := c.BridgeSpec()
 	if err != nil {
 		return nil, err
 	}
 	if err := spec.Preflight(b.Netlink); err != nil {
+		var pa *bridge.PortAddressesError
+		if errors.As(err, &pa) {
+			// The operator fixes this in the config, so say it in its keys.
+			named := *pa
+			named.PortNames = [2]string{"bridge.client_nic", "bridge.server_nic"}
+			named.AddressesName = "bridge.addresses"
+			return nil, &named
+		}
 		return nil, err
 	}
 	mac, err := spec.MAC(b.Netlink)

@@ -40,7 +40,8 @@ func Observe(h *netlink.Handle, names []string) ([]PortState, error) {
 
 // Preflight reports, without changing anything, why Apply would be refused:
 // a missing NIC, a NIC already in another bridge, a bridge name taken by
-// something that is not a bridge.
+// something that is not a bridge, NICs carrying addresses (all of them in
+// one *PortAddressesError, after every other check has passed).
 func (s Spec) Preflight(h *netlink.Handle) error {
 	if err := s.Validate(); err != nil {
 		return err
@@ -52,7 +53,8 @@ func (s Spec) Preflight(h *netlink.Handle) error {
 	} else if !isNotFound(err) {
 		return fmt.Errorf("looking up bridge %s: %w", s.Name, err)
 	}
-	for _, p := range s.Ports {
+	var addressed []PortAddresses
+	for i, p := range s.Ports {
 		l, err := h.LinkByName(p)
 		if isNotFound(err) {
 			return fmt.Errorf("NIC %q does not exist", p)
@@ -77,7 +79,20 @@ func (s Spec) Preflight(h *netlink.Handle) error {
 			if ml.Attrs().Name != s.Name {
 				return fmt.Errorf("NIC %q is already enslaved to %q", p, ml.Attrs().Name)
 			}
+			// Already a port of this bridge (a re-apply): any address on
+			// it stopped working when it was enslaved, not now.
+			continue
 		}
+		addrs, err := nicAddresses(h, l)
+		if err != nil {
+			return err
+		}
+		if lost := lostOnEnslave(addrs); len(lost) > 0 {
+			addressed = append(addressed, PortAddresses{Port: i, NIC: p, Addrs: lost})
+		}
+	}
+	if len(addressed) > 0 {
+		return &PortAddressesError{Ports: addressed}
 	}
 	return nil
 }

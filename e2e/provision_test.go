@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // nftSection is the nftables part of `ghostwire plan` output.
@@ -139,17 +140,41 @@ func TestApplyRefusesAndChangesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
+	// addAddrs puts operator addresses on a box NIC and returns their removal.
+	addAddrs := func(nic string, prefixes ...string) func() {
+		l, err := h.LinkByName(nic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var added []*netlink.Addr
+		for _, p := range prefixes {
+			a, err := netlink.ParseAddr(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.Flags = unix.IFA_F_NODAD
+			if err := h.AddrAdd(l, a); err != nil {
+				t.Fatalf("adding %s to %s: %v", p, nic, err)
+			}
+			added = append(added, a)
+		}
+		return func() {
+			for _, a := range added {
+				h.AddrDel(l, a)
+			}
+		}
+	}
 	base, _ := os.ReadFile(b.Config)
 	for _, tc := range []struct {
 		name  string
 		setup func() func()
 		edit  func(string) string
-		want  string
+		want  []string
 	}{
 		{
 			name: "missing NIC",
 			edit: func(c string) string { return strings.Replace(c, b.Lab.ServerNIC, b.Lab.Prefix+"nope", 1) },
-			want: `NIC "` + b.Lab.Prefix + `nope" does not exist`,
+			want: []string{`NIC "` + b.Lab.Prefix + `nope" does not exist`},
 		},
 		{
 			name: "bridge name taken by a non-bridge",
@@ -161,7 +186,7 @@ func TestApplyRefusesAndChangesNothing(t *testing.T) {
 				}
 				return func() { h.LinkDel(d) }
 			},
-			want: `bridge name "` + b.Bridge + `" is already used by a veth interface`,
+			want: []string{`bridge name "` + b.Bridge + `" is already used by a veth interface`},
 		},
 		{
 			name: "NIC enslaved to another bridge",
@@ -176,7 +201,37 @@ func TestApplyRefusesAndChangesNothing(t *testing.T) {
 				}
 				return func() { h.LinkDel(other) }
 			},
-			want: `NIC "` + b.Lab.ClientNIC + `" is already enslaved to "` + b.Lab.Prefix + `ob"`,
+			want: []string{`NIC "` + b.Lab.ClientNIC + `" is already enslaved to "` + b.Lab.Prefix + `ob"`},
+		},
+		{
+			// Enslaving would silently take the management address off the network.
+			name:  "IPv4 address on the client NIC",
+			setup: func() func() { return addAddrs(b.Lab.ClientNIC, "10.77.0.1/24") },
+			want: []string{
+				"bridge.client_nic " + b.Lab.ClientNIC + " carries 10.77.0.1/24: an enslaved port's addresses stop working",
+				"move it to the bridge by listing it under bridge.addresses",
+			},
+		},
+		{
+			name:  "IPv6 global address on the client NIC",
+			setup: func() func() { return addAddrs(b.Lab.ClientNIC, "fd00:77::1/64") },
+			want: []string{
+				"bridge.client_nic " + b.Lab.ClientNIC + " carries fd00:77::1/64:",
+				"bridge.addresses",
+			},
+		},
+		{
+			name: "addresses on both NICs, all named at once",
+			setup: func() func() {
+				undoClient := addAddrs(b.Lab.ClientNIC, "10.77.0.1/24", "fd00:77::1/64")
+				undoServer := addAddrs(b.Lab.ServerNIC, "10.78.0.1/24")
+				return func() { undoServer(); undoClient() }
+			},
+			want: []string{
+				"bridge.client_nic " + b.Lab.ClientNIC + " carries 10.77.0.1/24, fd00:77::1/64; " +
+					"bridge.server_nic " + b.Lab.ServerNIC + " carries 10.78.0.1/24: ",
+				"move them to the bridge by listing them under bridge.addresses",
+			},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -191,14 +246,50 @@ func TestApplyRefusesAndChangesNothing(t *testing.T) {
 				defer tc.setup()()
 			}
 			before := snapshot(t, b)
-			out, err := b.Ghostwire("apply")
-			if err == nil || !strings.Contains(out, tc.want) {
-				t.Fatalf("apply = %v, output:\n%s\nwant it to contain %q", err, out, tc.want)
+			// plan and --dry-run refuse too: a plan that apply would
+			// refuse is no plan.
+			for _, args := range [][]string{{"apply"}, {"apply", "--dry-run"}, {"plan"}} {
+				out, err := b.Ghostwire(args...)
+				if err == nil {
+					t.Fatalf("ghostwire %s succeeded, want a refusal:\n%s", strings.Join(args, " "), out)
+				}
+				for _, want := range tc.want {
+					if !strings.Contains(out, want) {
+						t.Errorf("ghostwire %s output lacks %q:\n%s", strings.Join(args, " "), want, out)
+					}
+				}
 			}
 			if after := snapshot(t, b); after != before {
 				t.Errorf("refused apply changed state:\n--- before\n%s\n--- after\n%s", before, after)
 			}
+			if _, err := os.Stat(filepath.Join(b.Dir, "state.json")); !os.IsNotExist(err) {
+				t.Errorf("refused apply wrote a state file: %v", err)
+			}
 		})
+	}
+}
+
+// The addresses check must not refuse what is normal: the kernel's IPv6
+// link-local address on every NIC that is up, and, on re-apply, ports that
+// ghostwire's own bridge already holds.
+func TestApplyAcceptsLinkLocalAndItsOwnPorts(t *testing.T) {
+	needRoot(t)
+	b := newBox(t, 80)
+	for _, nic := range []string{b.Lab.ClientNIC, b.Lab.ServerNIC} {
+		if out := sh(t, b.Lab.Box, "ip", "-6", "-o", "addr", "show", "dev", nic, "scope", "link"); !strings.Contains(out, "fe80::") {
+			t.Fatalf("%s has no kernel link-local address, so this test proves nothing:\n%s", nic, out)
+		}
+	}
+	if out, err := b.Ghostwire("apply"); err != nil {
+		t.Fatalf("apply refused NICs with only link-local addresses: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { b.Ghostwire("teardown") })
+
+	// An address put on a port after apply stopped working then, not on a
+	// re-apply, which must stay possible (it is how config changes land).
+	sh(t, b.Lab.Box, "ip", "addr", "add", "10.77.0.1/24", "dev", b.Lab.ClientNIC)
+	if out, err := b.Ghostwire("apply"); err != nil {
+		t.Fatalf("re-apply refused its own bridge's port: %v\n%s", err, out)
 	}
 }
 
