@@ -44,12 +44,12 @@ func familyName(f nftables.TableFamily) string {
 // families lists ghostwire's tables in the order they are built and listed.
 var families = [...]nftables.TableFamily{nftables.TableFamilyBridge, nftables.TableFamilyINet}
 
-// tableDefs is the ruleset as kernel objects. Lookups reference set by name
-// and by set.ID, so set must be the one added in the same batch (or have ID
-// 0 when comparing with what the kernel returns).
-func (p *Plan) tableDefs(set func(nftables.TableFamily) *nftables.Set) []tableDef {
+// tableDefs is the ruleset as kernel objects. Lookups and dynsets reference
+// a set by name and by set.ID, so set must return the one added in the same
+// batch (or one with ID 0 when comparing with what the kernel returns).
+func (p *Plan) tableDefs(set func(fam nftables.TableFamily, name string) *nftables.Set) []tableDef {
 	c := &p.cfg
-	bset, iset := set(nftables.TableFamilyBridge), set(nftables.TableFamilyINet)
+	bset, iset := set(nftables.TableFamilyBridge, setName), set(nftables.TableFamilyINet, setName)
 
 	// Bridge: redirect both directions of intercepted flows up to the IP
 	// stack: set the destination MAC to br0's and mark the frame for the host.
@@ -69,6 +69,60 @@ func (p *Plan) tableDefs(set func(nftables.TableFamily) *nftables.Set) []tableDe
 	}
 	const dport, sport = 2, 0 // offsets in the TCP header
 
+	// Bypass, before any redirect: flows in a bypass set cross the bridge
+	// untouched in every plan variant, so an overload's bypassed flows
+	// stay bridged after it ends. Each client frame refreshes the entry's
+	// timeout. While bypassing, a client's pure SYN to an intercepted port
+	// records its flow and is bridged; rule for rule, this is what nft
+	// compiles from String(), the meta protocol check nft adds before the
+	// first address load included.
+	var bridgeRules [][]expr.Any
+	if p.overload == OverloadBypass {
+		for _, f := range ipFamilies {
+			bypass := set(nftables.TableFamilyBridge, f.set)
+			bridgeRules = append(bridgeRules, concat(
+				matchIfName(c.ClientPort),
+				matchTCP(),
+				[]expr.Any{
+					&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
+					lookup(bset),
+				},
+				matchPureSYN(),
+				f.matchProtocol(),
+				f.loadFlowKey(false),
+				[]expr.Any{
+					&expr.Dynset{SrcRegKey: f.regs[0], SetName: bypass.Name, SetID: bypass.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+					accept(),
+				},
+			))
+		}
+	}
+	for _, f := range ipFamilies {
+		bypass := set(nftables.TableFamilyBridge, f.set)
+		bridgeRules = append(bridgeRules,
+			concat(
+				matchIfName(c.ClientPort),
+				f.matchProtocol(),
+				matchTCP(),
+				f.loadFlowKey(false),
+				[]expr.Any{&expr.Lookup{SourceRegister: f.regs[0], SetName: bypass.Name, SetID: bypass.ID}},
+				f.loadFlowKey(false),
+				[]expr.Any{
+					&expr.Dynset{SrcRegKey: f.regs[0], SetName: bypass.Name, SetID: bypass.ID, Operation: unix.NFT_DYNSET_OP_UPDATE},
+					accept(),
+				},
+			),
+			concat(
+				matchIfName(c.ServerPort),
+				f.matchProtocol(),
+				matchTCP(),
+				f.loadFlowKey(true),
+				[]expr.Any{&expr.Lookup{SourceRegister: f.regs[0], SetName: bypass.Name, SetID: bypass.ID}, accept()},
+			),
+		)
+	}
+	bridgeRules = append(bridgeRules, redirect(c.ClientPort, dport), redirect(c.ServerPort, sport))
+
 	// Inet: order matters (KERNEL.md §2): traffic to the box itself first,
 	// then pure SYNs to TPROXY, and only then the socket rule, which would
 	// otherwise send a reused client port's SYN to a TIME_WAIT socket.
@@ -78,15 +132,15 @@ func (p *Plan) tableDefs(set func(nftables.TableFamily) *nftables.Set) []tableDe
 		[]expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
 			lookup(iset),
-			// tcp flags & (fin|syn|rst|ack) == syn
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x17}, Xor: []byte{0}},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
 		},
+		matchPureSYN(),
 	)
-	if p.draining {
+	switch {
+	case p.draining:
 		syn = append(syn, accept())
-	} else {
+	case p.overload == OverloadRefuse:
+		syn = append(syn, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST, Code: 0})
+	default:
 		syn = append(syn,
 			&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(c.ProxyTCPPort)},
 			// Port only, any address family: the inet form of `tproxy to :PORT`.
@@ -119,7 +173,7 @@ func (p *Plan) tableDefs(set func(nftables.TableFamily) *nftables.Set) []tableDe
 	return []tableDef{
 		{family: nftables.TableFamilyBridge, chains: []chainDef{{
 			name: chainPrerouting, hook: nftables.ChainHookPrerouting, prio: prioBridgeDstNAT,
-			rules: [][]expr.Any{redirect(c.ClientPort, dport), redirect(c.ServerPort, sport)},
+			rules: bridgeRules,
 		}}},
 		{family: nftables.TableFamilyINet, chains: []chainDef{
 			{
@@ -186,6 +240,40 @@ func setMark(mark uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Immediate{Register: 1, Data: m},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+// matchPureSYN is `tcp flags syn / fin,syn,rst,ack`: flags & (fin|syn|rst|ack) == syn.
+func matchPureSYN() []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x17}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
+	}
+}
+
+// matchProtocol is the `meta protocol ip` (ip6) nft puts before the first
+// load from an IPv4 (IPv6) header in the bridge family.
+func (f ipFamily) matchProtocol() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyPROTOCOL, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(f.ethType)},
+	}
+}
+
+// loadFlowKey loads the bypass key saddr . daddr . sport . dport of a
+// client frame into f.regs, or (reverse) the same key from a server frame:
+// daddr . saddr . dport . sport.
+func (f ipFamily) loadFlowKey(reverse bool) []expr.Any {
+	src, dst, sport, dport := f.saddr, f.daddr, uint32(0), uint32(2)
+	if reverse {
+		src, dst, sport, dport = dst, src, dport, sport
+	}
+	return []expr.Any{
+		&expr.Payload{DestRegister: f.regs[0], Base: expr.PayloadBaseNetworkHeader, Offset: src, Len: f.addrLen},
+		&expr.Payload{DestRegister: f.regs[1], Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: f.addrLen},
+		&expr.Payload{DestRegister: f.regs[2], Base: expr.PayloadBaseTransportHeader, Offset: sport, Len: 2},
+		&expr.Payload{DestRegister: f.regs[3], Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
 	}
 }
 

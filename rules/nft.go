@@ -3,18 +3,25 @@ package rules
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 )
 
 // Apply replaces both ghostwire tables with the plan's, whole, in one atomic
-// batch: each table is added (so that deleting it is safe when absent),
-// deleted, and built again with its set, chains and rules. Packets see either
-// the old ruleset or the new one, never a mix, and applying the same plan
-// twice leaves an identical ruleset. The new tables are ordinary ones that
-// outlive the caller. Apply fails (changing nothing) if another process owns
-// the tables (see ApplyOwned).
+// batch. Packets see either the old ruleset or the new one, never a mix, and
+// applying the same plan twice leaves an identical ruleset. The new tables
+// are ordinary ones that outlive the caller. Apply fails (changing nothing)
+// if another process owns the tables (see ApplyOwned).
+//
+// A table that exists with the same flags (ordinary over ordinary, or owned
+// by the same connection) and already holds the plan's sets, compatible, is
+// rebuilt in place: its rules, chains and other sets go, the ports sets are
+// refilled, and the bypass sets keep their elements (their timeout follows
+// the plan), so flows bypassed during an overload stay bridged through any
+// later plan. Any other table is deleted and built again, with empty
+// bypass sets.
 func (p *Plan) Apply(c *nftables.Conn) error {
 	if err := p.replace(c, 0); err != nil {
 		return fmt.Errorf("applying nftables tables %s: %w", p.cfg.Name, err)
@@ -58,22 +65,38 @@ func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
 	if err != nil {
 		return err
 	}
-	sets := map[nftables.TableFamily]*nftables.Set{}
+	sets := map[nftables.TableFamily]map[string]*nftables.Set{}
 	tables := map[nftables.TableFamily]*nftables.Table{}
 	for _, fam := range families {
-		queueDelete(c, p.cfg.Name, fam, existing[fam])
+		specs := p.sets(fam)
+		inPlace := false
+		if old := existing[fam]; old != nil && old.Flags == flags {
+			if inPlace, err = queueClear(c, old, specs); err != nil {
+				return fmt.Errorf("reading table %s %s: %w", familyName(fam), p.cfg.Name, err)
+			}
+		}
+		if !inPlace {
+			queueDelete(c, p.cfg.Name, fam, existing[fam])
+		}
 		t := c.AddTable(&nftables.Table{Name: p.cfg.Name, Family: fam, Flags: flags})
 		tables[fam] = t
-		s := &nftables.Set{Table: t, Name: setName, KeyType: nftables.TypeInetService}
-		// AddSet only fails on a malformed set or element, which a
-		// validated plan cannot produce; the half-queued batch is then
-		// left unflushed.
-		if err := c.AddSet(s, setElements(p.portsFor(fam))); err != nil {
-			return fmt.Errorf("adding set %s to table %s %s: %w", setName, familyName(fam), p.cfg.Name, err)
+		sets[fam] = map[string]*nftables.Set{}
+		for _, spec := range specs {
+			s := spec.nftSet(t)
+			if inPlace && !spec.dynamic {
+				c.FlushSet(s)
+			}
+			// On a set that exists, AddSet updates it (the timeout of a
+			// bypass set) and keeps its elements. It only fails on a
+			// malformed set or element, which a validated plan cannot
+			// produce; the half-queued batch is then left unflushed.
+			if err := c.AddSet(s, setElements(spec.ports)); err != nil {
+				return fmt.Errorf("adding set %s to table %s %s: %w", spec.name, familyName(fam), p.cfg.Name, err)
+			}
+			sets[fam][spec.name] = s
 		}
-		sets[fam] = s
 	}
-	for _, td := range p.tableDefs(func(f nftables.TableFamily) *nftables.Set { return sets[f] }) {
+	for _, td := range p.tableDefs(func(f nftables.TableFamily, name string) *nftables.Set { return sets[f][name] }) {
 		for _, cd := range td.chains {
 			ch := c.AddChain(&nftables.Chain{
 				Name:     cd.name,
@@ -92,6 +115,42 @@ func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
 		return explainOwned(err, existing)
 	}
 	return nil
+}
+
+// queueClear empties table t for an in-place rebuild, if t holds every set
+// in specs in a form AddSet can update: it queues the flush of all rules and
+// the deletion of every chain and of every other named set, and reports
+// true. Otherwise it queues nothing and reports false.
+func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (bool, error) {
+	have, err := c.GetSets(t)
+	if err != nil {
+		return false, fmt.Errorf("listing sets: %w", err)
+	}
+	for _, spec := range specs {
+		i := slices.IndexFunc(have, func(s *nftables.Set) bool { return s.Name == spec.name })
+		if i < 0 || !spec.fits(have[i]) {
+			return false, nil
+		}
+	}
+	chains, err := c.ListChainsOfTableFamily(t.Family)
+	if err != nil {
+		return false, fmt.Errorf("listing chains: %w", err)
+	}
+	// Rules first: with none left, nothing refers to a chain or set.
+	c.FlushTable(t)
+	for _, ch := range chains {
+		if ch.Table.Name == t.Name {
+			c.DelChain(&nftables.Chain{Name: ch.Name, Table: t})
+		}
+	}
+	for _, s := range have {
+		keep := slices.ContainsFunc(specs, func(spec setSpec) bool { return spec.name == s.Name })
+		// Anonymous sets went with the rules that own them.
+		if !keep && !s.Anonymous {
+			c.DelSet(&nftables.Set{Name: s.Name, Table: t})
+		}
+	}
+	return true, nil
 }
 
 // RemoveTables deletes both of ghostwire's tables named name in one batch.

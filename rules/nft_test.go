@@ -134,8 +134,11 @@ func TestApplyTransitions(t *testing.T) {
 		for _, mark := range []uint32{1, 0x40000} {
 			cfg := testConfig()
 			cfg.TCPPorts, cfg.Mark = ports, mark
+			if mark != 1 {
+				cfg.BypassTimeout = time.Hour
+			}
 			p := mustPlan(t, cfg)
-			plans = append(plans, p, p.Draining())
+			plans = append(plans, p, p.Draining(), p.Overloaded(OverloadBypass), p.Overloaded(OverloadRefuse))
 		}
 	}
 	seed := uint64(time.Now().UnixNano())
@@ -189,6 +192,9 @@ func TestCheckReportsDrift(t *testing.T) {
 	n.run(t, "nft", "delete chain inet ghostwire input")
 	n.run(t, "nft", "add chain inet ghostwire extra")
 	n.run(t, "nft", "add rule bridge ghostwire prerouting counter")
+	// Re-declaring an existing set updates it: same type, other timeout.
+	n.run(t, "nft", "add set bridge ghostwire bypass6 { type ipv6_addr . ipv6_addr . inet_service . inet_service; "+
+		"size 65536; flags dynamic,timeout; timeout 10m; }")
 	n.run(t, "nft", "flush chain inet ghostwire prerouting; add rule inet ghostwire prerouting fib daddr type local accept; "+
 		"add rule inet ghostwire prerouting iifname br0 tcp dport @tcp_ports tcp flags & (fin|syn|rst|ack) == syn tproxy to :3130 meta mark set 1 accept; "+
 		"add rule inet ghostwire prerouting meta l4proto tcp socket transparent 1 meta mark set 1 accept")
@@ -198,7 +204,8 @@ func TestCheckReportsDrift(t *testing.T) {
 	}
 	want := []string{
 		"table bridge ghostwire: set tcp_ports has unexpected ports [25]",
-		"chain bridge ghostwire prerouting has 3 rules, plan has 2",
+		"table bridge ghostwire: set bypass6 differs from plan (type ipv6_addr . ipv6_addr . inet_service . inet_service; size 65536; flags dynamic,timeout; timeout 5m)",
+		"chain bridge ghostwire prerouting has 7 rules, plan has 6",
 		"table inet ghostwire: set tcp_ports lacks ports [443]",
 		"chain inet ghostwire prerouting: rule 2 differs from plan",
 		"chain inet ghostwire input is missing",
@@ -264,11 +271,11 @@ func TestApplyOwned(t *testing.T) {
 		t.Errorf("failed attempts changed the ruleset:\n%s", got)
 	}
 
-	// Reload on the same connection: new ports, then draining.
+	// Reload on the same connection: new ports, overloads, then draining.
 	cfg := testConfig()
 	cfg.TCPPorts = []uint16{8080}
 	p2 := mustPlan(t, cfg)
-	for _, q := range []*Plan{p2, p2, p2.Draining()} {
+	for _, q := range []*Plan{p2, p2, p2.Overloaded(OverloadBypass), p2.Overloaded(OverloadRefuse), p2, p2.Draining()} {
 		if err := q.ApplyOwned(owner); err != nil {
 			t.Fatalf("ApplyOwned again on the same conn: %v", err)
 		}

@@ -1,13 +1,22 @@
 // Package rules builds ghostwire's nftables diversion ruleset and policy routing, and applies them atomically.
+//
+// A Plan comes in four variants of the same tables: normal (new connections
+// are TPROXYed to the proxy), Draining (new connections are routed past it)
+// and the two overloads (Overloaded: new connections are bridged untouched,
+// or refused with a reset). Every variant keeps the bridge table's bypass
+// sets and lets the flows recorded in them through first, so a plan change
+// never pulls a bypassed flow back into the box.
 package rules
 
 import (
 	"errors"
 	"fmt"
-	"github.com/google/nftables"
 	"net"
 	"slices"
 	"strings"
+	"time"
+
+	"github.com/google/nftables"
 )
 
 // Config is everything the diversion needs, in plain values.
@@ -27,6 +36,13 @@ type Config struct {
 	Mark         uint32 // fwmark for policy routing (non-zero)
 	RouteTable   int    // policy routing table (1..2^31-1, not 253/254/255 default/main/local)
 	RulePriority int    // ip rule priority ghostwire owns (1..32765: before the main table)
+	// BypassTimeout is how long a flow bypassed during an overload
+	// (OverloadBypass) stays in the bypass set without a frame from its
+	// client; every client frame starts it again. Once it runs out, the
+	// flow's frames are diverted like any other (a proxied port's then
+	// routed through the box, not bridged). 0 means 5 minutes; otherwise
+	// it must be a whole number of seconds from 1s to 7 days.
+	BypassTimeout time.Duration
 }
 
 // Plan is a validated Config: the two nftables tables and the policy routing
@@ -37,6 +53,9 @@ type Plan struct {
 	// draining replaces the TPROXY of new connections with a plain accept
 	// (see Draining).
 	draining bool
+	// overload bypasses or refuses new connections (see Overloaded); it
+	// is OverloadNone when draining.
+	overload Overload
 }
 
 // Limits the kernel and iproute2 put on the values in Config.
@@ -54,13 +73,17 @@ const (
 var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
 
 // NewPlan validates cfg without touching the kernel and returns its Plan.
-// TCPPorts are sorted and deduplicated; BridgeMAC and TCPPorts are copied.
+// TCPPorts are sorted and deduplicated; BridgeMAC and TCPPorts are copied;
+// a zero BypassTimeout becomes the default (5m).
 // Every error names the offending Config field; all problems are reported
 // together.
 func NewPlan(cfg Config) (*Plan, error) {
 	cfg.BridgeMAC = slices.Clone(cfg.BridgeMAC)
 	cfg.TCPPorts = slices.Compact(slices.Sorted(slices.Values(cfg.TCPPorts)))
 	cfg.LingerPorts = minus(slices.Compact(slices.Sorted(slices.Values(cfg.LingerPorts))), cfg.TCPPorts)
+	if cfg.BypassTimeout == 0 {
+		cfg.BypassTimeout = defaultBypassTimeout
+	}
 
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
@@ -112,6 +135,9 @@ func NewPlan(cfg Config) (*Plan, error) {
 	}
 	if p := cfg.RulePriority; p < 1 || p > maxRulePrio {
 		bad("RulePriority: %d is out of range 1..%d (0 is the local rule, 32766 main)", p, maxRulePrio)
+	}
+	if err := validBypassTimeout(cfg.BypassTimeout); err != nil {
+		bad("BypassTimeout: %w", err)
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
@@ -182,13 +208,57 @@ func (p *Plan) portsFor(fam nftables.TableFamily) []uint16 {
 // are routed past the proxy, while established proxied flows keep matching
 // the socket rule until they finish. Accepting the SYN explicitly (rather
 // than dropping the rule) keeps it away from the socket rule, which would
-// match the proxy's own TIME_WAIT sockets (see KERNEL.md).
+// match the proxy's own TIME_WAIT sockets (see KERNEL.md). A draining plan
+// is never overloaded: Draining of an overloaded plan drains.
 func (p *Plan) Draining() *Plan {
 	return &Plan{cfg: p.Config(), draining: true}
 }
 
 // IsDraining reports whether p comes from Draining.
 func (p *Plan) IsDraining() bool { return p.draining }
+
+// setSpec is one named set of a table as both renderers (String, and the
+// netlink objects of Apply and Check) see it.
+type setSpec struct {
+	name    string
+	keyType nftables.SetDatatype // its Name is the type as nft prints it
+	// ports are the elements of a ports set. A dynamic set (a bypass set)
+	// has none in the plan: the rules fill it, each element lasting
+	// timeout, and nft lists it with size, flags and timeout lines.
+	ports   []uint16
+	dynamic bool
+	timeout time.Duration
+}
+
+// sets are the sets of the table of family fam, in creation (and listing)
+// order. Every plan variant has the same sets.
+func (p *Plan) sets(fam nftables.TableFamily) []setSpec {
+	specs := []setSpec{{name: setName, keyType: nftables.TypeInetService, ports: p.portsFor(fam)}}
+	if fam == nftables.TableFamilyBridge {
+		for _, f := range ipFamilies {
+			specs = append(specs, setSpec{name: f.set, keyType: f.keyType, dynamic: true, timeout: p.cfg.BypassTimeout})
+		}
+	}
+	return specs
+}
+
+// nftSet is the set as a netlink object in table t.
+func (s setSpec) nftSet(t *nftables.Table) *nftables.Set {
+	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType}
+	if s.dynamic {
+		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, bypassSetSize
+	}
+	return set
+}
+
+// fits reports whether s, read from the kernel, is this set in a form that
+// an AddSet of it updates in place (the kernel refuses a different type or
+// flags with EEXIST); the timeout and size may differ.
+func (spec setSpec) fits(s *nftables.Set) bool {
+	return s.KeyType.Name == spec.keyType.Name && s.KeyType.Bytes == spec.keyType.Bytes &&
+		s.Dynamic == spec.dynamic && s.HasTimeout == spec.dynamic &&
+		!s.Anonymous && !s.Constant && !s.Interval && !s.IsMap && !s.Concatenation
+}
 
 // Routing returns the policy routing the plan needs.
 func (p *Plan) Routing() Routing {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata golden files from the current output")
@@ -180,11 +181,14 @@ func goldenPlans(t *testing.T) map[string]*Plan {
 	many.TCPPorts = []uint16{65535, 1, 22, 25, 80, 110, 143, 443, 465, 587, 993, 995, 8080, 8443}
 	many.ProxyTCPPort = 15001
 	many.Mark = 0xdead0001
+	many.BypassTimeout = 90*time.Minute + 45*time.Second
 	base := mustPlan(t, testConfig())
 	return map[string]*Plan{
-		"basic.nft":    base,
-		"draining.nft": base.Draining(),
-		"many.nft":     mustPlan(t, many),
+		"basic.nft":           base,
+		"draining.nft":        base.Draining(),
+		"many.nft":            mustPlan(t, many),
+		"overload-bypass.nft": base.Overloaded(OverloadBypass),
+		"overload-refuse.nft": base.Overloaded(OverloadRefuse),
 	}
 }
 

@@ -21,10 +21,15 @@ type TablesState struct {
 	// proxy's, see ApplyOwned); OwnerPortID is that socket's port ID.
 	Owned       bool
 	OwnerPortID uint32
+	// Overload is the overload mode of the rules in the tables (see
+	// Plan.Overloaded), read from the rules themselves: OverloadBypass if
+	// the bridge prerouting chain adds SYNs to a bypass set,
+	// OverloadRefuse if the inet prerouting chain rejects (SYNs).
+	Overload Overload
 }
 
-// Tables reports which of ghostwire's tables named name exist and whether a
-// netlink socket owns them.
+// Tables reports which of ghostwire's tables named name exist, whether a
+// netlink socket owns them, and which overload mode their rules are in.
 func Tables(c *nftables.Conn, name string) (TablesState, error) {
 	existing, err := listOwn(c, name)
 	if err != nil {
@@ -42,7 +47,46 @@ func Tables(c *nftables.Conn, name string) (TablesState, error) {
 			st.Owned, st.OwnerPortID = true, t.Owner
 		}
 	}
+	if st.Overload, err = overloadOf(c, existing); err != nil {
+		return TablesState{}, fmt.Errorf("reading overload mode of nftables tables %s: %w", name, err)
+	}
 	return st, nil
+}
+
+// overloadOf finds the rules only an overloaded plan has (see tableDefs).
+func overloadOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Table) (Overload, error) {
+	for _, look := range []struct {
+		fam  nftables.TableFamily
+		mode Overload
+		is   func(expr.Any) bool
+	}{
+		{nftables.TableFamilyBridge, OverloadBypass, func(e expr.Any) bool {
+			d, ok := e.(*expr.Dynset)
+			return ok && d.Operation == unix.NFT_DYNSET_OP_ADD
+		}},
+		{nftables.TableFamilyINet, OverloadRefuse, func(e expr.Any) bool {
+			_, ok := e.(*expr.Reject)
+			return ok
+		}},
+	} {
+		t := existing[look.fam]
+		if t == nil {
+			continue
+		}
+		rules, err := c.GetRules(t, &nftables.Chain{Name: chainPrerouting, Table: t})
+		if errors.Is(err, unix.ENOENT) {
+			continue
+		}
+		if err != nil {
+			return OverloadNone, fmt.Errorf("reading rules of chain %s %s %s: %w", familyName(t.Family), t.Name, chainPrerouting, err)
+		}
+		for _, r := range rules {
+			if slices.ContainsFunc(r.Exprs, look.is) {
+				return look.mode, nil
+			}
+		}
+	}
+	return OverloadNone, nil
 }
 
 // Check compares the kernel's ghostwire tables with the plan and describes
@@ -54,9 +98,9 @@ func (p *Plan) Check(c *nftables.Conn) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("checking nftables tables %s: %w", p.cfg.Name, err)
 	}
-	// Compare against rules built with an unnumbered set: the kernel reports
-	// lookups by set name only.
-	defs := p.tableDefs(func(nftables.TableFamily) *nftables.Set { return &nftables.Set{Name: setName} })
+	// Compare against rules built with unnumbered sets: the kernel reports
+	// lookups and dynsets by set name only.
+	defs := p.tableDefs(func(_ nftables.TableFamily, name string) *nftables.Set { return &nftables.Set{Name: name} })
 	var drift []string
 	for _, td := range defs {
 		t := existing[td.family]
@@ -76,31 +120,12 @@ func (p *Plan) Check(c *nftables.Conn) ([]string, error) {
 
 func (p *Plan) checkTable(c *nftables.Conn, t *nftables.Table, td tableDef, where string) ([]string, error) {
 	var drift []string
-	set, err := c.GetSetByName(t, setName)
-	switch {
-	case errors.Is(err, unix.ENOENT):
-		drift = append(drift, fmt.Sprintf("%s: set %s is missing", where, setName))
-	case err != nil:
-		return nil, fmt.Errorf("reading set %s: %w", setName, err)
-	default:
-		els, err := c.GetSetElements(set)
+	for _, spec := range p.sets(td.family) {
+		d, err := checkSet(c, t, spec, where)
 		if err != nil {
-			return nil, fmt.Errorf("reading set %s: %w", setName, err)
+			return nil, err
 		}
-		var got []uint16
-		for _, e := range els {
-			if len(e.Key) == 2 {
-				got = append(got, binaryutil.BigEndian.Uint16(e.Key))
-			}
-		}
-		slices.Sort(got)
-		want := p.portsFor(td.family)
-		if missing := minus(want, got); len(missing) > 0 {
-			drift = append(drift, fmt.Sprintf("%s: set %s lacks ports %v", where, setName, missing))
-		}
-		if extra := minus(got, want); len(extra) > 0 {
-			drift = append(drift, fmt.Sprintf("%s: set %s has unexpected ports %v", where, setName, extra))
-		}
+		drift = append(drift, d...)
 	}
 
 	chains, err := c.ListChainsOfTableFamily(t.Family)
@@ -146,8 +171,47 @@ func (p *Plan) checkTable(c *nftables.Conn, t *nftables.Table, td tableDef, wher
 	return drift, nil
 }
 
+// checkSet compares one set with the plan: a ports set's elements, a bypass
+// set's type, flags, size and timeout (its elements are traffic, not plan).
+func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) ([]string, error) {
+	set, err := c.GetSetByName(t, spec.name)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return []string{fmt.Sprintf("%s: set %s is missing", where, spec.name)}, nil
+	case err != nil:
+		return nil, fmt.Errorf("reading set %s: %w", spec.name, err)
+	}
+	if spec.dynamic {
+		if !spec.fits(set) || set.Size != bypassSetSize || set.Timeout != spec.timeout {
+			return []string{fmt.Sprintf("%s: set %s differs from plan (type %s; size %d; flags dynamic,timeout; timeout %s)",
+				where, spec.name, spec.keyType.Name, bypassSetSize, nftDuration(spec.timeout))}, nil
+		}
+		return nil, nil
+	}
+	els, err := c.GetSetElements(set)
+	if err != nil {
+		return nil, fmt.Errorf("reading set %s: %w", spec.name, err)
+	}
+	var got []uint16
+	for _, e := range els {
+		if len(e.Key) == 2 {
+			got = append(got, binaryutil.BigEndian.Uint16(e.Key))
+		}
+	}
+	slices.Sort(got)
+	var drift []string
+	if missing := minus(spec.ports, got); len(missing) > 0 {
+		drift = append(drift, fmt.Sprintf("%s: set %s lacks ports %v", where, spec.name, missing))
+	}
+	if extra := minus(got, spec.ports); len(extra) > 0 {
+		drift = append(drift, fmt.Sprintf("%s: set %s has unexpected ports %v", where, spec.name, extra))
+	}
+	return drift, nil
+}
+
 // sameExprs compares a rule read back from the kernel with the planned one.
-// The kernel names the set of a lookup but not the batch-local set ID, and
+// The kernel names the set of a lookup or dynset but not the batch-local set
+// ID, and
 // google/nftables silently skips expressions it cannot decode, tproxy and
 // socket among them: those are left out of the comparison. What feeds them
 // (the port loaded for tproxy, the compare after socket) is still compared.
@@ -164,10 +228,15 @@ func sameExprs(got, want []expr.Any) bool {
 	}
 	for i := range got {
 		g := got[i]
-		if l, ok := g.(*expr.Lookup); ok {
-			lc := *l
-			lc.SetID = 0
-			g = &lc
+		switch e := g.(type) {
+		case *expr.Lookup:
+			ec := *e
+			ec.SetID = 0
+			g = &ec
+		case *expr.Dynset:
+			ec := *e
+			ec.SetID = 0
+			g = &ec
 		}
 		if !reflect.DeepEqual(g, want[i]) {
 			return false
