@@ -28,6 +28,9 @@ func dialTransparent() func(ctx context.Context, network string, local, remote *
 				if err := setTransparent(fd, network == "tcp6"); err != nil {
 					return err
 				}
+				if err := setAbortOnClose(fd); err != nil {
+					return err
+				}
 				return setBindNoPort(fd)
 			})
 		},
@@ -44,15 +47,31 @@ func dialTransparent() func(ctx context.Context, network string, local, remote *
 }
 
 // dialReason condenses a dial error into the log's reason, e.g.
-// "dial: connection refused" or "dial: timeout".
+// "dial: refused" or "dial: timeout": the client is reset at once either
+// way, and this is what says why.
 func dialReason(err error) string {
 	var errno syscall.Errno
 	switch {
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT):
 		return "dial: timeout"
 	case errors.As(err, &errno):
+		if r, ok := dialErrnos[errno]; ok {
+			return "dial: " + r
+		}
 		return "dial: " + errno.Error()
 	default:
 		return fmt.Sprintf("dial: %v", err)
 	}
+}
+
+// dialErrnos name the failures an operator meets, each with what it means
+// on this path.
+var dialErrnos = map[syscall.Errno]string{
+	syscall.ECONNREFUSED:  "refused",
+	syscall.ENETUNREACH:   "no route (network unreachable)",
+	syscall.EHOSTUNREACH:  "no route (host unreachable)",
+	syscall.EADDRNOTAVAIL: "no local port free for this client and server (EADDRNOTAVAIL)",
+	syscall.EMFILE:        "out of file descriptors",
+	syscall.ENFILE:        "out of file descriptors (system-wide)",
+	syscall.ENOBUFS:       "out of kernel memory (ENOBUFS)",
 }

@@ -23,6 +23,10 @@ func listenTransparent(network, addr string) (net.Listener, error) {
 				if err := setTransparent(fd, v6); err != nil {
 					return err
 				}
+				// Inherited by every accepted socket: no syscall per connection.
+				if err := setAbortOnClose(fd); err != nil {
+					return err
+				}
 				return setReusePort(fd)
 			})
 		},

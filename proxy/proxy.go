@@ -28,7 +28,6 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -42,6 +41,21 @@ type Config struct {
 	// goroutines hand it to an epoll set and exit, so that idle
 	// connections cost no goroutine stacks (0 = 1s).
 	ParkAfter time.Duration
+	// MaxConns is how many connections the proxy relays at once (0 = no
+	// limit; DefaultMaxConns derives one from the fd limit). Reaching it,
+	// or running out of fds or kernel buffers, overloads the proxy (see
+	// OnOverload) until the count is down to 90% of it.
+	MaxConns int
+	// RefuseOverload resets connections that reach the proxy while it is
+	// overloaded; otherwise they are relayed. Either way they are the few
+	// that raced the switch of the diversion (see OnOverload). SetRefuseOverload
+	// changes it live.
+	RefuseOverload bool
+	// OnOverload is called when an overload starts and when it ends, one
+	// call at a time, in order. It must not block: it is where the caller
+	// switches the diversion so that new connections stop reaching the
+	// proxy (bypass or refuse) while it lasts. Nil: only the log says so.
+	OnOverload func(Overload)
 
 	// Test hooks; nil means production behaviour.
 
@@ -64,7 +78,11 @@ type Stats struct {
 	DialFailed uint64 // accepted connections whose upstream dial failed
 	BytesUp    uint64 // client -> server
 	BytesDown  uint64 // server -> client
-	Parked     int    // relay directions idle in the epoll set, not on goroutines
+	Overloaded bool   // at the limit or short of resources now (see Config.OnOverload)
+	// OverloadRefused counts connections reset because the proxy was
+	// overloaded (RefuseOverload, or no fd left to relay them with).
+	OverloadRefused uint64
+	Parked          int // relay directions idle in the epoll set, not on goroutines
 }
 
 // Proxy is a transparent TCP relay. Create it with New.
@@ -97,8 +115,10 @@ type Proxy struct {
 
 	parkAfter          time.Duration
 	parkedSinceRelease atomic.Int64
-	sleeper            *sleeper // set by Start
+	sleeper            *sleeper      // set by Start
 	stopSweep          chan struct{} // closed by Shutdown once drained
+	lim                *limiter
+	onOverload         func(Overload)
 
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
@@ -130,6 +150,14 @@ func New(cfg Config) (*Proxy, error) {
 		quit:    make(chan struct{}),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
+	if cfg.MaxConns < 0 {
+		return nil, fmt.Errorf("invalid proxy config: max connections: %d is negative", cfg.MaxConns)
+	}
+	p.lim = newLimiter(cfg.MaxConns, cfg.RefuseOverload)
+	p.onOverload = cfg.OnOverload
+	if p.onOverload == nil {
+		p.onOverload = func(Overload) {}
+	}
 	p.parkAfter = cfg.ParkAfter
 	if p.parkAfter <= 0 {
 		p.parkAfter = time.Second
@@ -193,6 +221,7 @@ func (p *Proxy) Start() error {
 	p.sleeper = sl
 	p.stopSweep = make(chan struct{})
 	go p.sweepIdle(p.stopSweep)
+	go p.watchOverload(p.stopSweep)
 	p.started = true
 	return nil
 }
@@ -302,9 +331,14 @@ func (p *Proxy) acceptLoop(ln net.Listener) error {
 				return fmt.Errorf("accepting on %s: %w", ln.Addr(), err)
 			}
 			// Out of fds or memory: established connections will free
-			// some; dying would cut them all.
+			// some; dying would cut them all. The limiter logs the spell
+			// once and has the diversion stop sending new connections;
+			// those already queued are shed, not left hanging.
+			p.lim.short(err, p.active.Load(), p.now())
+			if p.shedOne(ln) {
+				continue
+			}
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed; retrying", "addr", ln.Addr().String(), "err", err, "retry_in", backoff)
 			t := time.NewTimer(backoff)
 			select {
 			case <-t.C:
@@ -349,11 +383,6 @@ func (p *Proxy) isSettling() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.settling
-}
-
-func isResourceShortage(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // Shutdown stops accepting at once, waits for established connections to
@@ -443,13 +472,15 @@ func (p *Proxy) SetTimeouts(connect, idle time.Duration) {
 // Stats returns the current counters.
 func (p *Proxy) Stats() Stats {
 	return Stats{
-		Active:     p.active.Load(),
-		Accepted:   p.accepted.Load(),
-		Refused:    p.refused.Load(),
-		DialFailed: p.dialFailed.Load(),
-		BytesUp:    p.up.Load(),
-		BytesDown:  p.down.Load(),
-		Parked:     p.parked(),
+		Active:          p.active.Load(),
+		Accepted:        p.accepted.Load(),
+		Refused:         p.refused.Load(),
+		DialFailed:      p.dialFailed.Load(),
+		BytesUp:         p.up.Load(),
+		BytesDown:       p.down.Load(),
+		Parked:          p.parked(),
+		Overloaded:      p.lim.on.Load(),
+		OverloadRefused: p.lim.refused.Load(),
 	}
 }
 

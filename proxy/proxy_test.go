@@ -305,7 +305,7 @@ func TestUpstreamDialFails(t *testing.T) {
 		})
 		wantReset(t, h.dialAndRead())
 		r := h.logs.closed(t, 1)[0]
-		if field(r, "reason") != "dial: connection refused" || field(r, "server") != closedPort.String() {
+		if field(r, "reason") != "dial: refused" || field(r, "server") != closedPort.String() {
 			t.Errorf("log record = %v", r)
 		}
 		if st := h.p.Stats(); st.DialFailed != 1 || st.Accepted != 1 {
@@ -374,6 +374,76 @@ func TestResetIsMirrored(t *testing.T) {
 		wantReset(t, <-serverErr)
 		closedWith(t, h, "client reset")
 	})
+}
+
+// A peer that resets after both FINs, with bytes still unacknowledged to
+// it, ends the connection at once: waiting for acknowledgements that can
+// no longer come would hold it for the idle timeout.
+func TestResetAfterBothFINs(t *testing.T) {
+	checkGoroutines(t)
+	const size = 1 << 20
+	h := startProxy(t, func(c *net.TCPConn) {
+		io.Copy(io.Discard, c) // the client's FIN
+		writeStream(c, 7, size)
+		c.CloseWrite()
+		io.Copy(io.Discard, c)
+	}, func(c *Config) { c.IdleTimeout = time.Hour })
+	c := h.dial()
+	c.SetReadBuffer(4096) // and never read: the proxy's last bytes stay unacked
+	c.CloseWrite()
+	var pc *conn
+	waitFor(t, "both directions to end (both FINs relayed)", func() bool {
+		h.p.mu.Lock()
+		defer h.p.mu.Unlock()
+		for k := range h.p.conns {
+			pc = k
+		}
+		return pc != nil && pc.directions.Load() == 0
+	})
+	if closed, _ := closedState(pc.client); closed {
+		t.Fatal("the proxy's client socket is closed already: nothing is left unacknowledged, the test proves nothing")
+	}
+	start := time.Now()
+	reset(c)
+	closedWith(t, h, "client reset")
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("the connection ended %v after the reset", el)
+	}
+}
+
+// The idle timeout counts delivery, not only the relay's own reads and
+// writes: a client draining one long splice slowly keeps the connection.
+func TestIdleCountsKernelProgress(t *testing.T) {
+	checkGoroutines(t)
+	const idle = 300 * time.Millisecond
+	const size = 4 << 20
+	done := make(chan struct{})
+	h := startProxy(t, func(c *net.TCPConn) {
+		writeStream(c, 3, size)
+		c.CloseWrite()
+		<-done
+	}, func(c *Config) { c.IdleTimeout = idle })
+	defer close(done) // before the backend's cleanup waits for its handler
+	c := h.dial()
+	c.SetReadBuffer(16 << 10)
+	// Read in small sips for several idle timeouts: each sip is delivery.
+	buf := make([]byte, 8<<10)
+	deadline := time.Now().Add(4 * idle)
+	var got int
+	for time.Now().Before(deadline) {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("read after %d bytes: %v", got, err)
+		}
+		got += n
+		time.Sleep(idle / 10) // a slow reader's pace
+	}
+	n, err := io.Copy(io.Discard, c)
+	if err != nil || got+int(n) != size {
+		t.Fatalf("got %d bytes (%v), want %d", got+int(n), err, size)
+	}
+	c.Close()
+	closedWith(t, h, "eof")
 }
 
 func TestShutdownDrains(t *testing.T) {

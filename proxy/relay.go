@@ -43,8 +43,11 @@ type conn struct {
 	server     *net.TCPConn       // nil until dialed
 	cancelDial context.CancelFunc // non-nil while dialing
 	watchdog   *time.Timer
-	closed     bool   // sockets closed (or being closed) by abort or finish
-	reason     string // why, for the log; "" = both sides ended with EOF
+	// kernelProgress is progress() of both sockets at the watchdog's last
+	// look; only the watchdog touches it.
+	kernelProgress uint64
+	closed         bool   // sockets closed (or being closed) by abort or finish
+	reason         string // why, for the log; "" = both sides ended with EOF
 }
 
 // direction is one way of a connection. n is written only by the goroutine
@@ -77,6 +80,13 @@ func (p *Proxy) accept(client *net.TCPConn) {
 		p.refused.Add(1)
 		reset(client)
 		c.log(slog.LevelWarn, "direct connection to the proxy port")
+		return
+	}
+	if p.lim.over(p.active.Load()) && p.lim.refuse.Load() {
+		// Not logged one by one: a flood would flood the log too. The
+		// overload's end line counts them.
+		p.lim.refused.Add(1)
+		reset(client)
 		return
 	}
 	p.mu.Lock()
@@ -171,6 +181,9 @@ func (c *conn) dialUpstream() bool {
 		return false
 	case err != nil:
 		p.dialFailed.Add(1)
+		if isResourceShortage(err) {
+			p.lim.short(err, p.active.Load(), p.now())
+		}
 		c.abort(dialReason(err))
 		return false
 	}
@@ -424,7 +437,9 @@ func (c *conn) abort(reason string) {
 // Both relay directions have ended.
 func (c *conn) finish() {
 	if !c.isClosed() {
-		c.awaitAcked()
+		if reason := c.awaitClosed(); reason != "" {
+			c.abort(reason)
+		}
 	}
 	c.mu.Lock()
 	wasClosed := c.closed
@@ -463,9 +478,25 @@ func (c *conn) idleLeft() time.Duration {
 }
 
 // checkIdle is the watchdog: it closes c if nothing moved for IdleTimeout,
-// else sleeps until the earliest moment that could be true.
+// else sleeps until the earliest moment that could be true. "Moved" is the
+// relay's own reads and writes, or, checked only when those say idle, the
+// kernel's count of bytes received or acknowledged on either socket: a
+// receiver slowly draining one long splice is making progress, although
+// the relay sees nothing until the splice returns.
 func (c *conn) checkIdle() {
 	left := c.idleLeft()
+	if left <= 0 {
+		c.mu.Lock()
+		server := c.server
+		c.mu.Unlock()
+		if server != nil {
+			if n := progress(c.client) + progress(server); n != c.kernelProgress {
+				c.kernelProgress = n
+				c.touch()
+				left = c.idleLeft()
+			}
+		}
+	}
 	if left <= 0 {
 		c.abort("idle timeout")
 		return
@@ -492,17 +523,41 @@ func reset(c *net.TCPConn) {
 	c.Close()
 }
 
-// awaitAcked waits, before an orderly close, until both peers have
-// acknowledged everything sent to them, our FIN included. A closed socket
-// would go on sending by itself, but only while the diversion exists: if
-// the proxy then exits, its tables go, the server's ACKs are bridged to
-// the real client, and the client resets the server's connection. So a
-// connection counts as active (and Shutdown waits for it) until its bytes
-// are delivered. Bounded by the idle timeout; abort ends it early.
-func (c *conn) awaitAcked() {
-	c.waitUntil(time.Millisecond, 50*time.Millisecond, func() bool {
-		return unacked(c.client)+unacked(c.server) == 0
+// awaitClosed waits, before an orderly close, until both sockets have
+// reached TCP_CLOSE: each peer's FIN received (both directions ended) and
+// ours acknowledged, with every byte before it. A closed socket would go
+// on sending by itself, but only while the diversion exists: if the proxy
+// then exits, its tables go, the server's ACKs are bridged to the real
+// client, and the client resets the server's connection. So a connection
+// counts as active (and Shutdown waits for it) until its bytes are
+// delivered. It returns "" when both ended in order, else why not: a peer
+// that resets now ends the wait at once (its bytes will never be
+// delivered), and one that acknowledges nothing for IdleTimeout ends it
+// too. abort ends it early.
+func (c *conn) awaitClosed() (reason string) {
+	done, timedOut := c.waitUntil(time.Millisecond, 50*time.Millisecond, func() bool {
+		for _, s := range []struct {
+			name string
+			c    *net.TCPConn
+		}{{"client", c.client}, {"server", c.server}} {
+			closed, err := closedState(s.c)
+			if err != nil {
+				reason = failReason(s.name, err)
+				return true
+			}
+			if !closed {
+				return false
+			}
+		}
+		return true
 	})
+	switch {
+	case timedOut:
+		return "close not acknowledged"
+	case done:
+		return reason
+	}
+	return "" // aborted meanwhile: abort has its reason
 }
 
 // waitUntil polls done (called with c.mu held, while c is open), sleeping

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -82,20 +81,59 @@ func wasReset(c syscall.Conn) bool {
 	return state == tcpClose
 }
 
-// unacked is how many bytes (a FIN counts as one) c has sent that its peer
-// has not acknowledged yet: SIOCOUTQ. 0 when it cannot be read.
-func unacked(c *net.TCPConn) int {
+// setAbortOnClose makes close(2) send a reset instead of a FIN
+// (SO_LINGER with a zero timeout). The proxy sets it on every socket it
+// relays, so that if the process dies mid-stream, the kernel's close of
+// its fds tells both peers the stream broke instead of faking its end. An
+// orderly close is unaffected: by then both FINs have been exchanged and
+// acknowledged, the socket is in TCP_CLOSE, and close sends nothing.
+// Accepted sockets inherit it from the listener.
+func setAbortOnClose(fd uintptr) error {
+	if err := unix.SetsockoptLinger(int(fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0}); err != nil {
+		return fmt.Errorf("setting SO_LINGER: %w", err)
+	}
+	return nil
+}
+
+// closedState reports whether c's socket has reached TCP_CLOSE: after
+// both FINs were exchanged and ours acknowledged, or after a reset. err is
+// the socket's pending error (SO_ERROR, e.g. ECONNRESET), nil after an
+// orderly end.
+func closedState(c *net.TCPConn) (closed bool, err error) {
+	rc, rerr := c.SyscallConn()
+	if rerr != nil {
+		return true, rerr
+	}
+	rc.Control(func(fd uintptr) {
+		info, ierr := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if ierr != nil {
+			closed, err = true, ierr
+			return
+		}
+		if closed = info.State == tcpClose; closed {
+			if e, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); e != 0 {
+				err = syscall.Errno(e)
+			}
+		}
+	})
+	return closed, err
+}
+
+// progress is a counter that grows whenever c's socket receives a byte or
+// its peer acknowledges one: delivery, not just the proxy's own reads and
+// writes. 0 when it cannot be read.
+func progress(c *net.TCPConn) uint64 {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return 0
 	}
-	var q int32
+	var n uint64
 	rc.Control(func(fd uintptr) {
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.SIOCOUTQ, uintptr(unsafe.Pointer(&q))); e != 0 {
-			q = 0
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			n = info.Bytes_received + info.Bytes_acked
 		}
 	})
-	return int(q)
+	return n
 }
 
 // setReusePort lets one listener per CPU share the proxy port.
@@ -105,3 +143,15 @@ func setReusePort(fd uintptr) error {
 	}
 	return nil
 }
+
+// openReserve opens an fd that shedOne can give up when the process is out
+// of them. -1 if even that fails.
+func openReserve() int {
+	fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1
+	}
+	return fd
+}
+
+func closeFD(fd int) { unix.Close(fd) }

@@ -19,5 +19,10 @@ func setBindNoPort(fd uintptr) error           { return errNotImplemented }
 func readFD(uintptr, []byte) (int, error)      { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
 
-func unacked(*net.TCPConn) int   { return 0 }
-func setReusePort(uintptr) error { return errNotImplemented }
+func setAbortOnClose(uintptr) error          { return errNotImplemented }
+func closedState(*net.TCPConn) (bool, error) { return true, errNotImplemented }
+func progress(*net.TCPConn) uint64           { return 0 }
+func setReusePort(uintptr) error             { return errNotImplemented }
+
+func openReserve() int { return -1 }
+func closeFD(int)      {}
