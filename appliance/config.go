@@ -226,7 +226,7 @@ func (c *Config) Validate() error {
 	if c.Proxy.MaxConnections < 0 {
 		bad("proxy.max_connections: %d must be 0 (derived from the fd limit) or positive", c.Proxy.MaxConnections)
 	}
-	if o := c.Proxy.Overload; o != "bypass" && o != "refuse" { // TODO(rules.ParseOverload)
+	if _, err := rules.ParseOverload(c.Proxy.Overload); err != nil {
 		bad("proxy.overload: %q must be bypass (new connections cross the bridge untouched) or refuse (they are reset)", c.Proxy.Overload)
 	}
 	if c.Routing.Mark == 0 {
@@ -288,6 +288,9 @@ func (c *Config) RulesConfig(mac []byte) rules.Config {
 		Mark:         c.Routing.Mark,
 		RouteTable:   c.Routing.Table,
 		RulePriority: c.Routing.Priority,
+		// A bypassed flow is remembered as long as a proxied one may idle
+		// (within what rules accepts: whole seconds, at most a week).
+		BypassTimeout: min(max(c.Proxy.IdleTimeout.Round(time.Second), time.Second), 7*24*time.Hour),
 	}
 }
 

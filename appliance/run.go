@@ -58,7 +58,20 @@ func (r *Runner) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p, err := proxy.New(proxyConfig(cfg, log))
+	// The proxy reports overload changes here; the loop below, which owns
+	// the plan and the netlink socket, switches the diversion.
+	overloadc := make(chan struct{}, 1)
+	pcfg, err := proxyConfig(cfg, log)
+	if err != nil {
+		return err
+	}
+	pcfg.OnOverload = func(proxy.Overload) {
+		select {
+		case overloadc <- struct{}{}:
+		default:
+		}
+	}
+	p, err := proxy.New(pcfg)
 	if err != nil {
 		return err
 	}
@@ -78,7 +91,8 @@ func (r *Runner) Run(ctx context.Context) error {
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- p.Serve(ctx) }()
-	log.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort)
+	log.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort,
+		"max_connections", pcfg.MaxConns, "overload", cfg.Proxy.Overload, "conn_memory_bound", connMemoryBound(log))
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 
 	var tick <-chan time.Time
@@ -93,8 +107,12 @@ func (r *Runner) Run(ctx context.Context) error {
 		select {
 		case <-tick:
 			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+		case <-overloadc:
+			if err := r.overloadPlan(plan, cfg, p).ApplyOwned(nft); err != nil {
+				log.Error("switching the diversion for overload", "overloaded", p.Overloaded(), "err", err)
+			}
 		case <-linger.C:
-			if nplan, err := r.shrinkLinger(plan, nft, p); err != nil {
+			if nplan, err := r.shrinkLinger(plan, cfg, nft, p); err != nil {
 				log.Error("updating diversion for ports dropped on reload", "err", err)
 			} else {
 				plan = nplan
@@ -180,8 +198,19 @@ func lingering(old *rules.Plan, p *proxy.Proxy) []uint16 {
 	return out
 }
 
+// overloadPlan is plan as the diversion must be now: while the proxy is
+// overloaded, new connections bypass it or are refused (proxy.overload).
+// plan itself is always the normal variant.
+func (r *Runner) overloadPlan(plan *rules.Plan, cfg *Config, p *proxy.Proxy) *rules.Plan {
+	if !p.Overloaded() {
+		return plan
+	}
+	mode, _ := rules.ParseOverload(cfg.Proxy.Overload) // validated by Load
+	return plan.Overloaded(mode)
+}
+
 // shrinkLinger drops lingering ports whose last proxied connection ended.
-func (r *Runner) shrinkLinger(plan *rules.Plan, nft *nftables.Conn, p *proxy.Proxy) (*rules.Plan, error) {
+func (r *Runner) shrinkLinger(plan *rules.Plan, cfg *Config, nft *nftables.Conn, p *proxy.Proxy) (*rules.Plan, error) {
 	c := plan.Config()
 	if len(c.LingerPorts) == 0 {
 		return plan, nil
@@ -197,20 +226,51 @@ func (r *Runner) shrinkLinger(plan *rules.Plan, nft *nftables.Conn, p *proxy.Pro
 	if err != nil {
 		return plan, err
 	}
-	if err := nplan.ApplyOwned(nft); err != nil {
+	if err := r.overloadPlan(nplan, cfg, p).ApplyOwned(nft); err != nil {
 		return plan, err
 	}
 	r.Logger.Info("stopped diverting ports with no proxied connections left", "ports", dropped, "lingering", keep)
 	return nplan, nil
 }
 
-func proxyConfig(cfg *Config, log *slog.Logger) proxy.Config {
+func proxyConfig(cfg *Config, log *slog.Logger) (proxy.Config, error) {
+	n, err := maxConns(cfg)
+	if err != nil {
+		return proxy.Config{}, err
+	}
 	return proxy.Config{
 		Port:           uint16(cfg.Proxy.TCPPort),
 		ConnectTimeout: cfg.Proxy.ConnectTimeout,
 		IdleTimeout:    cfg.Proxy.IdleTimeout,
+		MaxConns:       n,
+		RefuseOverload: cfg.Proxy.Overload == "refuse",
 		Logger:         log,
+	}, nil
+}
+
+// connMemoryBound is what the log states as one connection's memory
+// ceiling ("" if the sysctls cannot be read; the proxy works regardless).
+func connMemoryBound(log *slog.Logger) string {
+	n, err := proxy.ConnMemoryBound("/proc/sys")
+	if err != nil {
+		log.Warn("cannot state the per-connection memory bound", "err", err)
+		return ""
 	}
+	return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+}
+
+// maxConns is proxy.max_connections, or its default from the fd limit. A
+// value the fd limit cannot carry is refused: it could only end in EMFILE.
+func maxConns(cfg *Config) (int, error) {
+	n := cfg.Proxy.MaxConnections
+	if n == 0 {
+		return proxy.DefaultMaxConns(), nil
+	}
+	if ceil := proxy.MaxConnsCeiling(); n > ceil {
+		return 0, fmt.Errorf("proxy.max_connections: %d needs at least %d file descriptors (two per connection, plus a reserve), but this process may open %d: raise LimitNOFILE or set at most %d",
+			n, 2*n+1024, 2*ceil+1024, ceil)
+	}
+	return n, nil
 }
 
 // reload applies what can change live (intercepted ports, timeouts, log
@@ -223,14 +283,20 @@ func (r *Runner) reload(old *Config, oldPlan *rules.Plan, h *netlink.Handle, nft
 	if err := liveChangeable(old, cfg); err != nil {
 		return nil, nil, err
 	}
+	n, err := maxConns(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
 	plan, err := divertPlan(h, cfg, lingering(oldPlan, p))
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := plan.ApplyOwned(nft); err != nil {
+	if err := r.overloadPlan(plan, cfg, p).ApplyOwned(nft); err != nil {
 		return nil, nil, fmt.Errorf("replacing diversion: %w", err)
 	}
 	p.SetTimeouts(cfg.Proxy.ConnectTimeout, cfg.Proxy.IdleTimeout)
+	p.SetRefuseOverload(cfg.Proxy.Overload == "refuse")
+	p.SetMaxConns(n)
 	lvl, _ := cfg.LogLevel()
 	r.Level.Set(lvl)
 	return cfg, plan, nil

@@ -14,6 +14,11 @@ type Mode string
 const (
 	// Intercepting: a live proxy owns the diversion.
 	Intercepting Mode = "intercepting"
+	// OverloadedBypass and OverloadedRefuse: a live proxy owns the
+	// diversion but is at its connection limit (or short of fds or
+	// memory), so new connections are bridged untouched or reset.
+	OverloadedBypass Mode = "overloaded (bypassing new connections)"
+	OverloadedRefuse Mode = "overloaded (refusing new connections)"
 	// Diverting: apply's static diversion is installed but no proxy owns it;
 	// diverted packets are routed by the box (works, but TTL-1 and the box's
 	// MAC are visible) unless something listens on the proxy port.
@@ -29,6 +34,9 @@ type Status struct {
 	Mode   Mode
 	Tables rules.TablesState
 	Drift  []string // missing or changed pieces of the provisioning
+	// BypassedFlows are connections an overload sent across the bridge
+	// untouched, remembered so they stay bridged for their whole life.
+	BypassedFlows int
 }
 
 func (s *Status) String() string {
@@ -41,6 +49,9 @@ func (s *Status) String() string {
 		b.WriteString("diversion: static nftables tables installed by apply (no proxy owns them)\n")
 	default:
 		b.WriteString("diversion: none\n")
+	}
+	if s.BypassedFlows > 0 {
+		fmt.Fprintf(&b, "bypassed flows: %d (crossing the bridge untouched since an overload)\n", s.BypassedFlows)
 	}
 	if s.Mode == NotProvisioned {
 		return b.String()
@@ -66,6 +77,11 @@ func (b *Box) Status(c *Config) (*Status, error) {
 		return nil, fmt.Errorf("reading nftables state: %w", err)
 	}
 	s := &Status{Tables: ts}
+	if ts.Bridge {
+		if s.BypassedFlows, err = rules.BypassedFlows(b.NFT, rc.Name); err != nil {
+			return nil, fmt.Errorf("reading bypassed flows: %w", err)
+		}
+	}
 	spec, err := c.BridgeSpec()
 	if err != nil {
 		return nil, err
@@ -97,6 +113,10 @@ func (b *Box) Status(c *Config) (*Status, error) {
 	}
 	s.Drift = append(s.Drift, rdrift...)
 	switch {
+	case ts.Owned && ts.Overload == rules.OverloadBypass:
+		s.Mode = OverloadedBypass
+	case ts.Owned && ts.Overload == rules.OverloadRefuse:
+		s.Mode = OverloadedRefuse
 	case ts.Owned:
 		s.Mode = Intercepting
 	case ts.Bridge || ts.Inet:
@@ -107,7 +127,7 @@ func (b *Box) Status(c *Config) (*Status, error) {
 	if (ts.Bridge || ts.Inet) && len(drift) == 0 {
 		if mac, err := spec.MAC(b.Netlink); err == nil {
 			if plan, err := rules.NewPlan(c.RulesConfig(mac)); err == nil {
-				tdrift, err := plan.Check(b.NFT)
+				tdrift, err := plan.Overloaded(ts.Overload).Check(b.NFT)
 				if err != nil {
 					return nil, fmt.Errorf("checking nftables diversion: %w", err)
 				}

@@ -232,6 +232,9 @@ func (p *Proxy) Start() error {
 func (p *Proxy) sweepIdle(stop <-chan struct{}) {
 	t := time.NewTicker(p.parkAfter / 2)
 	defer t.Stop()
+	// p.accepted at the last idle release and at the last tick: release
+	// once per quiet spell, after a whole tick with no new connection.
+	var releasedAt, lastTick uint64
 	for {
 		select {
 		case <-stop:
@@ -257,7 +260,26 @@ func (p *Proxy) sweepIdle(stop <-chan struct{}) {
 			p.parkedSinceRelease.Store(0)
 			debug.FreeOSMemory()
 		}
+		// The same once the proxy has gone quiet after traffic: what a
+		// burst grew (heap, stacks, the splice pipes Go pools and closes
+		// only when a GC drops them from the pool) goes back, so an idle
+		// box holds what an idle box needs.
+		n := p.accepted.Load()
+		if n == lastTick && n != releasedAt && p.active.Load() == 0 {
+			releasedAt = n
+			releaseMemory()
+		}
+		lastTick = n
 	}
+}
+
+// releaseMemory returns what the process no longer uses to the OS. A pooled
+// object survives one GC in the pool's victim cache, so it takes two to
+// free it; a splice pipe's fds close in its finalizer after that.
+func releaseMemory() {
+	runtime.GC()
+	runtime.GC()
+	debug.FreeOSMemory()
 }
 
 // releaseAfterParks is how many parked directions make it worth a GC to

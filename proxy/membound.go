@@ -1,0 +1,49 @@
+package proxy
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// pipeSize is the splice pipe Go's runtime uses for a TCP-to-TCP copy
+// (internal/poll's maxSpliceSize, set with F_SETPIPE_SZ).
+const pipeSize = 1 << 20
+
+// ConnMemoryBound is the most memory one proxied connection can hold on
+// the box, in bytes, from the socket buffer limits the proxy inherits
+// (it sets no SO_RCVBUF/SO_SNDBUF, so the kernel autotunes each socket up
+// to tcp_rmem's and tcp_wmem's maximum): two sockets, each with a full
+// receive and send buffer, one splice pipe per direction, and one read
+// buffer per direction. Nothing else in the relay grows with what a peer
+// sends: a receiver that stops reading stops its sender. root is the
+// sysctl tree, "/proc/sys" on a box.
+func ConnMemoryBound(root string) (int64, error) {
+	rmem, err := sysctlMax(root, "net/ipv4/tcp_rmem")
+	if err != nil {
+		return 0, err
+	}
+	wmem, err := sysctlMax(root, "net/ipv4/tcp_wmem")
+	if err != nil {
+		return 0, err
+	}
+	return 2*(rmem+wmem) + 2*pipeSize + 2*bufSize, nil
+}
+
+// sysctlMax reads the third (maximum) field of a "min default max" sysctl.
+func sysctlMax(root, key string) (int64, error) {
+	b, err := os.ReadFile(root + "/" + key)
+	if err != nil {
+		return 0, fmt.Errorf("reading %s: %w", key, err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 3 {
+		return 0, fmt.Errorf("reading %s: %q is not \"min default max\"", key, b)
+	}
+	n, err := strconv.ParseInt(f[2], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("reading %s: %w", key, err)
+	}
+	return n, nil
+}
