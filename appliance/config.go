@@ -47,6 +47,9 @@ type ProxyConfig struct {
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
 	IdleTimeout    time.Duration `mapstructure:"idle_timeout"`
 	ShutdownGrace  time.Duration `mapstructure:"shutdown_grace"`
+	// ReceiveBuffer fixes each proxied socket's receive buffer ("4MiB");
+	// 0 leaves the kernel's autotuning (up to tcp_rmem's maximum).
+	ReceiveBuffer ByteSize `mapstructure:"receive_buffer"`
 	// MaxConnections is how many connections the proxy carries at once;
 	// 0 derives it from the fd limit (see proxy.DefaultMaxConns).
 	MaxConnections int `mapstructure:"max_connections"`
@@ -79,6 +82,7 @@ var defaults = map[string]any{
 	"proxy.idle_timeout":    "5m",
 	"proxy.shutdown_grace":  "30s",
 	"proxy.max_connections": 0,
+	"proxy.receive_buffer":  "4MiB",
 	"proxy.overload":        "bypass",
 	"routing.mark":          1,
 	"routing.table":         100,
@@ -116,6 +120,7 @@ func Load(path string, overrides map[string]any) (*Config, error) {
 		mapstructure.StringToTimeDurationHookFunc(),
 		mapstructure.StringToSliceHookFunc(","),
 		stringToUintHook,
+		stringToByteSizeHook,
 	)))
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", describe(path), unknownKeys(err))
@@ -222,6 +227,9 @@ func (c *Config) Validate() error {
 		if d.v <= 0 {
 			bad("%s: %s must be positive", d.key, d.v)
 		}
+	}
+	if rb := c.Proxy.ReceiveBuffer; rb != 0 && (rb < minReceiveBuffer || rb > maxReceiveBuffer) {
+		bad("proxy.receive_buffer: %s must be 0 (kernel autotuning) or between %s and %s", rb, ByteSize(minReceiveBuffer), ByteSize(maxReceiveBuffer))
 	}
 	if c.Proxy.MaxConnections < 0 {
 		bad("proxy.max_connections: %d must be 0 (derived from the fd limit) or positive", c.Proxy.MaxConnections)

@@ -92,7 +92,7 @@ func (r *Runner) Run(ctx context.Context) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- p.Serve(ctx) }()
 	log.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort,
-		"max_connections", pcfg.MaxConns, "overload", cfg.Proxy.Overload, "conn_memory_bound", connMemoryBound(log))
+		"max_connections", pcfg.MaxConns, "overload", cfg.Proxy.Overload, "conn_memory_bound_bytes", connMemoryBound(cfg, log))
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 
 	var tick <-chan time.Time
@@ -243,20 +243,21 @@ func proxyConfig(cfg *Config, log *slog.Logger) (proxy.Config, error) {
 		ConnectTimeout: cfg.Proxy.ConnectTimeout,
 		IdleTimeout:    cfg.Proxy.IdleTimeout,
 		MaxConns:       n,
+		ReceiveBuffer:  int(cfg.Proxy.ReceiveBuffer),
 		RefuseOverload: cfg.Proxy.Overload == "refuse",
 		Logger:         log,
 	}, nil
 }
 
 // connMemoryBound is what the log states as one connection's memory
-// ceiling ("" if the sysctls cannot be read; the proxy works regardless).
-func connMemoryBound(log *slog.Logger) string {
-	n, err := proxy.ConnMemoryBound("/proc/sys")
+// ceiling, in bytes (0 if the sysctls cannot be read; the proxy works
+// regardless).
+func connMemoryBound(cfg *Config, log *slog.Logger) int64 {
+	n, err := proxy.ConnMemoryBound("/proc/sys", int(cfg.Proxy.ReceiveBuffer))
 	if err != nil {
 		log.Warn("cannot state the per-connection memory bound", "err", err)
-		return ""
 	}
-	return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	return n
 }
 
 // maxConns is proxy.max_connections, or its default from the fd limit. A
@@ -312,6 +313,7 @@ func liveChangeable(old, cfg *Config) error {
 	}
 	fixed("bridge", old.Bridge, cfg.Bridge)
 	fixed("proxy.tcp_port", old.Proxy.TCPPort, cfg.Proxy.TCPPort)
+	fixed("proxy.receive_buffer", old.Proxy.ReceiveBuffer, cfg.Proxy.ReceiveBuffer)
 	fixed("routing", old.Routing, cfg.Routing)
 	fixed("state_file", old.StateFile, cfg.StateFile)
 	return errors.Join(errs...)

@@ -121,11 +121,21 @@ func TestFlowControl200NonReaders(t *testing.T) {
 	const n = 200
 
 	rmax, wmax := tcpMemMax(t, b.Lab.Box, "net.ipv4.tcp_rmem"), tcpMemMax(t, b.Lab.Box, "net.ipv4.tcp_wmem")
-	// The per-connection bound the docs state: each direction can fill the
-	// receiving box socket's receive buffer and the sending box socket's
-	// send buffer, plus a splice pipe and a read buffer.
-	bound := 2*(rmax+wmax) + 2*(1<<20) + 2*(16<<10)
-	t.Logf("box tcp_rmem max %d, tcp_wmem max %d: bound per connection %d bytes (%.1f MiB), for %d connections %.1f MiB",
+	// The per-connection bound the proxy states in its start line, which is
+	// the docs' formula: each direction can fill the receiving box socket's
+	// receive buffer (2 × proxy.receive_buffer, default 4 MiB) and the
+	// sending box socket's send buffer (tcp_wmem max), plus a splice pipe
+	// and a read buffer. It must not depend on tcp_rmem any more.
+	startLine := b.ProxyLog("intercepting")
+	if len(startLine) != 1 {
+		t.Fatalf("%d \"intercepting\" lines, want 1", len(startLine))
+	}
+	bf, _ := startLine[0]["conn_memory_bound_bytes"].(float64)
+	bound := int64(bf)
+	if want := 2*(2*(4<<20)+wmax) + 2*(1<<20) + 2*(16<<10); bound != want {
+		t.Fatalf("the proxy states a bound of %d bytes per connection, the docs' formula gives %d (tcp_wmem max %d)", bound, want, wmax)
+	}
+	t.Logf("box tcp_rmem max %d (not used: fixed receive buffers), tcp_wmem max %d: bound per connection %d bytes (%.1f MiB), for %d connections %.1f MiB",
 		rmax, wmax, bound, mib(bound), n, mib(n*bound))
 
 	var accepted [2]<-chan *net.TCPConn

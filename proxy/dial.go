@@ -21,7 +21,7 @@ import (
 // The timeout comes from ctx. The return path works because the server's
 // replies to the client's IP reach the box (the bridge redirects them) and
 // the nft `socket transparent 1` rule marks them for local delivery.
-func dialTransparent() func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error) {
+func dialTransparent(rcvbuf int) func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error) {
 	d := &net.Dialer{
 		Control: func(network, address string, rc syscall.RawConn) error {
 			return control(rc, func(fd uintptr) error {
@@ -29,6 +29,9 @@ func dialTransparent() func(ctx context.Context, network string, local, remote *
 					return err
 				}
 				if err := setAbortOnClose(fd); err != nil {
+					return err
+				}
+				if err := setReceiveBuffer(fd, rcvbuf); err != nil {
 					return err
 				}
 				return setBindNoPort(fd)

@@ -7,10 +7,17 @@ import (
 	"syscall"
 )
 
-// listenTransparent opens a TPROXY listener. IP_TRANSPARENT must be set
-// before bind: the tproxy expression only hands packets to transparent
-// sockets, and a listener without it is never selected.
-func listenTransparent(network, addr string) (net.Listener, error) {
+// listenTransparent returns what opens a TPROXY listener. IP_TRANSPARENT
+// must be set before bind: the tproxy expression only hands packets to
+// transparent sockets, and a listener without it is never selected.
+// rcvbuf is Config.ReceiveBuffer.
+func listenTransparent(rcvbuf int) func(network, addr string) (net.Listener, error) {
+	return func(network, addr string) (net.Listener, error) {
+		return listenTransparentBuf(network, addr, rcvbuf)
+	}
+}
+
+func listenTransparentBuf(network, addr string, rcvbuf int) (net.Listener, error) {
 	lc := net.ListenConfig{
 		Control: func(network, address string, rc syscall.RawConn) error {
 			return control(rc, func(fd uintptr) error {
@@ -23,8 +30,12 @@ func listenTransparent(network, addr string) (net.Listener, error) {
 				if err := setTransparent(fd, v6); err != nil {
 					return err
 				}
-				// Inherited by every accepted socket: no syscall per connection.
+				// Both inherited by every accepted socket: no syscall per
+				// connection (and the SYN-ACK's window already obeys rcvbuf).
 				if err := setAbortOnClose(fd); err != nil {
+					return err
+				}
+				if err := setReceiveBuffer(fd, rcvbuf); err != nil {
 					return err
 				}
 				return setReusePort(fd)

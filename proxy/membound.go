@@ -12,17 +12,21 @@ import (
 const pipeSize = 1 << 20
 
 // ConnMemoryBound is the most memory one proxied connection can hold on
-// the box, in bytes, from the socket buffer limits the proxy inherits
-// (it sets no SO_RCVBUF/SO_SNDBUF, so the kernel autotunes each socket up
-// to tcp_rmem's and tcp_wmem's maximum): two sockets, each with a full
-// receive and send buffer, one splice pipe per direction, and one read
-// buffer per direction. Nothing else in the relay grows with what a peer
-// sends: a receiver that stops reading stops its sender. root is the
-// sysctl tree, "/proc/sys" on a box.
-func ConnMemoryBound(root string) (int64, error) {
-	rmem, err := sysctlMax(root, "net/ipv4/tcp_rmem")
-	if err != nil {
-		return 0, err
+// the box, in bytes: two sockets, each with a full receive and send
+// buffer, one splice pipe per direction, and one read buffer per
+// direction. Nothing else in the relay grows with what a peer sends: a
+// receiver that stops reading stops its sender. A receive buffer is
+// 2 × rcvbuf (Config.ReceiveBuffer; the kernel doubles it for overhead),
+// or with rcvbuf 0 what autotuning may reach, tcp_rmem's maximum; a send
+// buffer is autotuned up to tcp_wmem's maximum. root is the sysctl tree,
+// "/proc/sys" on a box.
+func ConnMemoryBound(root string, rcvbuf int) (int64, error) {
+	rmem := 2 * int64(rcvbuf)
+	if rcvbuf == 0 {
+		var err error
+		if rmem, err = sysctlMax(root, "net/ipv4/tcp_rmem"); err != nil {
+			return 0, err
+		}
 	}
 	wmem, err := sysctlMax(root, "net/ipv4/tcp_wmem")
 	if err != nil {

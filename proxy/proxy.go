@@ -41,6 +41,13 @@ type Config struct {
 	// goroutines hand it to an epoll set and exit, so that idle
 	// connections cost no goroutine stacks (0 = 1s).
 	ParkAfter time.Duration
+	// ReceiveBuffer fixes each relayed socket's receive buffer (SO_RCVBUF,
+	// which the kernel doubles for its own overhead), so that what a peer
+	// can have queued on the box is known whatever tcp_rmem allows; it also
+	// bounds the window a peer sees, so a single flow's rate is at most
+	// about ReceiveBuffer / RTT. 0 leaves the kernel's autotuning, up to
+	// tcp_rmem's maximum. See ConnMemoryBound.
+	ReceiveBuffer int
 	// MaxConns is how many connections the proxy relays at once (0 = no
 	// limit; DefaultMaxConns derives one from the fd limit). Reaching it,
 	// or running out of fds or kernel buffers, overloads the proxy (see
@@ -150,6 +157,9 @@ func New(cfg Config) (*Proxy, error) {
 		quit:    make(chan struct{}),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
+	if cfg.ReceiveBuffer < 0 {
+		return nil, fmt.Errorf("invalid proxy config: receive buffer: %d is negative", cfg.ReceiveBuffer)
+	}
 	if cfg.MaxConns < 0 {
 		return nil, fmt.Errorf("invalid proxy config: max connections: %d is negative", cfg.MaxConns)
 	}
@@ -167,11 +177,11 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.listenersPerFamily = 1
 	if p.listen == nil {
-		p.listen = listenTransparent
+		p.listen = listenTransparent(cfg.ReceiveBuffer)
 		p.listenersPerFamily = runtime.GOMAXPROCS(0)
 	}
 	if p.dial == nil {
-		p.dial = dialTransparent()
+		p.dial = dialTransparent(cfg.ReceiveBuffer)
 	}
 	if p.origDst == nil {
 		p.origDst = origDst

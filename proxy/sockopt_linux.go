@@ -95,6 +95,21 @@ func setAbortOnClose(fd uintptr) error {
 	return nil
 }
 
+// setReceiveBuffer fixes the socket's receive buffer to n bytes (0: leave
+// the kernel's autotuning). SO_RCVBUFFORCE, because net.core.rmem_max
+// (208 KiB on a stock Debian) would silently cap SO_RCVBUF far below what
+// a proxy at LAN speed needs; it takes CAP_NET_ADMIN, which the proxy has
+// for IP_TRANSPARENT anyway.
+func setReceiveBuffer(fd uintptr, n int) error {
+	if n == 0 {
+		return nil
+	}
+	if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n); err != nil {
+		return fmt.Errorf("setting SO_RCVBUFFORCE to %d: %w", n, err)
+	}
+	return nil
+}
+
 // closedState reports whether c's socket has reached TCP_CLOSE: after
 // both FINs were exchanged and ours acknowledged, or after a reset. err is
 // the socket's pending error (SO_ERROR, e.g. ECONNRESET), nil after an

@@ -22,6 +22,7 @@ func wasReset(c syscall.Conn) bool             { return false }
 func setAbortOnClose(uintptr) error          { return errNotImplemented }
 func closedState(*net.TCPConn) (bool, error) { return true, errNotImplemented }
 func progress(*net.TCPConn) uint64           { return 0 }
+func setReceiveBuffer(uintptr, int) error    { return errNotImplemented }
 func setReusePort(uintptr) error             { return errNotImplemented }
 
 func openReserve() int { return -1 }

@@ -71,7 +71,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 	topo := newTopology(t)
 
 	logs := newLogSink()
-	dial := dialTransparent()
+	dial := dialTransparent(0)
 	p, err := New(Config{
 		Port:           nsProxyPort,
 		ConnectTimeout: 5 * time.Second,
