@@ -152,9 +152,8 @@ func (p *Proxy) watchOverload(stop <-chan struct{}) {
 			return
 		case <-l.kick:
 		case <-tick.C:
-			if !l.on.Load() {
-				continue // nothing to end; starting comes by kick
-			}
+			// Also a start the kick missed: the accept that reaches the
+			// limit kicks before it counts itself.
 		}
 		now := p.now()
 		active := p.active.Load()
