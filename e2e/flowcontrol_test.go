@@ -17,7 +17,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -633,19 +632,7 @@ func grepLine(s, prefix string) string {
 // proxyStats asks the proxy for a "stats" line (SIGUSR1) and returns it.
 func proxyStats(t *testing.T, b *Box) LogLine {
 	t.Helper()
-	seen := len(b.ProxyLog("stats"))
-	if err := b.Proxy.Signal(syscall.SIGUSR1); err != nil {
-		t.Fatal(err)
-	}
-	var line LogLine
-	err := WaitFor(10*time.Second, func() (bool, error) {
-		ls := b.ProxyLog("stats")
-		if len(ls) > seen {
-			line = ls[len(ls)-1]
-			return true, nil
-		}
-		return false, nil
-	})
+	line, err := statsLine(b)
 	if err != nil {
 		t.Fatalf("no stats line after SIGUSR1: %v", err)
 	}

@@ -15,46 +15,6 @@ import (
 	"time"
 )
 
-// proxiedBoxWith is proxiedBox with extra keys in the config's proxy:
-// section (indented two spaces, one per line, e.g. "max_connections: 4").
-// The harness's config already has a proxy: section, so the keys go into
-// it rather than into a second one.
-func proxiedBoxWith(t *testing.T, proxyKeys []string, ports ...int) *Box {
-	t.Helper()
-	needRoot(t)
-	b := newBox(t, ports...)
-	cfg, err := readFile(b.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const anchor = "\n  shutdown_grace: 10s\n"
-	if !strings.Contains(cfg, anchor) {
-		t.Fatalf("harness config has no %q line to add proxy keys after:\n%s", strings.TrimSpace(anchor), cfg)
-	}
-	var add strings.Builder
-	for _, k := range proxyKeys {
-		add.WriteString("  " + k + "\n")
-	}
-	if err := writeFile(b.Config, strings.Replace(cfg, anchor, anchor+add.String(), 1)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.Ghostwire("apply"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if b.Proxy != nil {
-			b.StopProxy(syscall.SIGTERM)
-		}
-		if out, err := b.Ghostwire("teardown"); err != nil {
-			t.Errorf("teardown: %v\n%s", err, out)
-		}
-	})
-	if err := b.StartProxy(); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 // ovlConn is a client connection to a peerServer: peer is the address the
 // server saw for it (the client's own when bridged untouched, the client's
 // IP from another port when proxied).

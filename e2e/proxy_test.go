@@ -19,8 +19,32 @@ import (
 // diversion; cleanup stops the proxy and tears down before the lab goes.
 func proxiedBox(t *testing.T, ports ...int) *Box {
 	t.Helper()
+	return proxiedBoxWith(t, nil, ports...)
+}
+
+// proxiedBoxWith is proxiedBox with extra keys in the config's proxy:
+// section (indented two spaces, one per line, e.g. "max_connections: 4").
+// The harness's config already has a proxy: section, so the keys go into
+// it rather than into a second one.
+func proxiedBoxWith(t *testing.T, proxyKeys []string, ports ...int) *Box {
+	t.Helper()
 	needRoot(t)
 	b := newBox(t, ports...)
+	cfg, err := readFile(b.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const anchor = "\n  shutdown_grace: 10s\n"
+	if len(proxyKeys) > 0 && !strings.Contains(cfg, anchor) {
+		t.Fatalf("harness config has no %q line to add proxy keys after:\n%s", strings.TrimSpace(anchor), cfg)
+	}
+	var add strings.Builder
+	for _, k := range proxyKeys {
+		add.WriteString("  " + k + "\n")
+	}
+	if err := writeFile(b.Config, strings.Replace(cfg, anchor, anchor+add.String(), 1)); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := b.Ghostwire("apply"); err != nil {
 		t.Fatal(err)
 	}
