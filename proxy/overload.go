@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -98,9 +99,18 @@ func (l *limiter) poke() {
 	}
 }
 
-// over reports whether a connection arriving with active others open is
-// over the limit. The one that reaches the limit wakes the watcher, so the
-// diversion switches before any goes over.
+// over reports whether a connection arriving with active others open must
+// be reset rather than relayed: with RefuseOverload, any over the limit;
+// otherwise any over the limit plus overshoot. The one that reaches the
+// limit wakes the watcher, so the diversion switches.
+//
+// Why some are relayed over the limit: in a flood the kernel completes
+// handshakes into the listen queue faster than the proxy accepts them, so
+// when the count reaches the limit, hundreds or thousands of clients
+// already think they are connected, sent there before the diversion
+// switched. Relaying them is better than resetting them, up to a point:
+// past the overshoot they are reset, which keeps the fd use of the
+// default limit well clear of EMFILE.
 func (l *limiter) over(active int64) bool {
 	m := l.max.Load()
 	if m <= 0 || active+1 < m {
@@ -108,9 +118,19 @@ func (l *limiter) over(active int64) bool {
 	}
 	if !l.on.Load() {
 		l.poke()
+		// In a flood the accept loops never block (the queue is full), so
+		// the watcher, and the runner after it, would wait for preemption
+		// while hundreds more are accepted: let them run now.
+		runtime.Gosched()
 	}
-	return active >= m
+	if l.refuse.Load() {
+		return active >= m
+	}
+	return active >= m+max(m/overshootDiv, 1)
 }
+
+// overshootDiv sets the overshoot: a tenth of the limit (at least one).
+const overshootDiv = 10
 
 // short records a resource failure (err is EMFILE, ENOBUFS...) with active
 // connections open.

@@ -82,7 +82,7 @@ func (p *Proxy) accept(client *net.TCPConn) {
 		c.log(slog.LevelWarn, "direct connection to the proxy port")
 		return
 	}
-	if p.lim.over(p.active.Load()) && p.lim.refuse.Load() {
+	if p.lim.over(p.active.Load()) {
 		// Not logged one by one: a flood would flood the log too. The
 		// overload's end line counts them.
 		p.lim.refused.Add(1)
