@@ -35,6 +35,9 @@ type conn struct {
 	lastActive atomic.Int64 // p.now() at the last burst, in either direction
 	directions atomic.Int32 // relay directions still running (or parked)
 	parkAsked  atomic.Bool  // the sweeper woke the pumps to park them
+	// kernelProgress is progress() of both sockets at the watchdog's last
+	// look (atomic: a reload's rearm can run the watchdog twice at once).
+	kernelProgress atomic.Uint64
 
 	// up is client to server, down server to client.
 	up, down direction
@@ -43,11 +46,8 @@ type conn struct {
 	server     *net.TCPConn       // nil until dialed
 	cancelDial context.CancelFunc // non-nil while dialing
 	watchdog   *time.Timer
-	// kernelProgress is progress() of both sockets at the watchdog's last
-	// look; only the watchdog touches it.
-	kernelProgress uint64
-	closed         bool   // sockets closed (or being closed) by abort or finish
-	reason         string // why, for the log; "" = both sides ended with EOF
+	closed     bool   // sockets closed (or being closed) by abort or finish
+	reason     string // why, for the log; "" = both sides ended with EOF
 }
 
 // direction is one way of a connection. n is written only by the goroutine
@@ -490,8 +490,7 @@ func (c *conn) checkIdle() {
 		server := c.server
 		c.mu.Unlock()
 		if server != nil {
-			if n := progress(c.client) + progress(server); n != c.kernelProgress {
-				c.kernelProgress = n
+			if n := progress(c.client) + progress(server); c.kernelProgress.Swap(n) != n {
 				c.touch()
 				left = c.idleLeft()
 			}
