@@ -222,16 +222,21 @@ func (h hop) String() string {
 	return fmt.Sprintf("%d frames, source MACs %v, TTLs %v", h.frames, h.srcMACs, h.ttls)
 }
 
-// bridged reports whether every frame kept the client's MAC and TTL.
+// kernelTTL is the TTL of what the client's kernel sends on its own
+// behalf (a TIME_WAIT ACK, a reset), not with the socket's TTL.
+const kernelTTL = 64
+
+// bridged reports whether every frame kept the client's MAC and TTL (the
+// socket's, or the kernel's own for its control frames).
 func (h hop) bridged(clientMAC net.HardwareAddr) bool {
 	return h.frames > 0 && len(h.srcMACs) == 1 && h.srcMACs[clientMAC.String()] == h.frames &&
-		len(h.ttls) == 1 && h.ttls[clientTTL] == h.frames
+		h.ttls[clientTTL] > 0 && h.ttls[clientTTL]+h.ttls[kernelTTL] == h.frames
 }
 
 // routed reports whether every frame came from the box's MAC one hop down.
 func (h hop) routed(boxMAC net.HardwareAddr) bool {
 	return h.frames > 0 && len(h.srcMACs) == 1 && h.srcMACs[boxMAC.String()] == h.frames &&
-		len(h.ttls) == 1 && h.ttls[clientTTL-1] == h.frames
+		h.ttls[clientTTL-1] > 0 && h.ttls[clientTTL-1]+h.ttls[kernelTTL-1] == h.frames
 }
 
 // capture records what the server receives while fn runs, and summarises
