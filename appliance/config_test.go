@@ -110,3 +110,49 @@ func TestLoadMissingFile(t *testing.T) {
 		t.Fatalf("Load of a missing file: %v", err)
 	}
 }
+
+func TestProxyLimitKeys(t *testing.T) {
+	c, err := Load(writeConfig(t, goodYAML), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Proxy.ReceiveBuffer != 4<<20 || c.Proxy.MaxConnections != 0 || c.Proxy.Overload != "bypass" {
+		t.Errorf("defaults: receive_buffer %d, max_connections %d, overload %q; want 4MiB, 0, bypass",
+			c.Proxy.ReceiveBuffer, c.Proxy.MaxConnections, c.Proxy.Overload)
+	}
+	c, err = Load(writeConfig(t, strings.Replace(goodYAML, "  shutdown_grace: 10s\n",
+		"  shutdown_grace: 10s\n  receive_buffer: 512KiB\n  max_connections: 100\n  overload: refuse\n", 1)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Proxy.ReceiveBuffer != 512<<10 || c.Proxy.MaxConnections != 100 || c.Proxy.Overload != "refuse" {
+		t.Errorf("decoded %+v", c.Proxy)
+	}
+	for keys, want := range map[string]string{
+		"  offload: true\n":        "proxy.offload was removed: kernel forwarding (sockmap)",
+		"  overload: drop\n":       `proxy.overload: "drop" must be bypass`,
+		"  max_connections: -1\n":  "proxy.max_connections: -1 must be 0",
+		"  receive_buffer: 1KiB\n": "proxy.receive_buffer: 1KiB must be 0 (kernel autotuning) or between 64KiB and 1GiB",
+		"  receive_buffer: lots\n": `"lots" is not a size`,
+		"  receive_buffer: 2GiB\n": "proxy.receive_buffer: 2GiB must be 0",
+	} {
+		_, err := Load(writeConfig(t, strings.Replace(goodYAML, "  shutdown_grace: 10s\n", "  shutdown_grace: 10s\n"+keys, 1)), nil)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("with %q: err = %v, want it to say %q", strings.TrimSpace(keys), err, want)
+		}
+	}
+}
+
+func TestMaxConnsAgainstFDLimit(t *testing.T) {
+	c, err := Load(writeConfig(t, goodYAML), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := maxConns(c); err != nil || n < 1 {
+		t.Errorf("derived max_connections = %d, %v", n, err)
+	}
+	c.Proxy.MaxConnections = 1 << 29 // more than any fd limit carries
+	if _, err := maxConns(c); err == nil || !strings.Contains(err.Error(), "raise LimitNOFILE or set at most") {
+		t.Errorf("max_connections 2^29: err = %v, want a refusal naming LimitNOFILE", err)
+	}
+}
