@@ -25,7 +25,7 @@ import (
 //     ghostwire proxy would.
 //
 // Without a ghostwire binary the fallback provisions the same thing with
-// ip, sysctl and the reference nft ruleset of shared/KERNEL.md.
+// ip, sysctl and the reference nft ruleset of docs/kernel.md#reference-ruleset.
 
 const (
 	gwTables       = "ghostwire" // appliance's nft table name in both families
@@ -226,7 +226,7 @@ func (b *bench) stopProxy() error {
 }
 
 // haproxyConfig is HAProxy forwarding every diverted connection to its
-// original destination from the client's address (shared/KERNEL.md §8).
+// original destination from the client's address (docs/kernel.md#reference-numbers).
 // maxconn leaves room for the memory workload's connections plus a few
 // (the fd limit here may be tight: HAProxy needs 2 per connection).
 func haproxyConfig(splice bool, maxconn int) string {

@@ -16,7 +16,7 @@ type Sysctl struct {
 }
 
 // Sysctls are the settings a bridge-mode transparent proxy needs (see
-// ../shared/KERNEL.md §3):
+// docs/kernel.md#sysctls):
 //   - bridge-nf-call-*=0: br_netfilter defaults them to 1 in every namespace,
 //     and with 1 none of the diversion mechanisms work;
 //   - forwarding=1: diverted packets with no proxy socket (proxy down,

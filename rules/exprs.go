@@ -123,7 +123,7 @@ func (p *Plan) tableDefs(set func(fam nftables.TableFamily, name string) *nftabl
 	}
 	bridgeRules = append(bridgeRules, redirect(c.ClientPort, dport), redirect(c.ServerPort, sport))
 
-	// Inet: order matters (KERNEL.md §2): traffic to the box itself first,
+	// Inet: order matters (docs/kernel.md#l3-diversion): traffic to the box itself first,
 	// then pure SYNs to TPROXY, and only then the socket rule, which would
 	// otherwise send a reused client port's SYN to a TIME_WAIT socket.
 	syn := concat(

@@ -208,7 +208,7 @@ func (p *Plan) portsFor(fam nftables.TableFamily) []uint16 {
 // are routed past the proxy, while established proxied flows keep matching
 // the socket rule until they finish. Accepting the SYN explicitly (rather
 // than dropping the rule) keeps it away from the socket rule, which would
-// match the proxy's own TIME_WAIT sockets (see KERNEL.md). A draining plan
+// match the proxy's own TIME_WAIT sockets (see docs/kernel.md#l3-diversion). A draining plan
 // is never overloaded: Draining of an overloaded plan drains.
 func (p *Plan) Draining() *Plan {
 	return &Plan{cfg: p.Config(), draining: true}
