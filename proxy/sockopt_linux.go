@@ -114,7 +114,7 @@ func setReceiveBuffer(fd uintptr, n int) error {
 // both FINs were exchanged and ours acknowledged, or after a reset. err is
 // the socket's pending error (SO_ERROR, e.g. ECONNRESET), nil after an
 // orderly end.
-func closedState(c *net.TCPConn) (closed bool, err error) {
+func closedState(c *net.TCPConn) (inClose bool, err error) {
 	rc, rerr := c.SyscallConn()
 	if rerr != nil {
 		return true, rerr
@@ -122,16 +122,16 @@ func closedState(c *net.TCPConn) (closed bool, err error) {
 	rc.Control(func(fd uintptr) {
 		info, ierr := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
 		if ierr != nil {
-			closed, err = true, ierr
+			inClose, err = true, ierr
 			return
 		}
-		if closed = info.State == tcpClose; closed {
+		if inClose = info.State == tcpClose; inClose {
 			if e, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); e != 0 {
 				err = syscall.Errno(e)
 			}
 		}
 	})
-	return closed, err
+	return inClose, err
 }
 
 // progress is a counter that grows whenever c's socket receives a byte or
