@@ -65,54 +65,61 @@ func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
 	if err != nil {
 		return err
 	}
-	sets := map[nftables.TableFamily]map[string]*nftables.Set{}
-	tables := map[nftables.TableFamily]*nftables.Table{}
-	for _, fam := range families {
-		specs := p.sets(fam)
+	for _, tb := range p.tables {
 		inPlace := false
-		if old := existing[fam]; old != nil && old.Flags == flags {
-			if inPlace, err = queueClear(c, old, specs); err != nil {
-				return fmt.Errorf("reading table %s %s: %w", familyName(fam), p.cfg.Name, err)
+		if old := existing[tb.family]; old != nil && old.Flags == flags {
+			if inPlace, err = queueClear(c, old, tb.sets); err != nil {
+				return fmt.Errorf("reading table %s %s: %w", familyName(tb.family), p.cfg.Name, err)
 			}
 		}
 		if !inPlace {
-			queueDelete(c, p.cfg.Name, fam, existing[fam])
+			queueDelete(c, p.cfg.Name, tb.family, existing[tb.family])
 		}
-		t := c.AddTable(&nftables.Table{Name: p.cfg.Name, Family: fam, Flags: flags})
-		tables[fam] = t
-		sets[fam] = map[string]*nftables.Set{}
-		for _, spec := range specs {
-			s := spec.nftSet(t)
-			if inPlace && !spec.dynamic {
-				c.FlushSet(s)
-			}
-			// On a set that exists, AddSet updates it (the timeout of a
-			// bypass set) and keeps its elements. It only fails on a
-			// malformed set or element, which a validated plan cannot
-			// produce; the half-queued batch is then left unflushed.
-			if err := c.AddSet(s, setElements(spec.ports)); err != nil {
-				return fmt.Errorf("adding set %s to table %s %s: %w", spec.name, familyName(fam), p.cfg.Name, err)
-			}
-			sets[fam][spec.name] = s
-		}
-	}
-	for _, td := range p.tableDefs(func(f nftables.TableFamily, name string) *nftables.Set { return sets[f][name] }) {
-		for _, cd := range td.chains {
-			ch := c.AddChain(&nftables.Chain{
-				Name:     cd.name,
-				Table:    tables[td.family],
-				Type:     nftables.ChainTypeFilter,
-				Hooknum:  cd.hook,
-				Priority: cd.prio,
-				Policy:   ref(nftables.ChainPolicyAccept),
-			})
-			for _, exprs := range cd.rules {
-				c.AddRule(&nftables.Rule{Table: tables[td.family], Chain: ch, Exprs: exprs})
-			}
+		t := c.AddTable(&nftables.Table{Name: p.cfg.Name, Family: tb.family, Flags: flags})
+		if err := tb.queue(c, t, inPlace); err != nil {
+			return fmt.Errorf("table %s %s: %w", familyName(tb.family), p.cfg.Name, err)
 		}
 	}
 	if err := c.Flush(); err != nil {
 		return explainOwned(err, existing)
+	}
+	return nil
+}
+
+// batch is the part of *nftables.Conn that builds a table; the no-root
+// tests record what is queued through it.
+type batch interface {
+	FlushSet(*nftables.Set)
+	AddSet(*nftables.Set, []nftables.SetElement) error
+	AddChain(*nftables.Chain) *nftables.Chain
+	AddRule(*nftables.Rule) *nftables.Rule
+}
+
+// queue queues the sets, chains and rules of tb into t, just added to b.
+// inPlace means t exists and queueClear has emptied it but for its sets:
+// the ports sets are refilled and the bypass sets keep their elements.
+func (tb table) queue(b batch, t *nftables.Table, inPlace bool) error {
+	sets := map[string]*nftables.Set{}
+	for _, spec := range tb.sets {
+		s := spec.nftSet(t)
+		if inPlace && !spec.dynamic {
+			b.FlushSet(s)
+		}
+		// On a set that exists, AddSet updates it (the timeout of a
+		// bypass set) and keeps its elements. It only fails on a
+		// malformed set or element, which a validated plan cannot
+		// produce; the half-queued batch is then left unflushed.
+		// AddSet numbers the set: the rules refer to it by that ID.
+		if err := b.AddSet(s, spec.elements()); err != nil {
+			return fmt.Errorf("adding set %s: %w", spec.name, err)
+		}
+		sets[spec.name] = s
+	}
+	for _, ch := range tb.chains {
+		nch := b.AddChain(ch.nftChain(t))
+		for _, r := range ch.rules {
+			b.AddRule(&nftables.Rule{Table: t, Chain: nch, Exprs: r.exprs(tb.family, func(name string) *nftables.Set { return sets[name] })})
+		}
 	}
 	return nil
 }

@@ -67,7 +67,7 @@ func (p *Plan) Overloaded(mode Overload) *Plan {
 	if p.draining {
 		return p.Draining()
 	}
-	return &Plan{cfg: p.Config(), overload: mode}
+	return newPlan(p.Config(), false, mode)
 }
 
 // Overload reports the plan's overload mode (OverloadNone unless it comes

@@ -56,6 +56,15 @@ type Plan struct {
 	// overload bypasses or refuses new connections (see Overloaded); it
 	// is OverloadNone when draining.
 	overload Overload
+	// tables is the ruleset of this variant, described once (see describe).
+	tables []table
+}
+
+// newPlan is the plan for a validated cfg in one variant.
+func newPlan(cfg Config, draining bool, overload Overload) *Plan {
+	p := &Plan{cfg: cfg, draining: draining, overload: overload}
+	p.tables = p.describe()
+	return p
 }
 
 // Limits the kernel and iproute2 put on the values in Config.
@@ -142,7 +151,7 @@ func NewPlan(cfg Config) (*Plan, error) {
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
 	}
-	return &Plan{cfg: cfg}, nil
+	return newPlan(cfg, false, OverloadNone), nil
 }
 
 // validTableName keeps names to what nft prints and parses back unquoted.
@@ -211,54 +220,11 @@ func (p *Plan) portsFor(fam nftables.TableFamily) []uint16 {
 // match the proxy's own TIME_WAIT sockets (see docs/kernel.md#l3-diversion). A draining plan
 // is never overloaded: Draining of an overloaded plan drains.
 func (p *Plan) Draining() *Plan {
-	return &Plan{cfg: p.Config(), draining: true}
+	return newPlan(p.Config(), true, OverloadNone)
 }
 
 // IsDraining reports whether p comes from Draining.
 func (p *Plan) IsDraining() bool { return p.draining }
-
-// setSpec is one named set of a table as both renderers (String, and the
-// netlink objects of Apply and Check) see it.
-type setSpec struct {
-	name    string
-	keyType nftables.SetDatatype // its Name is the type as nft prints it
-	// ports are the elements of a ports set. A dynamic set (a bypass set)
-	// has none in the plan: the rules fill it, each element lasting
-	// timeout, and nft lists it with size, flags and timeout lines.
-	ports   []uint16
-	dynamic bool
-	timeout time.Duration
-}
-
-// sets are the sets of the table of family fam, in creation (and listing)
-// order. Every plan variant has the same sets.
-func (p *Plan) sets(fam nftables.TableFamily) []setSpec {
-	specs := []setSpec{{name: setName, keyType: nftables.TypeInetService, ports: p.portsFor(fam)}}
-	if fam == nftables.TableFamilyBridge {
-		for _, f := range ipFamilies {
-			specs = append(specs, setSpec{name: f.set, keyType: f.keyType, dynamic: true, timeout: p.cfg.BypassTimeout})
-		}
-	}
-	return specs
-}
-
-// nftSet is the set as a netlink object in table t.
-func (s setSpec) nftSet(t *nftables.Table) *nftables.Set {
-	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType}
-	if s.dynamic {
-		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, bypassSetSize
-	}
-	return set
-}
-
-// fits reports whether s, read from the kernel, is this set in a form that
-// an AddSet of it updates in place (the kernel refuses a different type or
-// flags with EEXIST); the timeout and size may differ.
-func (spec setSpec) fits(s *nftables.Set) bool {
-	return s.KeyType.Name == spec.keyType.Name && s.KeyType.Bytes == spec.keyType.Bytes &&
-		s.Dynamic == spec.dynamic && s.HasTimeout == spec.dynamic &&
-		!s.Anonymous && !s.Constant && !s.Interval && !s.IsMap && !s.Concatenation
-}
 
 // Routing returns the policy routing the plan needs.
 func (p *Plan) Routing() Routing {

@@ -5,8 +5,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/google/nftables"
 )
 
 // String renders both tables exactly as nft 1.0.6 lists them after Apply:
@@ -20,73 +18,29 @@ import (
 // either.
 func (p *Plan) String() string {
 	var b strings.Builder
-	p.renderBridge(&b)
-	p.renderInet(&b)
+	for _, t := range p.tables {
+		t.render(&b, p.cfg.Name)
+	}
 	return b.String()
 }
 
-func (p *Plan) renderBridge(b *strings.Builder) {
-	c := &p.cfg
-	fmt.Fprintf(b, "table bridge %s {\n", c.Name)
-	renderSets(b, p.sets(nftables.TableFamilyBridge))
-	fmt.Fprintf(b, "\tchain %s {\n", chainPrerouting)
-	b.WriteString("\t\ttype filter hook prerouting priority dstnat; policy accept;\n")
-	// Bypass first (see tableDefs). nft hides the `meta protocol ip` (ip6)
-	// that guards the address loads, and shows `meta l4proto tcp` plus a
-	// transport-header load as `tcp dport`.
-	if p.overload == OverloadBypass {
-		for _, f := range ipFamilies {
-			fmt.Fprintf(b, "\t\tiifname %q tcp dport @%s %s add @%s { %s } accept\n",
-				c.ClientPort, setName, pureSYN, f.set, f.flowKey(false))
+// render prints the table, called name, as nft lists it: sets first, each
+// followed by a blank line, then the chains, separated by blank lines.
+func (t table) render(b *strings.Builder, name string) {
+	fmt.Fprintf(b, "table %s %s {\n", familyName(t.family), name)
+	renderSets(b, t.sets)
+	for i, ch := range t.chains {
+		if i > 0 {
+			b.WriteString("\n")
 		}
+		fmt.Fprintf(b, "\tchain %s {\n", ch.name)
+		fmt.Fprintf(b, "\t\ttype filter hook %s priority %s; policy accept;\n", ch.hook.name, ch.prio.name)
+		for _, r := range ch.rules {
+			fmt.Fprintf(b, "\t\t%s\n", r)
+		}
+		b.WriteString("\t}\n")
 	}
-	for _, f := range ipFamilies {
-		fmt.Fprintf(b, "\t\tiifname %q %s @%s update @%s { %s } accept\n", c.ClientPort, f.flowKey(false), f.set, f.set, f.flowKey(false))
-		fmt.Fprintf(b, "\t\tiifname %q %s @%s accept\n", c.ServerPort, f.flowKey(true), f.set)
-	}
-	for _, r := range []struct{ port, dir string }{{c.ClientPort, "dport"}, {c.ServerPort, "sport"}} {
-		fmt.Fprintf(b, "\t\tiifname %q tcp %s @%s ether daddr set %s meta pkttype set host\n",
-			r.port, r.dir, setName, c.BridgeMAC)
-	}
-	b.WriteString("\t}\n}\n")
-}
-
-// pureSYN is a SYN without ACK, FIN or RST: a new connection.
-const pureSYN = "tcp flags syn / fin,syn,rst,ack"
-
-// flowKey is the bypass sets' key as nft prints it: the flow as the client
-// sends it, read from a client frame, or (reverse) from a server frame.
-func (f ipFamily) flowKey(reverse bool) string {
-	if reverse {
-		return fmt.Sprintf("%[1]s daddr . %[1]s saddr . tcp dport . tcp sport", f.nft)
-	}
-	return fmt.Sprintf("%[1]s saddr . %[1]s daddr . tcp sport . tcp dport", f.nft)
-}
-
-func (p *Plan) renderInet(b *strings.Builder) {
-	c := &p.cfg
-	mark := fmt.Sprintf("0x%08x", c.Mark)
-	fmt.Fprintf(b, "table inet %s {\n", c.Name)
-	renderSets(b, p.sets(nftables.TableFamilyINet))
-	fmt.Fprintf(b, "\tchain %s {\n", chainPrerouting)
-	b.WriteString("\t\ttype filter hook prerouting priority mangle; policy accept;\n")
-	b.WriteString("\t\tfib daddr type local accept\n")
-	syn := fmt.Sprintf("iifname %q tcp dport @%s %s", c.Bridge, setName, pureSYN)
-	switch {
-	case p.draining:
-		fmt.Fprintf(b, "\t\t%s accept\n", syn)
-	case p.overload == OverloadRefuse:
-		fmt.Fprintf(b, "\t\t%s reject with tcp reset\n", syn)
-	default:
-		// OverloadBypass too: SYNs it lets through never reach this table.
-		fmt.Fprintf(b, "\t\t%s tproxy to :%d meta mark set %s accept\n", syn, c.ProxyTCPPort, mark)
-	}
-	fmt.Fprintf(b, "\t\tmeta l4proto tcp socket transparent 1 meta mark set %s accept\n", mark)
-	b.WriteString("\t}\n\n")
-	fmt.Fprintf(b, "\tchain %s {\n", chainInput)
-	b.WriteString("\t\ttype filter hook input priority filter; policy accept;\n")
-	fmt.Fprintf(b, "\t\ttcp dport %d fib daddr type local reject with tcp reset\n", c.ProxyTCPPort)
-	b.WriteString("\t}\n}\n")
+	b.WriteString("}\n")
 }
 
 // renderSets prints a table's sets the way nft does, each followed by a

@@ -98,18 +98,15 @@ func (p *Plan) Check(c *nftables.Conn) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("checking nftables tables %s: %w", p.cfg.Name, err)
 	}
-	// Compare against rules built with unnumbered sets: the kernel reports
-	// lookups and dynsets by set name only.
-	defs := p.tableDefs(func(_ nftables.TableFamily, name string) *nftables.Set { return &nftables.Set{Name: name} })
 	var drift []string
-	for _, td := range defs {
-		t := existing[td.family]
-		where := fmt.Sprintf("table %s %s", familyName(td.family), p.cfg.Name)
+	for _, tb := range p.tables {
+		t := existing[tb.family]
+		where := fmt.Sprintf("table %s %s", familyName(tb.family), p.cfg.Name)
 		if t == nil {
 			drift = append(drift, where+" is missing")
 			continue
 		}
-		d, err := p.checkTable(c, t, td, where)
+		d, err := checkTable(c, t, tb, where)
 		if err != nil {
 			return nil, fmt.Errorf("checking %s: %w", where, err)
 		}
@@ -118,9 +115,10 @@ func (p *Plan) Check(c *nftables.Conn) ([]string, error) {
 	return drift, nil
 }
 
-func (p *Plan) checkTable(c *nftables.Conn, t *nftables.Table, td tableDef, where string) ([]string, error) {
+// checkTable compares table t, read from the kernel, with the plan's tb.
+func checkTable(c *nftables.Conn, t *nftables.Table, tb table, where string) ([]string, error) {
 	var drift []string
-	for _, spec := range p.sets(td.family) {
+	for _, spec := range tb.sets {
 		d, err := checkSet(c, t, spec, where)
 		if err != nil {
 			return nil, err
@@ -138,35 +136,47 @@ func (p *Plan) checkTable(c *nftables.Conn, t *nftables.Table, td tableDef, wher
 			got[ch.Name] = ch
 		}
 	}
-	for _, cd := range td.chains {
-		ch := got[cd.name]
-		delete(got, cd.name)
-		cwhere := fmt.Sprintf("chain %s %s %s", familyName(t.Family), t.Name, cd.name)
-		if ch == nil {
-			drift = append(drift, cwhere+" is missing")
-			continue
-		}
-		if ch.Hooknum == nil || *ch.Hooknum != *cd.hook || ch.Priority == nil || *ch.Priority != *cd.prio ||
-			ch.Type != nftables.ChainTypeFilter || ch.Policy == nil || *ch.Policy != nftables.ChainPolicyAccept {
-			drift = append(drift, fmt.Sprintf("%s: hook, type, priority or policy differ from plan (filter hook %d priority %d policy accept)",
-				cwhere, *cd.hook, *cd.prio))
-		}
-		rules, err := c.GetRules(t, ch)
+	for _, ch := range tb.chains {
+		d, err := checkChain(c, t, ch, got[ch.name])
 		if err != nil {
-			return nil, fmt.Errorf("reading rules of chain %s: %w", cd.name, err)
+			return nil, err
 		}
-		if len(rules) != len(cd.rules) {
-			drift = append(drift, fmt.Sprintf("%s has %d rules, plan has %d", cwhere, len(rules), len(cd.rules)))
-			continue
-		}
-		for i, r := range rules {
-			if !sameExprs(r.Exprs, cd.rules[i]) {
-				drift = append(drift, fmt.Sprintf("%s: rule %d differs from plan", cwhere, i+1))
-			}
-		}
+		drift = append(drift, d...)
+		delete(got, ch.name)
 	}
 	for _, name := range slices.Sorted(maps.Keys(got)) {
 		drift = append(drift, fmt.Sprintf("%s: unexpected chain %s", where, name))
+	}
+	return drift, nil
+}
+
+// checkChain compares chain have of table t, read from the kernel (nil if
+// missing), with the plan's ch: hook, type, priority, policy and rules.
+func checkChain(c *nftables.Conn, t *nftables.Table, ch chain, have *nftables.Chain) ([]string, error) {
+	where := fmt.Sprintf("chain %s %s %s", familyName(t.Family), t.Name, ch.name)
+	if have == nil {
+		return []string{where + " is missing"}, nil
+	}
+	var drift []string
+	if have.Hooknum == nil || *have.Hooknum != *ch.hook.num || have.Priority == nil || *have.Priority != *ch.prio.num ||
+		have.Type != nftables.ChainTypeFilter || have.Policy == nil || *have.Policy != nftables.ChainPolicyAccept {
+		drift = append(drift, fmt.Sprintf("%s: hook, type, priority or policy differ from plan (filter hook %d priority %d policy accept)",
+			where, *ch.hook.num, *ch.prio.num))
+	}
+	rules, err := c.GetRules(t, have)
+	if err != nil {
+		return nil, fmt.Errorf("reading rules of chain %s: %w", ch.name, err)
+	}
+	if len(rules) != len(ch.rules) {
+		return append(drift, fmt.Sprintf("%s has %d rules, plan has %d", where, len(rules), len(ch.rules))), nil
+	}
+	// Compare against rules built with unnumbered sets: the kernel reports
+	// lookups and dynsets by set name only.
+	unnumbered := func(name string) *nftables.Set { return &nftables.Set{Name: name} }
+	for i, r := range rules {
+		if !sameExprs(r.Exprs, ch.rules[i].exprs(t.Family, unnumbered)) {
+			drift = append(drift, fmt.Sprintf("%s: rule %d differs from plan", where, i+1))
+		}
 	}
 	return drift, nil
 }

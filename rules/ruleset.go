@@ -1,0 +1,166 @@
+package rules
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+)
+
+// The ruleset is described once, as typed values: tables hold sets and
+// chains, chains hold rules, and a rule is a sequence of items. Every item
+// knows both how nft 1.0.6 lists it and which expressions nft compiles it
+// to, so String (the listing), Apply (the netlink batch) and Check (the
+// comparison with the kernel) are walks over the same description.
+
+// table is one of the plan's two tables.
+type table struct {
+	family nftables.TableFamily
+	sets   []setSpec // in creation (and listing) order
+	chains []chain
+}
+
+// setSpec is one named set of a table.
+type setSpec struct {
+	name    string
+	keyType nftables.SetDatatype // its Name is the type as nft prints it
+	// ports are the elements of a ports set. A dynamic set (a bypass set)
+	// has none in the plan: the rules fill it, each element lasting
+	// timeout, and nft lists it with size, flags and timeout lines.
+	ports   []uint16
+	dynamic bool
+	timeout time.Duration
+}
+
+// nftSet is the set as a netlink object in table t.
+func (s setSpec) nftSet(t *nftables.Table) *nftables.Set {
+	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType}
+	if s.dynamic {
+		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, bypassSetSize
+	}
+	return set
+}
+
+// elements are the ports as set keys (network byte order).
+func (s setSpec) elements() []nftables.SetElement {
+	els := make([]nftables.SetElement, 0, len(s.ports))
+	for _, port := range s.ports {
+		els = append(els, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(port)})
+	}
+	return els
+}
+
+// fits reports whether s, read from the kernel, is this set in a form that
+// an AddSet of it updates in place (the kernel refuses a different type or
+// flags with EEXIST); the timeout and size may differ.
+func (spec setSpec) fits(s *nftables.Set) bool {
+	return s.KeyType.Name == spec.keyType.Name && s.KeyType.Bytes == spec.keyType.Bytes &&
+		s.Dynamic == spec.dynamic && s.HasTimeout == spec.dynamic &&
+		!s.Anonymous && !s.Constant && !s.Interval && !s.IsMap && !s.Concatenation
+}
+
+// chain is a base chain: type filter, policy accept.
+type chain struct {
+	name  string
+	hook  chainHook
+	prio  chainPrio
+	rules []rule
+}
+
+// nftChain is the chain as a netlink object in table t.
+func (ch chain) nftChain(t *nftables.Table) *nftables.Chain {
+	return &nftables.Chain{
+		Name:     ch.name,
+		Table:    t,
+		Type:     nftables.ChainTypeFilter,
+		Hooknum:  ch.hook.num,
+		Priority: ch.prio.num,
+		Policy:   ref(nftables.ChainPolicyAccept),
+	}
+}
+
+// chainHook is a hook as nft names it and as netlink numbers it.
+type chainHook struct {
+	name string
+	num  *nftables.ChainHook
+}
+
+// chainPrio is a priority as nft prints it, by a name relative to the
+// family (bridge dstnat is -300, unlike inet's -100), and its number.
+type chainPrio struct {
+	name string
+	num  *nftables.ChainPriority
+}
+
+var (
+	hookPrerouting   = chainHook{"prerouting", nftables.ChainHookPrerouting}
+	hookInput        = chainHook{"input", nftables.ChainHookInput}
+	prioBridgeDstNAT = chainPrio{"dstnat", nftables.ChainPriorityRef(-300)}
+	prioMangle       = chainPrio{"mangle", nftables.ChainPriorityMangle}
+	prioFilter       = chainPrio{"filter", nftables.ChainPriorityFilter}
+)
+
+// rule is a sequence of items, listed in order, separated by spaces.
+type rule []ruleItem
+
+// ruleItem is one match or statement of a rule.
+type ruleItem interface {
+	// String is the item as nft 1.0.6 lists it.
+	String() string
+	// emit appends the expressions nft compiles the item to.
+	emit(e *emitter)
+}
+
+// emitter collects a rule's expressions. Like nft, it puts the protocol
+// check a header load depends on (`meta protocol ip` before an IPv4 header
+// field in the bridge family, `meta l4proto tcp` before a TCP header
+// field) into the rule once, before the first load that needs it: nft
+// then hides those checks in the listing, and a rule built here compiles
+// to the same bytecode as the same rule loaded with `nft -f`.
+type emitter struct {
+	family nftables.TableFamily
+	// set resolves a set name to the set the rule refers to (by name and
+	// by the batch's set ID).
+	set     func(name string) *nftables.Set
+	exprs   []expr.Any
+	ethType uint16 // the meta protocol checked so far, 0 if none
+	tcp     bool   // meta l4proto tcp checked
+}
+
+func (e *emitter) add(x ...expr.Any) { e.exprs = append(e.exprs, x...) }
+
+// String lists the rule as nft does.
+func (r rule) String() string {
+	parts := make([]string, len(r))
+	for i, it := range r {
+		parts[i] = it.String()
+	}
+	return strings.Join(parts, " ")
+}
+
+// exprs compiles the rule for a table of family fam; set resolves set
+// names (see emitter).
+func (r rule) exprs(fam nftables.TableFamily, set func(name string) *nftables.Set) []expr.Any {
+	e := &emitter{family: fam, set: set}
+	for _, it := range r {
+		it.emit(e)
+	}
+	return e.exprs
+}
+
+// familyName is the family as nft spells it.
+func familyName(f nftables.TableFamily) string {
+	switch f {
+	case nftables.TableFamilyBridge:
+		return "bridge"
+	case nftables.TableFamilyINet:
+		return "inet"
+	}
+	return fmt.Sprintf("family %d", f)
+}
+
+// families lists ghostwire's tables in the order they are built and listed.
+var families = [...]nftables.TableFamily{nftables.TableFamilyBridge, nftables.TableFamilyINet}

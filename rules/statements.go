@@ -1,0 +1,110 @@
+package rules
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// The statements of the ruleset's rules: what a matching packet gets done
+// to it. Like the matches, each compiles to what nft generates for its text.
+
+// flowStore is `add @bypass4 { ip saddr . ip daddr . tcp sport . tcp dport }`
+// (update; ip6, bypass6): it records a client frame's flow in its family's
+// bypass set. Add only inserts a new flow; update also restarts the
+// timeout of one already there.
+type flowStore struct {
+	fam    ipFamily
+	update bool
+}
+
+func (s flowStore) String() string {
+	op := "add"
+	if s.update {
+		op = "update"
+	}
+	return fmt.Sprintf("%s @%s { %s }", op, s.fam.set, s.fam.flowKey(false))
+}
+
+func (s flowStore) emit(e *emitter) {
+	op := uint32(unix.NFT_DYNSET_OP_ADD)
+	if s.update {
+		op = unix.NFT_DYNSET_OP_UPDATE
+	}
+	s.fam.loadFlowKey(e, false)
+	set := e.set(s.fam.set)
+	e.add(&expr.Dynset{SrcRegKey: s.fam.regs[0], SetName: set.Name, SetID: set.ID, Operation: op})
+}
+
+// etherDaddrSet is `ether daddr set MAC`: the frame goes to MAC (br0's, so
+// the bridge passes it up to the box's IP stack).
+type etherDaddrSet net.HardwareAddr
+
+func (s etherDaddrSet) String() string { return "ether daddr set " + net.HardwareAddr(s).String() }
+
+func (s etherDaddrSet) emit(e *emitter) {
+	e.add(
+		&expr.Immediate{Register: 1, Data: []byte(s)},
+		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 0, Len: 6},
+	)
+}
+
+// pktTypeHost is `meta pkttype set host`: the frame is for this host.
+type pktTypeHost struct{}
+
+func (pktTypeHost) String() string { return "meta pkttype set host" }
+
+func (pktTypeHost) emit(e *emitter) {
+	e.add(
+		&expr.Immediate{Register: 1, Data: []byte{unix.PACKET_HOST}},
+		&expr.Meta{Key: expr.MetaKeyPKTTYPE, SourceRegister: true, Register: 1},
+	)
+}
+
+// tproxyTo is `tproxy to :PORT`: the inet form, port only, any address
+// family. The port is big-endian in the register.
+type tproxyTo uint16
+
+func (s tproxyTo) String() string { return fmt.Sprintf("tproxy to :%d", uint16(s)) }
+
+func (s tproxyTo) emit(e *emitter) {
+	e.add(
+		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(uint16(s))},
+		&expr.TProxy{Family: byte(nftables.TableFamilyUnspecified), TableFamily: byte(e.family), RegPort: 1},
+	)
+}
+
+// markSet is `meta mark set MARK`; the mark is a host-order u32.
+type markSet uint32
+
+func (s markSet) String() string { return fmt.Sprintf("meta mark set 0x%08x", uint32(s)) }
+
+func (s markSet) emit(e *emitter) {
+	m := make([]byte, 4)
+	binary.NativeEndian.PutUint32(m, uint32(s))
+	e.add(
+		&expr.Immediate{Register: 1, Data: m},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	)
+}
+
+// rejectTCPReset is `reject with tcp reset`.
+type rejectTCPReset struct{}
+
+func (rejectTCPReset) String() string { return "reject with tcp reset" }
+
+func (rejectTCPReset) emit(e *emitter) {
+	e.add(&expr.Reject{Type: unix.NFT_REJECT_TCP_RST, Code: 0})
+}
+
+// accept is the accept verdict.
+type accept struct{}
+
+func (accept) String() string { return "accept" }
+
+func (accept) emit(e *emitter) { e.add(&expr.Verdict{Kind: expr.VerdictAccept}) }
