@@ -91,14 +91,8 @@ func snapshot(t *testing.T, b *Box) string {
 // that snapshots do not race the kernel adding local routes.
 func waitNoTentative(t *testing.T, ns *lab.NS) {
 	t.Helper()
-	err := WaitFor(10*time.Second, func() (bool, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		out, err := ns.Command(ctx, "ip", "-6", "addr", "show", "tentative").CombinedOutput()
-		return err == nil && strings.TrimSpace(string(out)) == "", nil
-	})
-	if err != nil {
-		t.Fatalf("IPv6 DAD did not finish: %v", err)
+	if err := ns.WaitNoTentative(10 * time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -223,4 +224,24 @@ func deleteNS(ns *NS) error {
 		return fmt.Errorf("removing network namespace %s: %w", ns.Name, err)
 	}
 	return nil
+}
+
+// WaitNoTentative waits up to timeout for IPv6 duplicate address detection
+// to finish on every address in ns: until then the kernel neither uses a
+// new address nor answers neighbour solicitations for it, so the first
+// IPv6 packets of a test would wait for a retransmit.
+func (ns *NS) WaitNoTentative(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for delay := 5 * time.Millisecond; ; delay = min(2*delay, 200*time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		out, err := ns.Command(ctx, "ip", "-6", "addr", "show", "tentative").CombinedOutput()
+		cancel()
+		if err == nil && strings.TrimSpace(string(out)) == "" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("IPv6 duplicate address detection in %s did not finish within %s: %s", ns.Name, timeout, out)
+		}
+		time.Sleep(delay) // polling interval of a bounded wait: the kernel sends no event we could wait on here
+	}
 }

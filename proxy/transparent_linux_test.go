@@ -3,52 +3,45 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
-// The namespaced topology: client ── box ── server, routed through box.
-// Addresses are documentation prefixes that exist only inside the test's
-// own namespaces.
-const (
-	nsProxyPort = 9876
-	clientV4    = "192.0.2.1"
-	boxClientV4 = "192.0.2.126"
-	boxServerV4 = "192.0.2.129"
-	serverV4    = "192.0.2.130"
-	clientV6    = "2001:db8:1::1"
-	boxClientV6 = "2001:db8:1::ff"
-	boxServerV6 = "2001:db8:2::ff"
-	serverV6    = "2001:db8:2::2"
-)
+// nsProxyPort is the proxy's TPROXY port in the lab's box.
+const nsProxyPort = 9876
 
-// The minimal diversion: pure SYNs to :80 go to the proxy; packets of the
-// proxy's own transparent sockets (the server's replies to the client's
-// address) are marked for local delivery.
-var nsRuleset = fmt.Sprintf(`table inet t {
+// nsRuleset is the diversion at its smallest, the same mechanism the rules
+// package installs: frames of port 80 get the bridge's MAC and go up to the
+// box (both directions), where pure SYNs go to the proxy and packets of the
+// proxy's own transparent sockets are marked for local delivery.
+func nsRuleset(l *lab.Lab, brMAC net.HardwareAddr) string {
+	return fmt.Sprintf(`table bridge t {
+	chain p {
+		type filter hook prerouting priority dstnat;
+		iifname %q tcp dport 80 ether daddr set %s meta pkttype set host
+		iifname %q tcp sport 80 ether daddr set %s meta pkttype set host
+	}
+}
+table inet t {
 	chain p {
 		type filter hook prerouting priority mangle;
 		tcp dport 80 tcp flags & (fin|syn|rst|ack) == syn tproxy to :%d meta mark set 1 accept
 		meta l4proto tcp socket transparent 1 meta mark set 1 accept
 	}
 }
-`, nsProxyPort)
-
-type topology struct {
-	client, box, server netns.NsHandle
+`, l.ClientNIC, brMAC, l.ServerNIC, brMAC, nsProxyPort)
 }
 
 // TestTransparentInNamespaces proves transparency end to end with the real
@@ -68,7 +61,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 		}
 	}
 	checkGoroutines(t)
-	topo := newTopology(t)
+	l := newLab(t)
 
 	logs := newLogSink()
 	dial := dialTransparent(0)
@@ -81,7 +74,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 		// belongs to its creating thread's namespace, and the proxy's
 		// goroutines run on threads of the test's namespace.
 		Dial: func(ctx context.Context, network string, local, remote *net.TCPAddr) (c *net.TCPConn, err error) {
-			if nsErr := inNetns(topo.box, func() error {
+			if nsErr := l.Box.Do(func() error {
 				c, err = dial(ctx, network, local, remote)
 				return nil
 			}); nsErr != nil {
@@ -94,7 +87,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Listeners keep the namespace they were created in.
-	if err := inNetns(topo.box, p.Start); err != nil {
+	if err := l.Box.Do(p.Start); err != nil {
 		t.Fatalf("starting proxy in the box namespace: %v", err)
 	}
 	served := make(chan error, 1)
@@ -110,19 +103,19 @@ func TestTransparentInNamespaces(t *testing.T) {
 		}
 	})
 
-	startPeerReporter(t, topo.server)
+	startPeerReporter(t, l.Server)
 
 	for _, tc := range []struct {
 		name, client, server string
 	}{
-		{"ipv4", clientV4, serverV4},
-		{"ipv6", clientV6, serverV6},
+		{"ipv4", l.ClientIP4.String(), l.ServerIP4.String()},
+		{"ipv6", l.ClientIP6.String(), l.ServerIP6.String()},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := p.Stats().Accepted
 			server := net.JoinHostPort(tc.server, "80")
 			var c net.Conn
-			if err := inNetns(topo.client, func() (err error) {
+			if err := l.Client.Do(func() (err error) {
 				c, err = net.DialTimeout("tcp", server, 5*time.Second)
 				return err
 			}); err != nil {
@@ -169,8 +162,8 @@ func TestTransparentInNamespaces(t *testing.T) {
 
 	t.Run("direct connection refused", func(t *testing.T) {
 		var c net.Conn
-		err := inNetns(topo.client, func() (err error) {
-			c, err = net.DialTimeout("tcp", net.JoinHostPort(boxClientV4, fmt.Sprint(nsProxyPort)), 5*time.Second)
+		err := l.Client.Do(func() (err error) {
+			c, err = net.DialTimeout("tcp", net.JoinHostPort(l.BoxIP4.Addr().String(), fmt.Sprint(nsProxyPort)), 5*time.Second)
 			return err
 		})
 		if err == nil {
@@ -187,9 +180,9 @@ func TestTransparentInNamespaces(t *testing.T) {
 
 // startPeerReporter runs a server on port 80 (v4 and v6) in ns that writes
 // back the peer address it sees, then waits for the client's EOF.
-func startPeerReporter(t *testing.T, ns netns.NsHandle) {
+func startPeerReporter(t *testing.T, ns *lab.NS) {
 	var lns []net.Listener
-	if err := inNetns(ns, func() error {
+	if err := ns.Do(func() error {
 		for _, a := range []struct{ network, addr string }{{"tcp4", "0.0.0.0:80"}, {"tcp6", "[::]:80"}} {
 			ln, err := net.Listen(a.network, a.addr)
 			if err != nil {
@@ -233,109 +226,55 @@ func startPeerReporter(t *testing.T, ns netns.NsHandle) {
 	})
 }
 
-// newTopology builds three namespaces named gwp<hex>-{c,b,s} and deletes
-// them when the test ends.
-func newTopology(t *testing.T) *topology {
+// newLab builds the lab (client, box, server namespaces, deleted when the
+// test ends) with the box bridging its two ports, an address on the
+// bridge, the diversion above and the policy routing that delivers marked
+// packets locally.
+func newLab(t *testing.T) *lab.Lab {
 	t.Helper()
-	var rnd [3]byte
-	rand.Read(rnd[:])
-	prefix := "gwp" + hex.EncodeToString(rnd[:])
-	c, b, s := prefix+"-c", prefix+"-b", prefix+"-s"
-	for _, ns := range []string{c, b, s} {
-		run(t, "", "ip", "netns", "add", ns)
-		t.Cleanup(func() {
-			if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-				t.Errorf("deleting namespace %s: %v: %s", ns, err, out)
-			}
-		})
+	l := lab.NewT(t)
+	br := l.Prefix + "br"
+	if err := l.PlainBridge(br); err != nil {
+		t.Fatal(err)
 	}
-	// No duplicate address detection: while it runs (~1 s after link up)
-	// neighbour solicitations can go unanswered and the first SYN waits
-	// for a retransmit.
-	for _, ns := range []string{c, b, s} {
-		run(t, "", "ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+	var brMAC net.HardwareAddr
+	if err := l.Box.Do(func() error {
+		link, err := netlink.LinkByName(br)
+		if err != nil {
+			return err
+		}
+		brMAC = link.Attrs().HardwareAddr
+		return nil
+	}); err != nil {
+		t.Fatalf("reading %s's MAC: %v", br, err)
 	}
 	for _, args := range [][]string{
-		// Links are created inside the namespaces: their names never
-		// touch the host's.
-		{"-n", c, "link", "add", "c0", "type", "veth", "peer", "name", "b0", "netns", b},
-		{"-n", s, "link", "add", "s0", "type", "veth", "peer", "name", "b1", "netns", b},
-		{"-n", c, "addr", "add", clientV4 + "/25", "dev", "c0"},
-		{"-n", c, "addr", "add", clientV6 + "/64", "dev", "c0", "nodad"},
-		{"-n", b, "addr", "add", boxClientV4 + "/25", "dev", "b0"},
-		{"-n", b, "addr", "add", boxClientV6 + "/64", "dev", "b0", "nodad"},
-		{"-n", b, "addr", "add", boxServerV4 + "/25", "dev", "b1"},
-		{"-n", b, "addr", "add", boxServerV6 + "/64", "dev", "b1", "nodad"},
-		{"-n", s, "addr", "add", serverV4 + "/25", "dev", "s0"},
-		{"-n", s, "addr", "add", serverV6 + "/64", "dev", "s0", "nodad"},
-		{"-n", c, "link", "set", "c0", "up"},
-		{"-n", c, "link", "set", "lo", "up"},
-		{"-n", b, "link", "set", "b0", "up"},
-		{"-n", b, "link", "set", "b1", "up"},
-		{"-n", b, "link", "set", "lo", "up"},
-		{"-n", s, "link", "set", "s0", "up"},
-		{"-n", s, "link", "set", "lo", "up"},
-		{"-n", c, "route", "add", "default", "via", boxClientV4},
-		{"-n", c, "-6", "route", "add", "default", "via", boxClientV6},
-		{"-n", s, "route", "add", "default", "via", boxServerV4},
-		{"-n", s, "-6", "route", "add", "default", "via", boxServerV6},
-		// Diverted packets are delivered locally: marked ones look up a
-		// table where every address is local.
-		{"-n", b, "rule", "add", "fwmark", "1", "lookup", "100"},
-		{"-n", b, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"},
-		{"-n", b, "-6", "rule", "add", "fwmark", "1", "lookup", "100"},
-		{"-n", b, "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"},
+		{"addr", "add", l.BoxIP4.String(), "dev", br},
+		{"addr", "add", l.BoxIP6.String(), "dev", br, "nodad"},
+		{"rule", "add", "fwmark", "1", "lookup", "100"},
+		{"route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"},
+		{"-6", "rule", "add", "fwmark", "1", "lookup", "100"},
+		{"-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"},
 	} {
-		run(t, "", "ip", args...)
+		run(t, l.Box, "", "ip", args...)
 	}
-	run(t, "", "ip", "netns", "exec", b, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-	run(t, nsRuleset, "ip", "netns", "exec", b, "nft", "-f", "-")
-
-	topo := &topology{}
-	for _, x := range []struct {
-		h    *netns.NsHandle
-		name string
-	}{{&topo.client, c}, {&topo.box, b}, {&topo.server, s}} {
-		h, err := netns.GetFromName(x.name)
-		if err != nil {
-			t.Fatalf("opening namespace %s: %v", x.name, err)
+	run(t, l.Box, nsRuleset(l, brMAC), "nft", "-f", "-")
+	// Until the hosts' IPv6 addresses finish duplicate address detection
+	// the first IPv6 SYN waits for a neighbour retransmit.
+	for _, ns := range []*lab.NS{l.Client, l.Box, l.Server} {
+		if err := ns.WaitNoTentative(10 * time.Second); err != nil {
+			t.Fatal(err)
 		}
-		*x.h = h
-		t.Cleanup(func() { h.Close() })
 	}
-	return topo
+	return l
 }
 
-// run executes a command with stdin, failing the test with its output.
-func run(t *testing.T, stdin, name string, args ...string) {
+// run executes a command in ns with stdin, failing the test with its output.
+func run(t *testing.T, ns *lab.NS, stdin, name string, args ...string) {
 	t.Helper()
-	cmd := exec.Command(name, args...)
+	cmd := ns.Command(t.Context(), name, args...)
 	cmd.Stdin = strings.NewReader(stdin)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
 	}
-}
-
-// inNetns runs fn on this goroutine's thread switched into ns. Sockets
-// created by fn stay in ns for their whole life.
-func inNetns(ns netns.NsHandle, fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("reading current netns: %w", err)
-	}
-	defer orig.Close()
-	if err := netns.Set(ns); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("entering netns: %w", err)
-	}
-	ferr := fn()
-	if err := netns.Set(orig); err != nil {
-		// Stay locked: the runtime discards the thread with the goroutine
-		// rather than reuse it in the wrong namespace.
-		return fmt.Errorf("returning to the original netns: %w", err)
-	}
-	runtime.UnlockOSThread()
-	return ferr
 }
