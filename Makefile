@@ -50,10 +50,10 @@ demo: deps build
 # installs iperf3, wrk, haproxy if missing). BENCHFLAGS adds flags, e.g.
 # BENCHFLAGS="-rounds 5 -json /tmp/b.json". See docs/performance.md.
 bench: build
-	$(GO) run ./bench -ghostwire $(BIN) $(BENCHFLAGS)
+	$(GO) run ./cmd/bench -ghostwire $(BIN) $(BENCHFLAGS)
 
 bench-quick: build
-	$(GO) run ./bench -ghostwire $(BIN) -quick $(BENCHFLAGS)
+	$(GO) run ./cmd/bench -ghostwire $(BIN) -quick $(BENCHFLAGS)
 
 # install builds, then installs the binary, both units (@BINDIR@ replaced by
 # $(BINDIR)) and the example config (never over a real ghostwire.yaml):

@@ -2,7 +2,7 @@
 // one lab, modes interleaved round by round, and prints a table plus a JSON
 // file with every figure, ghostwire's ratios and issue 5's targets.
 //
-//	go run ./bench -ghostwire bin/ghostwire [-quick] [-rounds N] [-json FILE]
+//	go run ./cmd/bench -ghostwire bin/ghostwire [-quick] [-rounds N] [-json FILE]
 //
 // It needs root (it builds network namespaces) and installs iperf3, wrk and
 // haproxy from the distribution's packages when they are missing. All
