@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // crashServed is what the crash test's server saw of one connection.
@@ -84,7 +86,7 @@ func isReset(err error) bool {
 // finished (both ways closed, logged eof) before the kill got every byte.
 func TestCrashResetsMidStream(t *testing.T) {
 	b := proxiedBox(t, 80)
-	ln, err := Listen(b.Lab.Server, "tcp", net.JoinHostPort(b.Lab.ServerIP4.String(), "80"))
+	ln, err := lab.Listen(b.Lab.Server, "tcp", net.JoinHostPort(b.Lab.ServerIP4.String(), "80"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +94,7 @@ func TestCrashResetsMidStream(t *testing.T) {
 	servedc := crashServer(t, ln)
 	dial := func(req string) *net.TCPConn {
 		t.Helper()
-		c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+		c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}

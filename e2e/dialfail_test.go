@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // dialFailConnect connects to addr through the proxy: the handshake
@@ -20,7 +22,7 @@ import (
 // completed. Its address is not returned then, so the client socket's
 // address is taken from a Control hook, and the latency counts from the
 // start of the dial.
-func dialFailConnect(t *testing.T, b *Box, addr string) (net.Addr, time.Duration) {
+func dialFailConnect(t *testing.T, b *lab.Appliance, addr string) (net.Addr, time.Duration) {
 	t.Helper()
 	var local net.Addr
 	start := time.Now()
@@ -68,7 +70,7 @@ func dialFailConnect(t *testing.T, b *Box, addr string) (net.Addr, time.Duration
 
 // dialFailReason waits for the proxy's line for client local and checks
 // its reason and server.
-func dialFailReason(t *testing.T, b *Box, local net.Addr, server, want string) {
+func dialFailReason(t *testing.T, b *lab.Appliance, local net.Addr, server, want string) {
 	t.Helper()
 	l := waitConnLog(t, b, local)
 	if l["reason"] != want || l["server"] != server || l["bytes_up"] != 0.0 || l["bytes_down"] != 0.0 {

@@ -8,12 +8,14 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // probe makes one short connection and returns the peer address the server
 // saw and the client's own address.
-func probe(b *Box, addr string, timeout time.Duration) (peer string, local net.Addr, err error) {
-	c, err := Dial(b.Lab.Client, "tcp", addr, timeout)
+func probe(b *lab.Appliance, addr string, timeout time.Duration) (peer string, local net.Addr, err error) {
+	c, err := lab.Dial(b.Lab.Client, "tcp", addr, timeout)
 	if err != nil {
 		return "", nil, err
 	}
@@ -40,7 +42,7 @@ func TestKill9FailsOpenWithin1s(t *testing.T) {
 	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
 
 	// A transfer in flight through the proxy.
-	inflight, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	inflight, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +108,7 @@ func TestRestartResumesInterceptionOldFlowsSurvive(t *testing.T) {
 		t.Fatal("SIGKILL reported a clean exit")
 	}
 
-	old, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	old, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatalf("connection while the proxy is down: %v", err)
 	}

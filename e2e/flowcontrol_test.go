@@ -34,7 +34,7 @@ func TestFlowControlNonReader(t *testing.T) {
 		t.Run(f.name, func(t *testing.T) {
 			var accepted <-chan *net.TCPConn
 			addr := listenServer(t, b, f.server, "80", func(t *testing.T, ln net.Listener) { accepted = acceptAll(t, ln) })
-			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -85,7 +85,7 @@ const maxPushBeforeBlocked = 32 << 20
 // maxPushBeforeBlocked; then lets r read everything and checks it arrived
 // intact. It half-closes w and returns the bytes pushed before blocking
 // and the total written.
-func pushUntilBlocked(t *testing.T, b *Box, dir string, w, r *net.TCPConn, seed uint64) (blockedAt, total int64) {
+func pushUntilBlocked(t *testing.T, b *lab.Appliance, dir string, w, r *net.TCPConn, seed uint64) (blockedAt, total int64) {
 	t.Helper()
 	p := startPusher(w, seed, true)
 	blockedAt, err := waitAllBlocked([]*pusher{p}, time.Second, 60*time.Second, 4*maxPushBeforeBlocked)
@@ -145,7 +145,7 @@ func TestFlowControl200NonReaders(t *testing.T) {
 	}
 	// One warm-up connection so the baseline is of a proxy that has
 	// relayed, not of a fresh process.
-	warm, err := Dial(b.Lab.Client, "tcp", addrs[0], 5*time.Second)
+	warm, err := lab.Dial(b.Lab.Client, "tcp", addrs[0], 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestFlowControl200NonReaders(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := Dial(b.Lab.Client, "tcp", addrs[i%2], 10*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addrs[i%2], 10*time.Second)
 			if err != nil {
 				errs <- fmt.Errorf("dial %d: %w", i, err)
 				return
@@ -409,7 +409,7 @@ func waitAllBlocked(ps []*pusher, quiet, timeout time.Duration, limit int64) (in
 
 // whereQueued lists the TCP sockets on port 80 in the three
 // namespaces with their queues.
-func whereQueued(t *testing.T, b *Box) string {
+func whereQueued(t *testing.T, b *lab.Appliance) string {
 	var s strings.Builder
 	for _, ns := range []struct {
 		name string
@@ -437,7 +437,7 @@ type memSample struct {
 	sockstat                        string
 }
 
-func takeMemSample(t *testing.T, b *Box) memSample {
+func takeMemSample(t *testing.T, b *lab.Appliance) memSample {
 	t.Helper()
 	var m memSample
 	m.boxSock, m.boxSockets, m.boxFields = skmem(t, b.Lab.Box)
@@ -630,7 +630,7 @@ func grepLine(s, prefix string) string {
 }
 
 // proxyStats asks the proxy for a "stats" line (SIGUSR1) and returns it.
-func proxyStats(t *testing.T, b *Box) LogLine {
+func proxyStats(t *testing.T, b *lab.Appliance) lab.LogLine {
 	t.Helper()
 	line, err := statsLine(b)
 	if err != nil {
@@ -640,9 +640,9 @@ func proxyStats(t *testing.T, b *Box) LogLine {
 }
 
 // waitActiveZero polls the stats until the proxy has no connection open.
-func waitActiveZero(t *testing.T, b *Box, timeout time.Duration) LogLine {
+func waitActiveZero(t *testing.T, b *lab.Appliance, timeout time.Duration) lab.LogLine {
 	t.Helper()
-	var st LogLine
+	var st lab.LogLine
 	deadline := time.Now().Add(timeout)
 	for {
 		st = proxyStats(t, b)

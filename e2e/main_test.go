@@ -22,7 +22,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	if os.Geteuid() == 0 {
-		if ghostwireBin, err = BuildBinary(dir); err != nil {
+		if ghostwireBin, err = lab.BuildBinary(dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
@@ -34,10 +34,10 @@ func TestMain(m *testing.M) {
 
 // newBox builds a lab and a config for it; the lab is torn down with the
 // test (a running proxy is stopped by the lab's Close).
-func newBox(t *testing.T, ports ...int) *Box {
+func newBox(t *testing.T, ports ...int) *lab.Appliance {
 	t.Helper()
 	l := lab.NewT(t)
-	b, err := NewBox(l, ghostwireBin, t.TempDir(), ports, "")
+	b, err := lab.NewAppliance(l, ghostwireBin, t.TempDir(), ports, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +58,7 @@ func sh(t *testing.T, ns *lab.NS, name string, args ...string) string {
 }
 
 // snapshot is the box namespace's state that apply touches, as text.
-func snapshot(t *testing.T, b *Box) string {
+func snapshot(t *testing.T, b *lab.Appliance) string {
 	t.Helper()
 	waitNoTentative(t, b.Lab.Box)
 	var s strings.Builder

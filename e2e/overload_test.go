@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // ovlConn is a client connection to a peerServer: peer is the address the
@@ -28,9 +30,9 @@ func (h *ovlConn) local() string { return h.c.LocalAddr().String() }
 func (h *ovlConn) proxied() bool { return h.peer != h.local() }
 
 // ovlOpen connects to a peerServer at addr and reads the peer line.
-func ovlOpen(t *testing.T, b *Box, addr string) *ovlConn {
+func ovlOpen(t *testing.T, b *lab.Appliance, addr string) *ovlConn {
 	t.Helper()
-	c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatalf("dial %s: %v\nproxy log:\n%s", addr, err, b.Proxy.Stderr())
 	}
@@ -104,10 +106,10 @@ const (
 )
 
 // waitStatus waits until `ghostwire status`'s first line is want.
-func waitStatus(t *testing.T, b *Box, want string) {
+func waitStatus(t *testing.T, b *lab.Appliance, want string) {
 	t.Helper()
 	var last string
-	err := WaitFor(10*time.Second, func() (bool, error) {
+	err := lab.WaitFor(10*time.Second, func() (bool, error) {
 		st, err := b.Status()
 		last = st
 		return err == nil && st == want, nil
@@ -118,9 +120,9 @@ func waitStatus(t *testing.T, b *Box, want string) {
 }
 
 // waitLogCount waits until the proxy logged msg n times.
-func waitLogCount(t *testing.T, b *Box, msg string, n int) []LogLine {
+func waitLogCount(t *testing.T, b *lab.Appliance, msg string, n int) []lab.LogLine {
 	t.Helper()
-	err := WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog(msg)) >= n, nil })
+	err := lab.WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog(msg)) >= n, nil })
 	if err != nil {
 		t.Fatalf("%q logged %d times, want %d: %v\n%s", msg, len(b.ProxyLog(msg)), n, err, b.Proxy.Stderr())
 	}
@@ -132,7 +134,7 @@ func waitLogCount(t *testing.T, b *Box, msg string, n int) []LogLine {
 }
 
 // wantLogCount checks that msg was logged exactly n times so far.
-func wantLogCount(t *testing.T, b *Box, msg string, n int, when string) {
+func wantLogCount(t *testing.T, b *lab.Appliance, msg string, n int, when string) {
 	t.Helper()
 	if ls := b.ProxyLog(msg); len(ls) != n {
 		t.Errorf("%s: %q logged %d times, want %d:\n%v", when, msg, len(ls), n, ls)
@@ -140,7 +142,7 @@ func wantLogCount(t *testing.T, b *Box, msg string, n int, when string) {
 }
 
 // wantFields checks a log line's fields (numbers as JSON gives them).
-func wantFields(t *testing.T, l LogLine, want map[string]any) {
+func wantFields(t *testing.T, l lab.LogLine, want map[string]any) {
 	t.Helper()
 	for k, v := range want {
 		if l[k] != v {
@@ -150,7 +152,7 @@ func wantFields(t *testing.T, l LogLine, want map[string]any) {
 }
 
 // ovlLasted is the end line's lasted field (slog writes durations in ns).
-func ovlLasted(l LogLine) time.Duration {
+func ovlLasted(l lab.LogLine) time.Duration {
 	f, _ := l["lasted"].(float64)
 	return time.Duration(f)
 }
@@ -158,7 +160,7 @@ func ovlLasted(l LogLine) time.Duration {
 var bypassedFlowsRE = regexp.MustCompile(`(?m)^bypassed flows: (\d+)`)
 
 // bypassedFlows is the count `ghostwire status` prints (0 if no line).
-func bypassedFlows(t *testing.T, b *Box) (int, string) {
+func bypassedFlows(t *testing.T, b *lab.Appliance) (int, string) {
 	t.Helper()
 	out, err := b.Ghostwire("status")
 	if err != nil {
@@ -323,7 +325,7 @@ func testOverloadRefuse(t *testing.T) {
 	for i := range 6 {
 		addr := addrs[i%2]
 		t0 := time.Now()
-		c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+		c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 		d := time.Since(t0)
 		worst = max(worst, d)
 		if err == nil {

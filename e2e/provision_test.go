@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ghostwire/ghostwire/lab"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -306,7 +307,7 @@ func TestPlainTrafficCrossesProvisionedBridge(t *testing.T) {
 		net.JoinHostPort(b.Lab.ServerIP4.String(), "8080"),
 		net.JoinHostPort(b.Lab.ServerIP6.String(), "8080"),
 	} {
-		ln, err := Listen(b.Lab.Server, "tcp", addr)
+		ln, err := lab.Listen(b.Lab.Server, "tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -321,7 +322,7 @@ func TestPlainTrafficCrossesProvisionedBridge(t *testing.T) {
 			peers <- c.RemoteAddr().(*net.TCPAddr).IP.String()
 			io.Copy(c, c)
 		}()
-		c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+		c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 		if err != nil {
 			t.Fatalf("client → %s across the bridge: %v", addr, err)
 		}

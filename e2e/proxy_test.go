@@ -13,11 +13,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // proxiedBox is a provisioned lab box with `ghostwire run` owning the
 // diversion; cleanup stops the proxy and tears down before the lab goes.
-func proxiedBox(t *testing.T, ports ...int) *Box {
+func proxiedBox(t *testing.T, ports ...int) *lab.Appliance {
 	t.Helper()
 	return proxiedBoxWith(t, nil, ports...)
 }
@@ -26,7 +28,7 @@ func proxiedBox(t *testing.T, ports ...int) *Box {
 // section (indented two spaces, one per line, e.g. "max_connections: 4").
 // The harness's config already has a proxy: section, so the keys go into
 // it rather than into a second one.
-func proxiedBoxWith(t *testing.T, proxyKeys []string, ports ...int) *Box {
+func proxiedBoxWith(t *testing.T, proxyKeys []string, ports ...int) *lab.Appliance {
 	t.Helper()
 	needRoot(t)
 	b := newBox(t, ports...)
@@ -68,7 +70,7 @@ type family struct {
 	box            string
 }
 
-func families(b *Box) []family {
+func families(b *lab.Appliance) []family {
 	return []family{
 		{"IPv4", b.Lab.ClientIP4.String(), b.Lab.ServerIP4.String(), b.Lab.BoxIP4.Addr().String()},
 		{"IPv6", b.Lab.ClientIP6.String(), b.Lab.ServerIP6.String(), b.Lab.BoxIP6.Addr().String()},
@@ -77,10 +79,10 @@ func families(b *Box) []family {
 
 // waitConnLog waits for the proxy's "connection closed" line for the
 // client socket local.
-func waitConnLog(t *testing.T, b *Box, local net.Addr) LogLine {
+func waitConnLog(t *testing.T, b *lab.Appliance, local net.Addr) lab.LogLine {
 	t.Helper()
-	var line LogLine
-	err := WaitFor(10*time.Second, func() (bool, error) {
+	var line lab.LogLine
+	err := lab.WaitFor(10*time.Second, func() (bool, error) {
 		if ls := b.ConnLogFor(local); len(ls) > 0 {
 			line = ls[0]
 			return true, nil
@@ -102,7 +104,7 @@ func TestProxyBulkBothWaysServerSeesClient(t *testing.T) {
 		t.Run(f.name, func(t *testing.T) {
 			var got <-chan served
 			addr := listenServer(t, b, f.server, "80", func(t *testing.T, ln net.Listener) { got = mirrorServer(t, ln, size) })
-			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -154,7 +156,7 @@ func TestProxyHalfClose(t *testing.T) {
 					stream(c, reply, 3)
 				})
 			})
-			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -183,7 +185,7 @@ func TestProxy200Concurrent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := Dial(b.Lab.Client, "tcp", addr, 10*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 10*time.Second)
 			if err != nil {
 				errs <- err
 				return
@@ -219,7 +221,7 @@ func TestProxyLeavesOtherPortsAlone(t *testing.T) {
 		listenServer(t, b, b.Lab.ServerIP4.String(), port, echoServer)
 	}
 	roundTrip := func(addr string) net.Addr {
-		c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+		c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -247,10 +249,10 @@ func TestDirectConnectionsRefused(t *testing.T) {
 	b := proxiedBox(t, 80)
 	waitNoTentative(t, b.Lab.Box) // a tentative address answers no neighbour solicitation
 	for _, f := range families(b) {
-		for _, port := range []string{fmt.Sprint(ProxyPort), "80"} {
+		for _, port := range []string{fmt.Sprint(lab.ProxyPort), "80"} {
 			addr := net.JoinHostPort(f.box, port)
 			start := time.Now()
-			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err == nil {
 				c.Close()
 				t.Errorf("%s: connection to the box's %s was accepted", f.name, addr)
@@ -275,7 +277,7 @@ func TestSIGTERMDrains(t *testing.T) {
 	b := proxiedBox(t, 80)
 	var got <-chan served
 	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", func(t *testing.T, ln net.Listener) { got = mirrorServer(t, ln, 0) })
-	c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,11 +292,11 @@ func TestSIGTERMDrains(t *testing.T) {
 	}
 	// "stopping" is logged on the signal, before the draining ruleset is
 	// in; "draining" once new connections are no longer diverted.
-	if err := WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("draining")) > 0, nil }); err != nil {
+	if err := lab.WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("draining")) > 0, nil }); err != nil {
 		t.Fatalf("proxy did not start draining: %v", err)
 	}
 	// A new connection while draining is neither hijacked nor cut.
-	c2, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	c2, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatalf("new connection during drain: %v", err)
 	}
@@ -347,7 +349,7 @@ func TestProxyChattyThenBulk(t *testing.T) {
 	for _, f := range families(b) {
 		t.Run(f.name, func(t *testing.T) {
 			addr := listenServer(t, b, f.server, "80", peerServer)
-			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}

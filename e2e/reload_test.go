@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 type lineReader struct{ *bufio.Reader }
@@ -41,7 +43,7 @@ func TestSIGHUPChangesPortsWithoutDropping(t *testing.T) {
 	addr80 := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
 	addr8080 := listenServer(t, b, b.Lab.ServerIP4.String(), "8080", peerServer)
 
-	inflight, err := Dial(b.Lab.Client, "tcp", addr80, 5*time.Second)
+	inflight, err := lab.Dial(b.Lab.Client, "tcp", addr80, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +73,7 @@ func TestSIGHUPChangesPortsWithoutDropping(t *testing.T) {
 	if err := b.Proxy.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	if err := WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("reloaded")) > 0, nil }); err != nil {
+	if err := lab.WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("reloaded")) > 0, nil }); err != nil {
 		t.Fatalf("no reload: %v\n%s", err, b.Proxy.Stderr())
 	}
 	pump(2)
@@ -96,7 +98,7 @@ func TestSIGHUPChangesPortsWithoutDropping(t *testing.T) {
 	}
 	waitConnLog(t, b, inflight.LocalAddr())
 	// With its last proxied connection gone, port 80 leaves the bridge set.
-	err = WaitFor(10*time.Second, func() (bool, error) {
+	err = lab.WaitFor(10*time.Second, func() (bool, error) {
 		return len(b.ProxyLog("stopped diverting ports with no proxied connections left")) > 0, nil
 	})
 	if err != nil {
@@ -116,7 +118,7 @@ func TestSIGHUPRefusesFixedKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.Proxy.Signal(syscall.SIGHUP)
-	err = WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("reload refused; keeping the running config")) > 0, nil })
+	err = lab.WaitFor(10*time.Second, func() (bool, error) { return len(b.ProxyLog("reload refused; keeping the running config")) > 0, nil })
 	if err != nil {
 		t.Fatalf("no refusal logged: %v\n%s", err, b.Proxy.Stderr())
 	}

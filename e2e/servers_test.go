@@ -9,6 +9,8 @@ import (
 	"net"
 	"sync"
 	"testing"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // stream writes n deterministic pseudo-random bytes to w and returns their
@@ -130,10 +132,10 @@ func peerServer(t *testing.T, ln net.Listener) {
 
 // listenServer listens in the server namespace on host:port and serves
 // with serve.
-func listenServer(t *testing.T, b *Box, host, port string, serve func(*testing.T, net.Listener)) string {
+func listenServer(t *testing.T, b *lab.Appliance, host, port string, serve func(*testing.T, net.Listener)) string {
 	t.Helper()
 	addr := net.JoinHostPort(host, port)
-	ln, err := Listen(b.Lab.Server, "tcp", addr)
+	ln, err := lab.Listen(b.Lab.Server, "tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // soakMin is the shortest soak; GHOSTWIRE_SOAK_DURATION (a Go duration)
@@ -75,7 +77,7 @@ func TestSoak(t *testing.T) {
 	// RSS or fds for 1.5 s.
 	base := readSoak(t, b)
 	steady := time.Now()
-	WaitFor(15*time.Second, func() (bool, error) {
+	lab.WaitFor(15*time.Second, func() (bool, error) {
 		r := readSoak(t, b)
 		if r.rss != base.rss || r.fds != base.fds {
 			base, steady = r, time.Now()
@@ -141,7 +143,7 @@ func TestSoak(t *testing.T) {
 	}
 	// When each measure first came back, for the log.
 	back := map[string]time.Duration{}
-	WaitFor(settle, func() (bool, error) {
+	lab.WaitFor(settle, func() (bool, error) {
 		after = readSoak(t, b)
 		err := after.within(base)
 		for _, m := range []string{"fds", "goroutines", "RSS"} {
@@ -215,7 +217,7 @@ func (r soakReading) String() string {
 	return fmt.Sprintf("fds %d, goroutines %d, RSS %.1f MiB (anon %.1f, file %.1f), active %d", r.fds, r.goroutines, mib(r.rss), mib(r.rssAnon), mib(r.rssFile), r.active)
 }
 
-func soakReadingOf(b *Box) (soakReading, error) {
+func soakReadingOf(b *lab.Appliance) (soakReading, error) {
 	var r soakReading
 	pid := b.Proxy.PID()
 	var err1, err2, err3 error
@@ -232,7 +234,7 @@ func soakReadingOf(b *Box) (soakReading, error) {
 	return r, nil
 }
 
-func readSoak(t *testing.T, b *Box) soakReading {
+func readSoak(t *testing.T, b *lab.Appliance) soakReading {
 	t.Helper()
 	r, err := soakReadingOf(b)
 	if err != nil {
@@ -279,13 +281,13 @@ func procFDKinds(pid int) map[string]int {
 }
 
 // statsLine is proxyStats for goroutines that may not fail the test.
-func statsLine(b *Box) (LogLine, error) {
+func statsLine(b *lab.Appliance) (lab.LogLine, error) {
 	seen := len(b.ProxyLog("stats"))
 	if err := b.Proxy.Signal(syscall.SIGUSR1); err != nil {
 		return nil, err
 	}
-	var line LogLine
-	err := WaitFor(10*time.Second, func() (bool, error) {
+	var line lab.LogLine
+	err := lab.WaitFor(10*time.Second, func() (bool, error) {
 		ls := b.ProxyLog("stats")
 		if len(ls) > seen {
 			line = ls[len(ls)-1]
@@ -300,7 +302,7 @@ func statsLine(b *Box) (LogLine, error) {
 // what each saw.
 type soak struct {
 	t   *testing.T
-	b   *Box
+	b   *lab.Appliance
 	srv *soakServer
 
 	ids            atomic.Int64
@@ -368,7 +370,7 @@ func (s *soak) summary() (counts map[string]int, bytes map[string]int64) {
 // open dials the server's port 80 and sends the request header.
 func (s *soak) open(f family, kind string, seed uint64, up, down int64) (*net.TCPConn, int64, error) {
 	id := s.ids.Add(1)
-	c, err := Dial(s.b.Lab.Client, "tcp", net.JoinHostPort(f.server, "80"), 5*time.Second)
+	c, err := lab.Dial(s.b.Lab.Client, "tcp", net.JoinHostPort(f.server, "80"), 5*time.Second)
 	if err != nil {
 		return nil, id, fmt.Errorf("dial: %w", err)
 	}
@@ -580,7 +582,7 @@ func (s *soak) refused(f family) {
 	s.total.Add(1)
 	s.refusals.Add(1)
 	start := time.Now()
-	c, err := Dial(s.b.Lab.Client, "tcp", net.JoinHostPort(f.server, "81"), 5*time.Second)
+	c, err := lab.Dial(s.b.Lab.Client, "tcp", net.JoinHostPort(f.server, "81"), 5*time.Second)
 	if err == nil {
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		var n int

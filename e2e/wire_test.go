@@ -29,7 +29,7 @@ func TestWireCheck(t *testing.T) {
 				capClient.Stop()
 				t.Fatal(err)
 			}
-			c, err := Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -9,6 +9,11 @@
 // wire. The lab creates namespaces and veths only; bridging the box ports is
 // left to ghostwire's own apply, or to PlainBridge for baselines.
 //
+// Appliance (appliance.go) drives the real ghostwire binary in a lab's box:
+// it writes the config, applies, runs and reads back the proxy's JSON log;
+// the end-to-end tests and `make demo` share it. Capture and the frame
+// parser read what crosses the wire.
+//
 // Everything except frame parsing needs Linux and root (CAP_NET_ADMIN and
 // CAP_SYS_ADMIN).
 package lab

@@ -15,7 +15,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ghostwire/ghostwire/e2e"
 	"github.com/ghostwire/ghostwire/lab"
 )
 
@@ -60,7 +59,7 @@ func demo(bin string) (err error) {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	b, err := e2e.NewBox(l, abs, dir, []int{80}, "")
+	b, err := lab.NewAppliance(l, abs, dir, []int{80}, "")
 	if err != nil {
 		return err
 	}
@@ -113,10 +112,10 @@ func demo(bin string) (err error) {
 
 // request makes one HTTP request from the client namespace and shows what
 // each party saw.
-func request(b *e2e.Box, server, wantPeer string) error {
+func request(b *lab.Appliance, server, wantPeer string) error {
 	l := b.Lab
 	step("client: GET http://%s/", server)
-	c, err := e2e.Dial(l.Client, "tcp", server+":80", 5*time.Second)
+	c, err := lab.Dial(l.Client, "tcp", server+":80", 5*time.Second)
 	if err != nil {
 		return fmt.Errorf("client connect to %s: %w", server, err)
 	}
@@ -141,8 +140,8 @@ func request(b *e2e.Box, server, wantPeer string) error {
 		return fmt.Errorf("server saw %s, not the client's address %s", peer, wantPeer)
 	}
 	c.Close()
-	var line e2e.LogLine
-	err = e2e.WaitFor(5*time.Second, func() (bool, error) {
+	var line lab.LogLine
+	err = lab.WaitFor(5*time.Second, func() (bool, error) {
 		ls := b.ConnLogFor(c.LocalAddr())
 		if len(ls) > 0 {
 			line = ls[0]
@@ -166,7 +165,7 @@ func startWhoAmI(l *lab.Lab) (*whoAmI, error) {
 		fmt.Fprintf(rw, "you are %s\n", r.RemoteAddr)
 	})
 	for _, addr := range []string{l.ServerIP4.String() + ":80", "[" + l.ServerIP6.String() + "]:80"} {
-		ln, err := e2e.Listen(l.Server, "tcp", addr)
+		ln, err := lab.Listen(l.Server, "tcp", addr)
 		if err != nil {
 			w.Close()
 			return nil, fmt.Errorf("server listen %s: %w", addr, err)

@@ -1,5 +1,4 @@
-// Package e2e drives the real ghostwire binary inside a lab: the harness shared by the end-to-end tests and `make demo`.
-package e2e
+package lab
 
 import (
 	"bufio"
@@ -15,19 +14,18 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/ghostwire/ghostwire/lab"
 )
 
-// Box is a lab's box namespace provisioned and run by the ghostwire binary.
-type Box struct {
-	Lab    *lab.Lab
+// Appliance is a lab's box namespace provisioned and run by the ghostwire
+// binary: the harness of the end-to-end tests and of `make demo`.
+type Appliance struct {
+	Lab    *Lab
 	Bin    string // ghostwire binary
 	Dir    string // config and state live here
 	Config string
 	Bridge string
 	Ports  []int
-	Proxy  *lab.Process // `ghostwire run`, while started
+	Proxy  *Process // `ghostwire run`, while started
 }
 
 // ProxyPort is the TPROXY port the harness configures.
@@ -43,16 +41,16 @@ func BuildBinary(dir string) (string, error) {
 	return bin, nil
 }
 
-// NewBox writes a config for l into dir: the bridge over the lab's two box
+// NewAppliance writes a config for l into dir: the bridge over the lab's two box
 // ports with the suggested management addresses, intercepting ports.
-func NewBox(l *lab.Lab, bin, dir string, ports []int, extraYAML string) (*Box, error) {
-	b := &Box{Lab: l, Bin: bin, Dir: dir, Bridge: l.Prefix + "br", Ports: ports}
+func NewAppliance(l *Lab, bin, dir string, ports []int, extraYAML string) (*Appliance, error) {
+	b := &Appliance{Lab: l, Bin: bin, Dir: dir, Bridge: l.Prefix + "br", Ports: ports}
 	b.Config = filepath.Join(dir, "ghostwire.yaml")
 	return b, b.WriteConfig(ports, extraYAML)
 }
 
 // WriteConfig (re)writes the config file, e.g. before a SIGHUP.
-func (b *Box) WriteConfig(ports []int, extraYAML string) error {
+func (b *Appliance) WriteConfig(ports []int, extraYAML string) error {
 	var ps []string
 	for _, p := range ports {
 		ps = append(ps, fmt.Sprint(p))
@@ -78,7 +76,7 @@ state_file: %s
 
 // Ghostwire runs `ghostwire ARGS -c CONFIG` in the box namespace and returns
 // its combined output.
-func (b *Box) Ghostwire(args ...string) (string, error) {
+func (b *Appliance) Ghostwire(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	args = append(args, "-c", b.Config)
@@ -90,7 +88,7 @@ func (b *Box) Ghostwire(args ...string) (string, error) {
 }
 
 // Status returns `ghostwire status`'s first line, e.g. "ghostwire: intercepting".
-func (b *Box) Status() (string, error) {
+func (b *Appliance) Status() (string, error) {
 	out, err := b.Ghostwire("status")
 	line, _, _ := strings.Cut(out, "\n")
 	return line, err
@@ -98,7 +96,7 @@ func (b *Box) Status() (string, error) {
 
 // StartProxy starts `ghostwire run` in the box and waits until it owns the
 // diversion (status says intercepting), or fails if the process exits.
-func (b *Box) StartProxy() error {
+func (b *Appliance) StartProxy() error {
 	p, err := b.Lab.Start(b.Lab.Box, b.Bin, "run", "-c", b.Config, "--json")
 	if err != nil {
 		return err
@@ -116,7 +114,7 @@ func (b *Box) StartProxy() error {
 }
 
 // StopProxy signals the proxy and waits for it to exit.
-func (b *Box) StopProxy(sig syscall.Signal) error {
+func (b *Appliance) StopProxy(sig syscall.Signal) error {
 	if b.Proxy == nil {
 		return errors.New("proxy not started")
 	}
@@ -127,7 +125,7 @@ func (b *Box) StopProxy(sig syscall.Signal) error {
 type LogLine map[string]any
 
 // ProxyLog parses the proxy's JSON log lines so far, keeping those with msg.
-func (b *Box) ProxyLog(msg string) []LogLine {
+func (b *Appliance) ProxyLog(msg string) []LogLine {
 	var out []LogLine
 	if b.Proxy == nil {
 		return nil
@@ -144,7 +142,7 @@ func (b *Box) ProxyLog(msg string) []LogLine {
 
 // ConnLogFor returns the "connection closed" lines whose client address is
 // from (host:port as the proxy saw it).
-func (b *Box) ConnLogFor(from net.Addr) []LogLine {
+func (b *Appliance) ConnLogFor(from net.Addr) []LogLine {
 	var out []LogLine
 	for _, l := range b.ProxyLog("connection closed") {
 		if l["client"] == from.String() {
@@ -175,7 +173,7 @@ func WaitFor(timeout time.Duration, cond func() (bool, error)) error {
 }
 
 // Listen opens a TCP listener inside ns.
-func Listen(ns *lab.NS, network, addr string) (net.Listener, error) {
+func Listen(ns *NS, network, addr string) (net.Listener, error) {
 	var ln net.Listener
 	err := ns.Do(func() (err error) {
 		ln, err = net.Listen(network, addr)
@@ -185,7 +183,7 @@ func Listen(ns *lab.NS, network, addr string) (net.Listener, error) {
 }
 
 // Dial connects from inside ns.
-func Dial(ns *lab.NS, network, addr string, timeout time.Duration) (*net.TCPConn, error) {
+func Dial(ns *NS, network, addr string, timeout time.Duration) (*net.TCPConn, error) {
 	var c net.Conn
 	err := ns.Do(func() (err error) {
 		c, err = net.DialTimeout(network, addr, timeout)
