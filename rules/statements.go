@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"slices"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -47,9 +48,10 @@ type etherDaddrSet net.HardwareAddr
 
 func (s etherDaddrSet) String() string { return "ether daddr set " + net.HardwareAddr(s).String() }
 
+// emit copies the address: expressions must not share the plan's memory.
 func (s etherDaddrSet) emit(e *emitter) {
 	e.add(
-		&expr.Immediate{Register: 1, Data: []byte(s)},
+		&expr.Immediate{Register: 1, Data: slices.Clone([]byte(s))},
 		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 0, Len: 6},
 	)
 }

@@ -1,0 +1,429 @@
+package rules
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// decompiler turns a rule's expressions back into the rule's text as nft
+// 1.0.6 lists it, without the items' String methods: it tracks what each
+// register holds, names header loads from the protocol checks before them
+// and hides those checks the way nft does. It knows exactly the expression
+// shapes this package emits and fails on anything else, so a wrong
+// register, byte order, offset, dependency or set reference shows up as an
+// error or as text that differs from the item's.
+type decompiler struct {
+	family nftables.TableFamily
+	sets   map[string]*nftables.Set // the table's sets, numbered as in the batch
+	regs   map[int]value            // by 32-bit register index
+	eth    string                   // "ip" or "ip6" once `meta protocol` is checked
+	tcp    bool                     // `meta l4proto tcp` checked
+	// deps are the statements (by index in out) a later header load makes
+	// implicit; nft does not list them.
+	deps   map[expr.PayloadBase]int
+	hidden map[int]bool
+	out    []string
+}
+
+// value is what a register holds.
+type value struct {
+	kind valueKind
+	name string // as nft prints the expression that loaded it
+	typ  string // nft datatype of a header field, for set keys
+	len  uint32
+	data []byte // an immediate's bytes
+	mask []byte // the bitwise mask applied to it, if any
+}
+
+type valueKind int
+
+const (
+	immediate valueKind = iota
+	ifName
+	l4proto
+	ethProto
+	field // a header field: an address or port
+	tcpFlags
+	fibType
+	socketFlag
+)
+
+// decompile is the text of the rule made of exprs, in a table of family
+// fam holding sets.
+func decompile(fam nftables.TableFamily, sets map[string]*nftables.Set, exprs []expr.Any) (string, error) {
+	d := &decompiler{family: fam, sets: sets, regs: map[int]value{}, deps: map[expr.PayloadBase]int{}, hidden: map[int]bool{}}
+	for i, e := range exprs {
+		if err := d.step(e); err != nil {
+			return "", fmt.Errorf("expression %d (%T %+v): %w", i+1, e, e, err)
+		}
+	}
+	var shown []string
+	for i, s := range d.out {
+		if !d.hidden[i] {
+			shown = append(shown, s)
+		}
+	}
+	return strings.Join(shown, " "), nil
+}
+
+func (d *decompiler) step(e expr.Any) error {
+	switch e := e.(type) {
+	case *expr.Meta:
+		return d.meta(e)
+	case *expr.Cmp:
+		return d.cmp(e)
+	case *expr.Payload:
+		if e.OperationType == expr.PayloadWrite {
+			return d.payloadWrite(e)
+		}
+		return d.payloadLoad(e)
+	case *expr.Bitwise:
+		return d.bitwise(e)
+	case *expr.Lookup:
+		return d.lookup(e)
+	case *expr.Dynset:
+		return d.dynset(e)
+	case *expr.Immediate:
+		return d.write(e.Register, value{kind: immediate, len: uint32(len(e.Data)), data: e.Data})
+	case *expr.Fib:
+		if *e != (expr.Fib{Register: e.Register, FlagDADDR: true, ResultADDRTYPE: true}) {
+			return errors.New("not fib daddr type")
+		}
+		return d.write(e.Register, value{kind: fibType, name: "fib daddr type", len: 4})
+	case *expr.Socket:
+		if *e != (expr.Socket{Key: expr.SocketKeyTransparent, Register: e.Register}) {
+			return errors.New("not socket transparent")
+		}
+		return d.write(e.Register, value{kind: socketFlag, name: "socket transparent", len: 1})
+	case *expr.TProxy:
+		return d.tproxy(e)
+	case *expr.Reject:
+		if e.Type != unix.NFT_REJECT_TCP_RST || e.Code != 0 {
+			return errors.New("not a tcp reset")
+		}
+		d.print("reject with tcp reset")
+	case *expr.Verdict:
+		if e.Kind != expr.VerdictAccept || e.Chain != "" {
+			return errors.New("not accept")
+		}
+		d.print("accept")
+	default:
+		return errors.New("an expression this package does not emit")
+	}
+	return nil
+}
+
+func (d *decompiler) print(s string) { d.out = append(d.out, s) }
+
+// reg32 is the index of a data register in 32-bit units: NFT_REG_1..4 are
+// the 16-byte registers, NFT_REG32_00..15 the 4-byte ones over them.
+func reg32(r uint32) (int, error) {
+	switch {
+	case r >= unix.NFT_REG_1 && r <= unix.NFT_REG_4:
+		return int(r-unix.NFT_REG_1) * 4, nil
+	case r >= unix.NFT_REG32_00 && r <= unix.NFT_REG32_15:
+		return int(r - unix.NFT_REG32_00), nil
+	}
+	return 0, fmt.Errorf("register %d is not a data register", r)
+}
+
+// words is how many 32-bit registers n bytes take.
+func words(n uint32) int { return int(n+3) / 4 }
+
+// write stores v in register r, dropping what it overwrites.
+func (d *decompiler) write(r uint32, v value) error {
+	i, err := reg32(r)
+	if err != nil {
+		return err
+	}
+	if i+words(v.len) > 16 {
+		return fmt.Errorf("%d bytes do not fit from register %d", v.len, r)
+	}
+	for j, old := range d.regs {
+		if j < i+words(v.len) && i < j+words(old.len) {
+			delete(d.regs, j)
+		}
+	}
+	d.regs[i] = v
+	return nil
+}
+
+// read is what register r holds from its start.
+func (d *decompiler) read(r uint32) (value, error) {
+	i, err := reg32(r)
+	if err != nil {
+		return value{}, err
+	}
+	v, ok := d.regs[i]
+	if !ok {
+		return value{}, fmt.Errorf("register %d holds nothing loaded here", r)
+	}
+	return v, nil
+}
+
+func (d *decompiler) meta(e *expr.Meta) error {
+	if !e.SourceRegister {
+		v, ok := map[expr.MetaKey]value{
+			expr.MetaKeyIIFNAME:  {kind: ifName, name: "iifname", len: unix.IFNAMSIZ},
+			expr.MetaKeyL4PROTO:  {kind: l4proto, name: "meta l4proto", len: 1},
+			expr.MetaKeyPROTOCOL: {kind: ethProto, name: "meta protocol", len: 2},
+		}[e.Key]
+		if !ok {
+			return errors.New("loads a meta key this package does not match")
+		}
+		return d.write(e.Register, v)
+	}
+	v, err := d.read(e.Register)
+	if err != nil || v.kind != immediate {
+		return fmt.Errorf("meta set from a register without an immediate (%v)", err)
+	}
+	switch {
+	case e.Key == expr.MetaKeyMARK && len(v.data) == 4:
+		d.print(fmt.Sprintf("meta mark set 0x%08x", binary.NativeEndian.Uint32(v.data)))
+	case e.Key == expr.MetaKeyPKTTYPE && bytes.Equal(v.data, []byte{unix.PACKET_HOST}):
+		d.print("meta pkttype set host")
+	default:
+		return errors.New("sets a meta key or value this package does not set")
+	}
+	return nil
+}
+
+// cmp prints an equality match of a register against a constant.
+func (d *decompiler) cmp(e *expr.Cmp) error {
+	v, err := d.read(e.Register)
+	if err != nil {
+		return err
+	}
+	if e.Op != expr.CmpOpEq || uint32(len(e.Data)) != v.len {
+		return fmt.Errorf("not an equality with %d bytes of %s", v.len, v.name)
+	}
+	rhs, err := d.constant(v, e.Data)
+	if err != nil {
+		return fmt.Errorf("%s: %w", v.name, err)
+	}
+	d.print(v.name + " " + rhs)
+	return nil
+}
+
+// constant prints data compared with v, as nft prints it for v's type,
+// and notes the protocol checks the rule's header loads depend on.
+func (d *decompiler) constant(v value, data []byte) (string, error) {
+	switch v.kind {
+	case ifName:
+		name, pad, _ := bytes.Cut(data, []byte{0})
+		if len(name) == 0 || bytes.ContainsFunc(pad, func(r rune) bool { return r != 0 }) {
+			return "", errors.New("not a zero-padded interface name")
+		}
+		return fmt.Sprintf("%q", name), nil
+	case l4proto:
+		if !bytes.Equal(data, []byte{unix.IPPROTO_TCP}) {
+			return "", errors.New("not tcp")
+		}
+		d.tcp, d.deps[expr.PayloadBaseTransportHeader] = true, len(d.out)
+		return "tcp", nil
+	case ethProto:
+		eth, ok := map[uint16]string{unix.ETH_P_IP: "ip", unix.ETH_P_IPV6: "ip6"}[binary.BigEndian.Uint16(data)]
+		if !ok {
+			return "", errors.New("not ip or ip6")
+		}
+		d.eth, d.deps[expr.PayloadBaseNetworkHeader] = eth, len(d.out)
+		return eth, nil
+	case field:
+		if v.typ != nftables.TypeInetService.Name {
+			return "", errors.New("only ports are compared with constants")
+		}
+		return fmt.Sprint(binary.BigEndian.Uint16(data)), nil
+	case tcpFlags:
+		if v.mask == nil {
+			return "", errors.New("flags compared without a mask")
+		}
+		return tcpFlagNames(data[0]) + " / " + tcpFlagNames(v.mask[0]), nil
+	case fibType:
+		if binary.NativeEndian.Uint32(data) != unix.RTN_LOCAL {
+			return "", errors.New("not local (a host-order RTN_LOCAL)")
+		}
+		return "local", nil
+	case socketFlag:
+		return fmt.Sprint(data[0]), nil
+	}
+	return "", errors.New("not comparable")
+}
+
+// tcpFlagNames lists the flags in f as nft does: comma separated, from
+// the lowest bit.
+func tcpFlagNames(f byte) string {
+	var names []string
+	for i, name := range []string{"fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr"} {
+		if f&(1<<i) != 0 {
+			names = append(names, name)
+		}
+	}
+	return strings.Join(names, ",")
+}
+
+// headerField is a header field this package loads: its name by header
+// and offset, and its nft datatype.
+type headerField struct {
+	base   expr.PayloadBase
+	proto  string // "tcp", "ip", "ip6"
+	offset uint32
+	len    uint32
+}
+
+var headerFields = map[headerField]struct{ name, typ string }{
+	{expr.PayloadBaseTransportHeader, "tcp", 0, 2}:  {"tcp sport", nftables.TypeInetService.Name},
+	{expr.PayloadBaseTransportHeader, "tcp", 2, 2}:  {"tcp dport", nftables.TypeInetService.Name},
+	{expr.PayloadBaseTransportHeader, "tcp", 13, 1}: {"tcp flags", ""},
+	{expr.PayloadBaseNetworkHeader, "ip", 12, 4}:    {"ip saddr", nftables.TypeIPAddr.Name},
+	{expr.PayloadBaseNetworkHeader, "ip", 16, 4}:    {"ip daddr", nftables.TypeIPAddr.Name},
+	{expr.PayloadBaseNetworkHeader, "ip6", 8, 16}:   {"ip6 saddr", nftables.TypeIP6Addr.Name},
+	{expr.PayloadBaseNetworkHeader, "ip6", 24, 16}:  {"ip6 daddr", nftables.TypeIP6Addr.Name},
+}
+
+// payloadLoad names a header load from the protocol checked before it (a
+// load without its check is an error: nft always adds one) and hides that
+// check. IP header loads are only emitted in the bridge family, where the
+// check is `meta protocol`.
+func (d *decompiler) payloadLoad(e *expr.Payload) error {
+	if e.SourceRegister != 0 || e.CsumType != 0 || e.CsumOffset != 0 || e.CsumFlags != 0 {
+		return errors.New("a load with write or checksum fields")
+	}
+	hf := headerField{base: e.Base, offset: e.Offset, len: e.Len}
+	switch {
+	case e.Base == expr.PayloadBaseTransportHeader && d.tcp:
+		hf.proto = "tcp"
+	case e.Base == expr.PayloadBaseNetworkHeader && d.eth != "" && d.family == nftables.TableFamilyBridge:
+		hf.proto = d.eth
+	default:
+		return errors.New("a header load without its protocol check before it")
+	}
+	f, ok := headerFields[hf]
+	if !ok {
+		return fmt.Errorf("no %s header field at offset %d, length %d", hf.proto, e.Offset, e.Len)
+	}
+	if dep, ok := d.deps[e.Base]; ok {
+		d.hidden[dep] = true
+	}
+	kind := field
+	if f.typ == "" {
+		kind = tcpFlags
+	}
+	return d.write(e.DestRegister, value{kind: kind, name: f.name, typ: f.typ, len: e.Len})
+}
+
+// payloadWrite is the one write this package emits: the Ethernet
+// destination, from an immediate.
+func (d *decompiler) payloadWrite(e *expr.Payload) error {
+	v, err := d.read(e.SourceRegister)
+	if err != nil {
+		return err
+	}
+	want := expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: e.SourceRegister, Base: expr.PayloadBaseLLHeader, Offset: 0, Len: 6}
+	if *e != want || v.kind != immediate || v.len != 6 {
+		return errors.New("not ether daddr set from a 6-byte immediate")
+	}
+	d.print("ether daddr set " + net.HardwareAddr(v.data).String())
+	return nil
+}
+
+func (d *decompiler) bitwise(e *expr.Bitwise) error {
+	v, err := d.read(e.SourceRegister)
+	if err != nil {
+		return err
+	}
+	if v.kind != tcpFlags || v.mask != nil || e.Len != 1 || len(e.Mask) != 1 || !bytes.Equal(e.Xor, []byte{0}) {
+		return errors.New("not a mask of the tcp flags")
+	}
+	v.mask = e.Mask
+	return d.write(e.DestRegister, v)
+}
+
+// setRef finds the set a lookup or dynset refers to, by name and batch ID.
+func (d *decompiler) setRef(name string, id uint32) (*nftables.Set, error) {
+	s := d.sets[name]
+	if s == nil || s.ID != id {
+		return nil, fmt.Errorf("refers to set %q ID %d, not one of the table's", name, id)
+	}
+	return s, nil
+}
+
+// key prints the set key loaded from register r on: one field, or the
+// concatenation of the set's key type, each part starting on a 32-bit
+// register of its own.
+func (d *decompiler) key(r uint32, s *nftables.Set) (string, error) {
+	types := []nftables.SetDatatype{s.KeyType}
+	if strings.Contains(s.KeyType.Name, " . ") {
+		types = nftables.ConcatSetTypeElements(s.KeyType)
+	}
+	i, err := reg32(r)
+	if err != nil {
+		return "", err
+	}
+	var parts []string
+	for _, t := range types {
+		v, ok := d.regs[i]
+		if !ok || v.kind != field || v.typ != t.Name || v.len != t.Bytes {
+			return "", fmt.Errorf("register %d (32-bit) does not hold the %s of set %s's key", i, t.Name, s.Name)
+		}
+		parts = append(parts, v.name)
+		i += words(v.len)
+	}
+	return strings.Join(parts, " . "), nil
+}
+
+func (d *decompiler) lookup(e *expr.Lookup) error {
+	s, err := d.setRef(e.SetName, e.SetID)
+	if err != nil {
+		return err
+	}
+	if e.Invert || e.IsDestRegSet || e.DestRegister != 0 {
+		return errors.New("not a plain membership match")
+	}
+	k, err := d.key(e.SourceRegister, s)
+	if err != nil {
+		return err
+	}
+	d.print(k + " @" + s.Name)
+	return nil
+}
+
+func (d *decompiler) dynset(e *expr.Dynset) error {
+	s, err := d.setRef(e.SetName, e.SetID)
+	if err != nil {
+		return err
+	}
+	op, ok := map[uint32]string{unix.NFT_DYNSET_OP_ADD: "add", unix.NFT_DYNSET_OP_UPDATE: "update"}[e.Operation]
+	if !ok || e.SrcRegData != 0 || e.Timeout != 0 || e.Invert || len(e.Exprs) > 0 {
+		return errors.New("not a plain add or update of a key")
+	}
+	k, err := d.key(e.SrcRegKey, s)
+	if err != nil {
+		return err
+	}
+	d.print(fmt.Sprintf("%s @%s { %s }", op, s.Name, k))
+	return nil
+}
+
+// tproxy prints the inet `tproxy to :PORT`: any address family, the port
+// big-endian in an immediate.
+func (d *decompiler) tproxy(e *expr.TProxy) error {
+	v, err := d.read(e.RegPort)
+	if err != nil {
+		return err
+	}
+	want := expr.TProxy{Family: byte(nftables.TableFamilyUnspecified), TableFamily: byte(d.family), RegPort: e.RegPort}
+	if *e != want || d.family != nftables.TableFamilyINet || v.kind != immediate || v.len != 2 {
+		return errors.New("not the inet tproxy to a port in an immediate")
+	}
+	d.print(fmt.Sprintf("tproxy to :%d", binaryutil.BigEndian.Uint16(v.data)))
+	return nil
+}
