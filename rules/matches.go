@@ -50,7 +50,8 @@ func (e *emitter) needTCP() {
 }
 
 // needIP adds the `meta protocol ip` (ip6) an IPv4 (IPv6) header load
-// depends on in the bridge family.
+// depends on in the bridge family, the only one whose rules load IP header
+// fields (an inet rule would need `meta nfproto` instead).
 func (e *emitter) needIP(f ipFamily) {
 	if e.ethType != f.ethType {
 		e.add(

@@ -96,7 +96,17 @@ func NewPlan(cfg Config) (*Plan, error) {
 
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	checkNames(cfg, bad)
+	checkNumbers(cfg, bad)
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
+	}
+	return newPlan(cfg, false, OverloadNone), nil
+}
 
+// checkNames reports, through bad, what is wrong with cfg's table name,
+// interfaces and MAC address.
+func checkNames(cfg Config, bad func(format string, a ...any)) {
 	if err := validTableName(cfg.Name); err != nil {
 		bad("Name: %w", err)
 	}
@@ -121,6 +131,11 @@ func NewPlan(cfg Config) (*Plan, error) {
 	case slices.Equal(cfg.BridgeMAC, make(net.HardwareAddr, 6)):
 		bad("BridgeMAC: %s is the zero address", cfg.BridgeMAC)
 	}
+}
+
+// checkNumbers reports, through bad, what is wrong with cfg's ports, mark,
+// routing and timeout.
+func checkNumbers(cfg Config, bad func(format string, a ...any)) {
 	if len(cfg.TCPPorts) == 0 {
 		bad("TCPPorts: at least one intercepted port is needed")
 	} else if cfg.TCPPorts[0] == 0 {
@@ -148,10 +163,6 @@ func NewPlan(cfg Config) (*Plan, error) {
 	if err := validBypassTimeout(cfg.BypassTimeout); err != nil {
 		bad("BypassTimeout: %w", err)
 	}
-	if len(errs) > 0 {
-		return nil, fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
-	}
-	return newPlan(cfg, false, OverloadNone), nil
 }
 
 // validTableName keeps names to what nft prints and parses back unquoted.

@@ -14,7 +14,10 @@ import (
 // chains, chains hold rules, and a rule is a sequence of items. Every item
 // knows both how nft 1.0.6 lists it and which expressions nft compiles it
 // to, so String (the listing), Apply (the netlink batch) and Check (the
-// comparison with the kernel) are walks over the same description.
+// comparison with the kernel) are walks over the same description. The
+// items are in matches.go and statements.go, the plan's tables in
+// tables.go; pin_test.go checks without a kernel that the expressions
+// decompile to the text.
 
 // table is one of the plan's two tables.
 type table struct {

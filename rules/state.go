@@ -53,7 +53,8 @@ func Tables(c *nftables.Conn, name string) (TablesState, error) {
 	return st, nil
 }
 
-// overloadOf finds the rules only an overloaded plan has (see tableDefs).
+// overloadOf finds the rules only an overloaded plan has (see bridgeRules
+// and inetPrerouting).
 func overloadOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Table) (Overload, error) {
 	for _, look := range []struct {
 		fam  nftables.TableFamily
