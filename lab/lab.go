@@ -94,6 +94,34 @@ func NewT(tb testing.TB, opts ...Option) *Lab {
 	return l
 }
 
+// NewNST creates one throwaway namespace named UniquePrefix() with lo up,
+// for tests that need a kernel of their own but no topology, and deletes
+// it in tb.Cleanup. Without root it skips the test.
+func NewNST(tb testing.TB) *NS {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		tb.Skip("needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN): run as root, e.g. sudo go test")
+	}
+	ns, err := createNS(UniquePrefix())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := deleteNS(ns); err != nil {
+			tb.Errorf("deleting %v", err)
+		}
+	})
+	h, err := ns.Netlink()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer h.Close()
+	if err := upLinks(h, ns, "lo"); err != nil {
+		tb.Fatalf("setting lo up in %s: %v", ns.Name, err)
+	}
+	return ns
+}
+
 // New builds the lab: namespaces PREFIX-client, PREFIX-box and PREFIX-server
 // and the two veth pairs between them. prefix must be 1–12 characters of
 // [A-Za-z0-9_-]. On failure New removes everything it created; it never

@@ -245,3 +245,7 @@ func (ns *NS) WaitNoTentative(timeout time.Duration) error {
 		time.Sleep(delay) // polling interval of a bounded wait: the kernel sends no event we could wait on here
 	}
 }
+
+// Handle opens ns for callers that take a namespace handle (netlink,
+// nftables.WithNetNSFd); the caller closes it.
+func (ns *NS) Handle() (netns.NsHandle, error) { return ns.open() }
