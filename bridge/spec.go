@@ -106,13 +106,8 @@ func (s Spec) Validate() error {
 }
 
 func validName(what, n string) error {
-	switch {
-	case n == "":
-		return fmt.Errorf("%s is empty", what)
-	case len(n) > 15:
-		return fmt.Errorf("%s %q: longer than 15 bytes (IFNAMSIZ)", what, n)
-	case strings.ContainsAny(n, "/: \t\n") || n == "." || n == "..":
-		return fmt.Errorf("%s %q: not a valid interface name", what, n)
+	if err := ValidIfName(n); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	return nil
 }

@@ -46,12 +46,16 @@ func TestValidate(t *testing.T) {
 		mod  func(*Spec)
 		err  string
 	}{
-		{"empty name", func(s *Spec) { s.Name = "" }, "bridge name is empty"},
+		{"empty name", func(s *Spec) { s.Name = "" }, "bridge name: interface name is empty"},
 		{"long name", func(s *Spec) { s.Name = "abcdefghijklmnop" }, "longer than 15"},
 		{"same NIC twice", func(s *Spec) { s.Ports = []string{"lan0", "lan0"} }, "same interface \"lan0\""},
 		{"one NIC", func(s *Spec) { s.Ports = []string{"lan0"} }, "exactly two NICs"},
 		{"NIC is bridge", func(s *Spec) { s.Ports = []string{"br0", "wan0"} }, "bridge's own name"},
-		{"bad NIC name", func(s *Spec) { s.Ports = []string{"la n0", "wan0"} }, "not a valid interface name"},
+		{"bad NIC name", func(s *Spec) { s.Ports = []string{"la n0", "wan0"} }, "contains '/', ':', '*', a quote"},
+		// The kernel would take these, but the nftables rules could not
+		// name them: one rule (ValidIfName) for both.
+		{"quote in NIC name", func(s *Spec) { s.Ports = []string{`la"n0`, "wan0"} }, "a quote"},
+		{"wildcard in bridge name", func(s *Spec) { s.Name = "br*" }, "'*'"},
 		{"multicast address", func(s *Spec) { s.Addresses = []netip.Prefix{netip.MustParsePrefix("224.0.0.1/4")} }, "not a usable unicast"},
 	} {
 		s := good

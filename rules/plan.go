@@ -13,10 +13,11 @@ import (
 	"fmt"
 	"net"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/google/nftables"
+
+	"github.com/ghostwire/ghostwire/bridge"
 )
 
 // Config is everything the diversion needs, in plain values.
@@ -69,7 +70,6 @@ func newPlan(cfg Config, draining bool, overload Overload) *Plan {
 
 // Limits the kernel and iproute2 put on the values in Config.
 const (
-	maxIfName       = 15 // IFNAMSIZ - 1
 	maxTableName    = 64 // well below NFT_NAME_MAXLEN; nft names are for humans
 	maxRouteTable   = 1<<31 - 1
 	maxRulePrio     = 32765 // 32766 is the main table's rule: ours must come first
@@ -113,7 +113,7 @@ func checkNames(cfg Config, bad func(format string, a ...any)) {
 	for _, f := range []struct{ field, name string }{
 		{"Bridge", cfg.Bridge}, {"ClientPort", cfg.ClientPort}, {"ServerPort", cfg.ServerPort},
 	} {
-		if err := validIfName(f.name); err != nil {
+		if err := bridge.ValidIfName(f.name); err != nil {
 			bad("%s: %w", f.field, err)
 		}
 	}
@@ -178,24 +178,6 @@ func validTableName(name string) error {
 		if !letter && (i == 0 || !(r >= '0' && r <= '9' || r == '_')) {
 			return fmt.Errorf("table name %q must be a letter followed by letters, digits or '_'", name)
 		}
-	}
-	return nil
-}
-
-// validIfName mirrors the kernel's dev_valid_name, plus what nft text cannot
-// carry unescaped.
-func validIfName(name string) error {
-	switch {
-	case name == "":
-		return errors.New("interface name is empty")
-	case len(name) > maxIfName:
-		return fmt.Errorf("interface name %q is longer than %d bytes", name, maxIfName)
-	case name == "." || name == "..":
-		return fmt.Errorf("interface name %q is not allowed", name)
-	case strings.ContainsAny(name, "/:\"\\*") || strings.ContainsFunc(name, func(r rune) bool { return r <= ' ' || r >= 0x7f }):
-		// '"', '\\' and '*' are legal for the kernel, but nft text would
-		// need escapes for them ('*' is nft's interface wildcard).
-		return fmt.Errorf("interface name %q contains '/', ':', '*', a quote, a backslash, whitespace or a non-ASCII byte", name)
 	}
 	return nil
 }
