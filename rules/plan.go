@@ -95,7 +95,7 @@ func NewPlan(cfg Config) (*Plan, error) {
 	}
 
 	var errs []error
-	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	bad := func(field, format string, a ...any) { errs = append(errs, fieldErr(field, format, a...)) }
 	checkNames(cfg, bad)
 	checkNumbers(cfg, bad)
 	if len(errs) > 0 {
@@ -106,62 +106,54 @@ func NewPlan(cfg Config) (*Plan, error) {
 
 // checkNames reports, through bad, what is wrong with cfg's table name,
 // interfaces and MAC address.
-func checkNames(cfg Config, bad func(format string, a ...any)) {
+func checkNames(cfg Config, bad func(field, format string, a ...any)) {
 	if err := validTableName(cfg.Name); err != nil {
-		bad("Name: %w", err)
+		bad("Name", "%w", err)
 	}
 	for _, f := range []struct{ field, name string }{
 		{"Bridge", cfg.Bridge}, {"ClientPort", cfg.ClientPort}, {"ServerPort", cfg.ServerPort},
 	} {
 		if err := bridge.ValidIfName(f.name); err != nil {
-			bad("%s: %w", f.field, err)
+			bad(f.field, "%w", err)
 		}
 	}
 	if cfg.ClientPort != "" && cfg.ClientPort == cfg.ServerPort {
-		bad("ServerPort: %q is also the ClientPort; the two bridge ports must differ", cfg.ServerPort)
+		bad("ServerPort", "%q is also the ClientPort; the two bridge ports must differ", cfg.ServerPort)
 	}
 	if cfg.Bridge != "" && (cfg.Bridge == cfg.ClientPort || cfg.Bridge == cfg.ServerPort) {
-		bad("Bridge: %q is also a bridge port", cfg.Bridge)
+		bad("Bridge", "%q is also a bridge port", cfg.Bridge)
 	}
 	switch {
 	case len(cfg.BridgeMAC) != 6:
-		bad("BridgeMAC: %q is not a 6-byte Ethernet address", cfg.BridgeMAC.String())
+		bad("BridgeMAC", "%q is not a 6-byte Ethernet address", cfg.BridgeMAC.String())
 	case cfg.BridgeMAC[0]&1 != 0:
-		bad("BridgeMAC: %s is a multicast address", cfg.BridgeMAC)
+		bad("BridgeMAC", "%s is a multicast address", cfg.BridgeMAC)
 	case slices.Equal(cfg.BridgeMAC, make(net.HardwareAddr, 6)):
-		bad("BridgeMAC: %s is the zero address", cfg.BridgeMAC)
+		bad("BridgeMAC", "%s is the zero address", cfg.BridgeMAC)
 	}
 }
 
 // checkNumbers reports, through bad, what is wrong with cfg's ports, mark,
 // routing and timeout.
-func checkNumbers(cfg Config, bad func(format string, a ...any)) {
+func checkNumbers(cfg Config, bad func(field, format string, a ...any)) {
 	if len(cfg.TCPPorts) == 0 {
-		bad("TCPPorts: at least one intercepted port is needed")
+		bad("TCPPorts", "at least one intercepted port is needed")
 	} else if cfg.TCPPorts[0] == 0 {
-		bad("TCPPorts: port 0 cannot be intercepted")
+		bad("TCPPorts", "port 0 cannot be intercepted")
 	}
 	switch {
 	case cfg.ProxyTCPPort == 0:
-		bad("ProxyTCPPort: must be set (got 0)")
+		bad("ProxyTCPPort", "must be set (got 0)")
 	case slices.Contains(cfg.TCPPorts, cfg.ProxyTCPPort):
 		// The input chain refuses direct connections to the proxy port;
 		// intercepting it too would make the proxy relay to itself.
-		bad("ProxyTCPPort: %d is also an intercepted port in TCPPorts", cfg.ProxyTCPPort)
+		bad("ProxyTCPPort", "%d is also an intercepted port in TCPPorts", cfg.ProxyTCPPort)
 	}
-	if cfg.Mark == 0 {
-		bad("Mark: must be non-zero (0 is every unmarked packet)")
-	}
-	if t := cfg.RouteTable; t < 1 || t > maxRouteTable {
-		bad("RouteTable: %d is out of range 1..%d", t, maxRouteTable)
-	} else if name, ok := reservedTables[t]; ok {
-		bad("RouteTable: %d is the kernel's %s table", t, name)
-	}
-	if p := cfg.RulePriority; p < 1 || p > maxRulePrio {
-		bad("RulePriority: %d is out of range 1..%d (0 is the local rule, 32766 main)", p, maxRulePrio)
+	for _, fe := range Fields(Routing{Mark: cfg.Mark, Table: cfg.RouteTable, Priority: cfg.RulePriority}.validate()) {
+		bad(fe.Field, "%w", fe.Err)
 	}
 	if err := validBypassTimeout(cfg.BypassTimeout); err != nil {
-		bad("BypassTimeout: %w", err)
+		bad("BypassTimeout", "%w", err)
 	}
 }
 

@@ -241,3 +241,23 @@ func TestLingerPorts(t *testing.T) {
 		t.Errorf("rendered sets wrong:\n%s", text)
 	}
 }
+
+// Every problem comes back as a FieldError naming its field, so a caller
+// can restate it in its own terms.
+func TestNewPlanFieldErrors(t *testing.T) {
+	cfg := testConfig()
+	cfg.ClientPort = `eth"1`
+	cfg.RouteTable = 254
+	cfg.ProxyTCPPort = 443
+	_, err := NewPlan(cfg)
+	var got []string
+	for _, fe := range Fields(err) {
+		got = append(got, fe.Field)
+	}
+	if want := []string{"ClientPort", "ProxyTCPPort", "RouteTable"}; !slices.Equal(got, want) {
+		t.Errorf("Fields(%v) = %v, want %v", err, got, want)
+	}
+	if Fields(nil) != nil {
+		t.Error("Fields(nil) is not empty")
+	}
+}

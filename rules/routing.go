@@ -60,19 +60,21 @@ func (r Routing) describe(it routeItem) string {
 	return fmt.Sprintf("%s route add local %s dev lo table %d", ip, dst, r.Table)
 }
 
-// validate repeats NewPlan's checks: a Routing can also come from a state file.
+// validate is the one place the routing's rules live: NewPlan uses it for
+// a Config's fields, and a Routing read back from a state file is checked
+// the same way. Each problem is a FieldError named for the Config field.
 func (r Routing) validate() error {
 	var errs []error
 	if r.Mark == 0 {
-		errs = append(errs, errors.New("mark must be non-zero"))
+		errs = append(errs, fieldErr("Mark", "must be non-zero (0 is every unmarked packet)"))
 	}
 	if r.Table < 1 || r.Table > maxRouteTable {
-		errs = append(errs, fmt.Errorf("table %d is out of range 1..%d", r.Table, maxRouteTable))
+		errs = append(errs, fieldErr("RouteTable", "%d is out of range 1..%d", r.Table, maxRouteTable))
 	} else if name, ok := reservedTables[r.Table]; ok {
-		errs = append(errs, fmt.Errorf("table %d is the kernel's %s table", r.Table, name))
+		errs = append(errs, fieldErr("RouteTable", "%d is the kernel's %s table", r.Table, name))
 	}
 	if r.Priority < 1 || r.Priority > maxRulePrio {
-		errs = append(errs, fmt.Errorf("priority %d is out of range 1..%d", r.Priority, maxRulePrio))
+		errs = append(errs, fieldErr("RulePriority", "%d is out of range 1..%d (0 is the local rule, 32766 main)", r.Priority, maxRulePrio))
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid policy routing: %w", errors.Join(errs...))
