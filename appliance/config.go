@@ -1,4 +1,4 @@
-// Package appliance reads ghostwire's configuration and drives the bridge, rules and proxy packages from it.
+// Package appliance reads ghostwire's configuration, turns it and the kernel's facts into the box's desired state, and runs the proxy daemon (`ghostwire run`).
 package appliance
 
 import (

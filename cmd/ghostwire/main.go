@@ -4,12 +4,10 @@ package main
 import (
 	"fmt"
 	"os"
-
-	"github.com/ghostwire/ghostwire/provision"
 )
 
 func main() {
-	if err := provision.App().Run(os.Args); err != nil {
+	if err := app().Run(os.Args); err != nil {
 		fmt.Fprintf(os.Stderr, "ghostwire: %v\n", err)
 		os.Exit(1)
 	}

@@ -1,10 +1,9 @@
-package appliance
+package provision
 
 import (
 	"fmt"
 	"strings"
 
-	"github.com/ghostwire/ghostwire/bridge"
 	"github.com/ghostwire/ghostwire/rules"
 )
 
@@ -65,75 +64,80 @@ func (s *Status) String() string {
 	return b.String()
 }
 
-// Status compares the kernel with what c asks for.
-func (b *Box) Status(c *Config) (*Status, error) {
-	st, err := loadState(c.StateFile)
+// Status compares the kernel with d; stateFile says whether the box is
+// provisioned at all.
+func (b *Box) Status(d *Desired, stateFile string) (*Status, error) {
+	st, err := loadState(stateFile)
 	if err != nil {
 		return nil, err
 	}
-	rc := c.RulesConfig(nil)
-	ts, err := rules.Tables(b.NFT, rc.Name)
+	ts, err := rules.Tables(b.NFT, d.Tables)
 	if err != nil {
 		return nil, fmt.Errorf("reading nftables state: %w", err)
 	}
-	s := &Status{Tables: ts}
+	s := &Status{Tables: ts, Mode: mode(st != nil, ts)}
 	if ts.Bridge {
-		if s.BypassedFlows, err = rules.BypassedFlows(b.NFT, rc.Name); err != nil {
+		if s.BypassedFlows, err = rules.BypassedFlows(b.NFT, d.Tables); err != nil {
 			return nil, fmt.Errorf("reading bypassed flows: %w", err)
 		}
 	}
-	spec, err := c.BridgeSpec()
-	if err != nil {
-		return nil, err
-	}
 	if st == nil {
-		s.Mode = NotProvisioned
 		if ts.Bridge || ts.Inet {
 			s.Drift = append(s.Drift, "ghostwire nftables tables exist but no state file: run teardown")
 		}
 		return s, nil
 	}
-	drift, err := spec.Check(b.Netlink)
+	if s.Drift, err = b.drift(d, st, ts); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// mode is what the box does with traffic, given whether it is provisioned
+// and which of ghostwire's tables exist.
+func mode(provisioned bool, ts rules.TablesState) Mode {
+	switch {
+	case !provisioned:
+		return NotProvisioned
+	case ts.Owned && ts.Overload == rules.OverloadBypass:
+		return OverloadedBypass
+	case ts.Owned && ts.Overload == rules.OverloadRefuse:
+		return OverloadedRefuse
+	case ts.Owned:
+		return Intercepting
+	case ts.Bridge || ts.Inet:
+		return Diverting
+	default:
+		return Bypassing
+	}
+}
+
+// drift lists how the kernel differs from d: the bridge, the sysctls, the
+// policy routing the state file recorded, and, when the bridge is in place,
+// the diversion's tables in the variant they are in.
+func (b *Box) drift(d *Desired, st *State, ts rules.TablesState) ([]string, error) {
+	drift, err := d.Bridge.Check(b.Netlink)
 	if err != nil {
 		return nil, err
 	}
-	s.Drift = append(s.Drift, drift...)
-	for _, sc := range bridge.Sysctls(spec.Name) {
-		v, err := b.Sysctl.Get(sc.Key)
-		if bridge.IsNotExist(err) && strings.HasPrefix(sc.Key, "net.bridge.") {
-			continue // br_netfilter not loaded: nothing to turn off
+	bridgeDrift := len(drift)
+	for _, sc := range d.Sysctls {
+		if sc.Absent() || sc.Old == sc.Value {
+			continue // Absent: br_netfilter not loaded, nothing to turn off
 		}
-		if err != nil || v != sc.Value {
-			s.Drift = append(s.Drift, fmt.Sprintf("sysctl %s is %q, want %s", sc.Key, v, sc.Value))
-		}
+		drift = append(drift, fmt.Sprintf("sysctl %s is %q, want %s", sc.Key, sc.Old, sc.Value))
 	}
 	rdrift, err := st.Routing.Check(b.Netlink)
 	if err != nil {
 		return nil, fmt.Errorf("checking policy routing: %w", err)
 	}
-	s.Drift = append(s.Drift, rdrift...)
-	switch {
-	case ts.Owned && ts.Overload == rules.OverloadBypass:
-		s.Mode = OverloadedBypass
-	case ts.Owned && ts.Overload == rules.OverloadRefuse:
-		s.Mode = OverloadedRefuse
-	case ts.Owned:
-		s.Mode = Intercepting
-	case ts.Bridge || ts.Inet:
-		s.Mode = Diverting
-	default:
-		s.Mode = Bypassing
-	}
-	if (ts.Bridge || ts.Inet) && len(drift) == 0 {
-		if mac, err := spec.MAC(b.Netlink); err == nil {
-			if plan, err := rules.NewPlan(c.RulesConfig(mac)); err == nil {
-				tdrift, err := plan.Overloaded(ts.Overload).Check(b.NFT)
-				if err != nil {
-					return nil, fmt.Errorf("checking nftables diversion: %w", err)
-				}
-				s.Drift = append(s.Drift, tdrift...)
-			}
+	drift = append(drift, rdrift...)
+	if (ts.Bridge || ts.Inet) && bridgeDrift == 0 && d.Rules != nil {
+		tdrift, err := d.Rules.Overloaded(ts.Overload).Check(b.NFT)
+		if err != nil {
+			return nil, fmt.Errorf("checking nftables diversion: %w", err)
 		}
+		drift = append(drift, tdrift...)
 	}
-	return s, nil
+	return drift, nil
 }

@@ -1,4 +1,4 @@
-package provision
+package main
 
 import (
 	"log/slog"
@@ -23,11 +23,7 @@ func runCommand() *cli.Command {
 			if c.Bool("json") {
 				h = slog.NewJSONHandler(os.Stderr, opts)
 			}
-			over := map[string]any{}
-			if c.IsSet(stateFlag.Name) {
-				over["state_file"] = c.String(stateFlag.Name)
-			}
-			r := &appliance.Runner{Path: c.String(configFlag.Name), Overrides: over, Level: lvl, Logger: slog.New(h)}
+			r := &appliance.Runner{Path: c.String(configFlag), Overrides: overrides(c), Level: lvl, Logger: slog.New(h)}
 			return r.Run(c.Context)
 		},
 	}

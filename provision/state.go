@@ -1,10 +1,11 @@
-package appliance
+package provision
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -32,12 +33,37 @@ type bridgeSpecJSON struct {
 	Routes    []string `json:"routes,omitempty"`
 }
 
-func (s *State) spec() (bridge.Spec, error) {
-	c := Config{Bridge: BridgeConfig{Name: s.Bridge, Addresses: s.BridgeSpec.Addresses, Routes: s.BridgeSpec.Routes}}
-	if len(s.BridgeSpec.Ports) == 2 {
-		c.Bridge.ClientNIC, c.Bridge.ServerNIC = s.BridgeSpec.Ports[0], s.BridgeSpec.Ports[1]
+// newBridgeSpecJSON records spec in the words of the config it came from
+// (bridge.Route and netip.Prefix print what their parsers read back).
+func newBridgeSpecJSON(spec bridge.Spec) bridgeSpecJSON {
+	j := bridgeSpecJSON{Ports: spec.Ports}
+	for _, a := range spec.Addresses {
+		j.Addresses = append(j.Addresses, a.String())
 	}
-	return c.BridgeSpec()
+	for _, r := range spec.Routes {
+		j.Routes = append(j.Routes, r.String())
+	}
+	return j
+}
+
+// spec is the bridge apply built, as the state file records it.
+func (s *State) spec() (bridge.Spec, error) {
+	spec := bridge.Spec{Name: s.Bridge, Ports: s.BridgeSpec.Ports}
+	for _, a := range s.BridgeSpec.Addresses {
+		p, err := netip.ParsePrefix(a)
+		if err != nil {
+			return spec, fmt.Errorf("address %q: %w", a, err)
+		}
+		spec.Addresses = append(spec.Addresses, p)
+	}
+	for _, r := range s.BridgeSpec.Routes {
+		rt, err := bridge.ParseRoute(r)
+		if err != nil {
+			return spec, err
+		}
+		spec.Routes = append(spec.Routes, rt)
+	}
+	return spec, spec.Validate()
 }
 
 const stateVersion = 1
