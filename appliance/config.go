@@ -217,6 +217,27 @@ func (c *Config) Validate() error {
 			bad("intercept.tcp_ports: port %d is the proxy's own port (proxy.tcp_port): it would divert to itself", p)
 		}
 	}
+	c.checkProxy(bad)
+	if c.Routing.Mark == 0 {
+		bad("routing.mark must be non-zero")
+	}
+	if t := c.Routing.Table; t < 1 || t >= 1<<31 || t == 253 || t == 254 || t == 255 {
+		bad("routing.table: %d must be 1..2147483647 and not 253/254/255 (default/main/local)", t)
+	}
+	if p := c.Routing.Priority; p < 1 || p > 32765 {
+		bad("routing.priority: %d must be 1..32765 (0, 32766, 32767 are the kernel's)", p)
+	}
+	if _, err := c.LogLevel(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.StateFile == "" {
+		bad("state_file is empty")
+	}
+	return errors.Join(errs...)
+}
+
+// checkProxy reports, through bad, what is wrong with the proxy section.
+func (c *Config) checkProxy(bad func(format string, a ...any)) {
 	if c.Proxy.TCPPort < 1 || c.Proxy.TCPPort > 65535 {
 		bad("proxy.tcp_port: %d is outside 1-65535", c.Proxy.TCPPort)
 	}
@@ -237,22 +258,6 @@ func (c *Config) Validate() error {
 	if _, err := rules.ParseOverload(c.Proxy.Overload); err != nil {
 		bad("proxy.overload: %q must be bypass (new connections cross the bridge untouched) or refuse (they are reset)", c.Proxy.Overload)
 	}
-	if c.Routing.Mark == 0 {
-		bad("routing.mark must be non-zero")
-	}
-	if t := c.Routing.Table; t < 1 || t >= 1<<31 || t == 253 || t == 254 || t == 255 {
-		bad("routing.table: %d must be 1..2147483647 and not 253/254/255 (default/main/local)", t)
-	}
-	if p := c.Routing.Priority; p < 1 || p > 32765 {
-		bad("routing.priority: %d must be 1..32765 (0, 32766, 32767 are the kernel's)", p)
-	}
-	if _, err := c.LogLevel(); err != nil {
-		errs = append(errs, err)
-	}
-	if c.StateFile == "" {
-		bad("state_file is empty")
-	}
-	return errors.Join(errs...)
 }
 
 // BridgeSpec turns the bridge section into a bridge.Spec.
