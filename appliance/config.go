@@ -210,22 +210,24 @@ func (c *Config) Validate() error {
 	if len(c.Intercept.TCPPorts) == 0 {
 		bad("intercept.tcp_ports is empty: nothing to intercept")
 	}
+	portsOK := true
 	for _, p := range c.Intercept.TCPPorts {
 		if p < 1 || p > 65535 {
 			bad("intercept.tcp_ports: port %d is outside 1-65535", p)
-		} else if p == c.Proxy.TCPPort {
-			bad("intercept.tcp_ports: port %d is the proxy's own port (proxy.tcp_port): it would divert to itself", p)
+			portsOK = false
 		}
 	}
 	c.checkProxy(bad)
-	if c.Routing.Mark == 0 {
-		bad("routing.mark must be non-zero")
-	}
-	if t := c.Routing.Table; t < 1 || t >= 1<<31 || t == 253 || t == 254 || t == 255 {
-		bad("routing.table: %d must be 1..2147483647 and not 253/254/255 (default/main/local)", t)
-	}
-	if p := c.Routing.Priority; p < 1 || p > 32765 {
-		bad("routing.priority: %d must be 1..32765 (0, 32766, 32767 are the kernel's)", p)
+	// What the diversion needs of ports and routing is checked once, by
+	// rules (without the bridge's MAC, which the kernel supplies later),
+	// and said here in config keys. Numbers that do not fit its types
+	// were refused above.
+	if portsOK && c.Proxy.TCPPort >= 1 && c.Proxy.TCPPort <= 65535 {
+		if err := c.RulesConfig(nil).Validate(); err != nil {
+			// The interface names are the bridge spec's to report (the
+			// same rule, bridge.ValidIfName, checked above).
+			errs = append(errs, inConfigKeys(err, "Bridge", "ClientPort", "ServerPort"))
+		}
 	}
 	if _, err := c.LogLevel(); err != nil {
 		errs = append(errs, err)
@@ -263,6 +265,14 @@ func (c *Config) checkProxy(bad func(format string, a ...any)) {
 // BridgeSpec turns the bridge section into a bridge.Spec.
 func (c *Config) BridgeSpec() (bridge.Spec, error) {
 	s := bridge.Spec{Name: c.Bridge.Name, Ports: []string{c.Bridge.ClientNIC, c.Bridge.ServerNIC}}
+	// The name rule is bridge's (ValidIfName); here it is said in keys.
+	for _, n := range []struct{ key, name string }{
+		{"bridge.name", c.Bridge.Name}, {"bridge.client_nic", c.Bridge.ClientNIC}, {"bridge.server_nic", c.Bridge.ServerNIC},
+	} {
+		if err := bridge.ValidIfName(n.name); err != nil {
+			return s, fmt.Errorf("%s: %w", n.key, err)
+		}
+	}
 	for _, a := range c.Bridge.Addresses {
 		p, err := netip.ParsePrefix(a)
 		if err != nil {

@@ -3,6 +3,7 @@ package appliance
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/ghostwire/ghostwire/bridge"
 	"github.com/ghostwire/ghostwire/provision"
@@ -58,15 +59,18 @@ func Preflight(c *Config, f provision.Facts) error {
 }
 
 // inConfigKeys restates rules.Config's field errors in the config keys
-// they come from; an error with none passes through.
-func inConfigKeys(err error) error {
+// they come from, leaving out those of the fields named in skip (reported
+// elsewhere); an error with no field errors passes through.
+func inConfigKeys(err error, skip ...string) error {
 	fields := rules.Fields(err)
 	if len(fields) == 0 {
 		return err
 	}
-	errs := make([]error, len(fields))
-	for i, fe := range fields {
-		errs[i] = fmt.Errorf("%s: %w", ruleKey(fe.Field), fe.Err)
+	var errs []error
+	for _, fe := range fields {
+		if !slices.Contains(skip, fe.Field) {
+			errs = append(errs, fmt.Errorf("%s: %w", ruleKey(fe.Field), fe.Err))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -87,25 +87,48 @@ var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
 // Every error names the offending Config field; all problems are reported
 // together.
 func NewPlan(cfg Config) (*Plan, error) {
+	cfg = cfg.normalised()
+	if err := cfg.check(true); err != nil {
+		return nil, err
+	}
+	return newPlan(cfg, false, OverloadNone), nil
+}
+
+// Validate checks everything NewPlan checks except BridgeMAC, which comes
+// from the kernel: a caller can refuse a bad config before it reads the
+// kernel at all (appliance does, at load).
+func (cfg Config) Validate() error { return cfg.normalised().check(false) }
+
+// normalised sorts and deduplicates the ports, copies the slices and fills
+// in the default BypassTimeout.
+func (cfg Config) normalised() Config {
 	cfg.BridgeMAC = slices.Clone(cfg.BridgeMAC)
 	cfg.TCPPorts = slices.Compact(slices.Sorted(slices.Values(cfg.TCPPorts)))
 	cfg.LingerPorts = minus(slices.Compact(slices.Sorted(slices.Values(cfg.LingerPorts))), cfg.TCPPorts)
 	if cfg.BypassTimeout == 0 {
 		cfg.BypassTimeout = defaultBypassTimeout
 	}
+	return cfg
+}
 
+// check is the one place of rules.Config's validation; withMAC includes
+// BridgeMAC.
+func (cfg Config) check(withMAC bool) error {
 	var errs []error
 	bad := func(field, format string, a ...any) { errs = append(errs, fieldErr(field, format, a...)) }
 	checkNames(cfg, bad)
+	if withMAC {
+		checkMAC(cfg.BridgeMAC, bad)
+	}
 	checkNumbers(cfg, bad)
 	if len(errs) > 0 {
-		return nil, fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
+		return fmt.Errorf("invalid rules config: %w", errors.Join(errs...))
 	}
-	return newPlan(cfg, false, OverloadNone), nil
+	return nil
 }
 
-// checkNames reports, through bad, what is wrong with cfg's table name,
-// interfaces and MAC address.
+// checkNames reports, through bad, what is wrong with cfg's table name
+// and interfaces.
 func checkNames(cfg Config, bad func(field, format string, a ...any)) {
 	if err := validTableName(cfg.Name); err != nil {
 		bad("Name", "%w", err)
@@ -123,13 +146,17 @@ func checkNames(cfg Config, bad func(field, format string, a ...any)) {
 	if cfg.Bridge != "" && (cfg.Bridge == cfg.ClientPort || cfg.Bridge == cfg.ServerPort) {
 		bad("Bridge", "%q is also a bridge port", cfg.Bridge)
 	}
+}
+
+// checkMAC reports, through bad, a bridge MAC the redirect cannot write.
+func checkMAC(mac net.HardwareAddr, bad func(field, format string, a ...any)) {
 	switch {
-	case len(cfg.BridgeMAC) != 6:
-		bad("BridgeMAC", "%q is not a 6-byte Ethernet address", cfg.BridgeMAC.String())
-	case cfg.BridgeMAC[0]&1 != 0:
-		bad("BridgeMAC", "%s is a multicast address", cfg.BridgeMAC)
-	case slices.Equal(cfg.BridgeMAC, make(net.HardwareAddr, 6)):
-		bad("BridgeMAC", "%s is the zero address", cfg.BridgeMAC)
+	case len(mac) != 6:
+		bad("BridgeMAC", "%q is not a 6-byte Ethernet address", mac.String())
+	case mac[0]&1 != 0:
+		bad("BridgeMAC", "%s is a multicast address", mac)
+	case slices.Equal(mac, make(net.HardwareAddr, 6)):
+		bad("BridgeMAC", "%s is the zero address", mac)
 	}
 }
 
@@ -147,7 +174,7 @@ func checkNumbers(cfg Config, bad func(field, format string, a ...any)) {
 	case slices.Contains(cfg.TCPPorts, cfg.ProxyTCPPort):
 		// The input chain refuses direct connections to the proxy port;
 		// intercepting it too would make the proxy relay to itself.
-		bad("ProxyTCPPort", "%d is also an intercepted port in TCPPorts", cfg.ProxyTCPPort)
+		bad("ProxyTCPPort", "%d is also an intercepted port: the proxy would divert to itself", cfg.ProxyTCPPort)
 	}
 	for _, fe := range Fields(Routing{Mark: cfg.Mark, Table: cfg.RouteTable, Priority: cfg.RulePriority}.validate()) {
 		bad(fe.Field, "%w", fe.Err)
