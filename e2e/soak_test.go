@@ -626,8 +626,9 @@ type soakServer struct {
 	wg          sync.WaitGroup
 	mu          sync.Mutex
 	verdicts    map[int64]soakVerdict
-	earlyResets atomic.Int64 // reset before a header arrived
-	early       []string     // ended otherwise before a header: failures
+	earlyResets atomic.Int64            // reset before a header arrived
+	early       []string                // ended otherwise before a header: failures
+	open        map[*net.TCPConn]string // handlers running: their peer and header, for a timeout's report
 }
 
 type soakVerdict struct {
@@ -643,10 +644,20 @@ func (s *soakServer) serve(t *testing.T, ln net.Listener) {
 				return
 			}
 			s.wg.Add(1)
+			tc := c.(*net.TCPConn)
+			s.mu.Lock()
+			if s.open == nil {
+				s.open = map[*net.TCPConn]string{}
+			}
+			s.open[tc] = tc.RemoteAddr().String()
+			s.mu.Unlock()
 			go func() {
 				defer s.wg.Done()
 				defer c.Close()
-				s.handle(c.(*net.TCPConn))
+				s.handle(tc)
+				s.mu.Lock()
+				delete(s.open, tc)
+				s.mu.Unlock()
 			}()
 		}
 	}()
@@ -660,7 +671,13 @@ func (s *soakServer) wait(timeout time.Duration) error {
 	case <-done:
 		return nil
 	case <-time.After(timeout):
-		return fmt.Errorf("still serving %s after the clients finished", timeout)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		var open []string
+		for _, what := range s.open {
+			open = append(open, what)
+		}
+		return fmt.Errorf("still serving %s after the clients finished: %d connections open (peer, header): %v", timeout, len(open), open)
 	}
 }
 
@@ -676,6 +693,9 @@ func (s *soakServer) handle(c *net.TCPConn) {
 	)
 	if err == nil {
 		_, err = fmt.Sscanf(hdr, "%s %d %d %d %d\n", &kind, &id, &seed, &up, &down)
+		s.mu.Lock()
+		s.open[c] += " " + strings.TrimSpace(hdr)
+		s.mu.Unlock()
 	}
 	if err != nil {
 		if errors.Is(err, syscall.ECONNRESET) {
