@@ -28,7 +28,7 @@ func Desire(c *Config, f provision.Facts) (*provision.Desired, error) {
 		Routing: rules.Routing{Mark: rc.Mark, Table: rc.RouteTable, Priority: rc.RulePriority},
 		Tables:  rc.Name,
 	}
-	if mac, ok := f.BridgeMAC(spec); ok {
+	if mac, ok := spec.MAC(f.Links); ok {
 		rc.BridgeMAC = mac
 		if d.Rules, err = rules.NewPlan(rc); err != nil {
 			return nil, fmt.Errorf("building rule plan: %w", inConfigKeys(err))
@@ -46,7 +46,7 @@ func Preflight(c *Config, f provision.Facts) error {
 	if err != nil {
 		return err
 	}
-	err = provision.Preflight(spec, f)
+	err = spec.Preflight(f.Links)
 	var pa *bridge.PortAddressesError
 	if errors.As(err, &pa) {
 		// The operator fixes this in the config, so say it in its keys.

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
-
-	"github.com/vishvananda/netlink"
 )
 
 // PortAddresses are the addresses one NIC carries that would stop working
@@ -70,25 +68,4 @@ func lostOnEnslave(addrs []netip.Prefix) []netip.Prefix {
 		out = append(out, p)
 	}
 	return out
-}
-
-// nicAddresses lists the addresses on link, both families.
-func nicAddresses(h *netlink.Handle, link netlink.Link) ([]netip.Prefix, error) {
-	var addrs []netlink.Addr
-	if err := retryDump(func() (err error) { addrs, err = h.AddrList(link, netlink.FAMILY_ALL); return err }); err != nil {
-		return nil, fmt.Errorf("listing addresses of NIC %s: %w", link.Attrs().Name, err)
-	}
-	var out []netip.Prefix
-	for _, a := range addrs {
-		if a.IPNet == nil {
-			continue
-		}
-		ip, ok := netip.AddrFromSlice(a.IPNet.IP)
-		if !ok {
-			continue
-		}
-		bits, _ := a.IPNet.Mask.Size()
-		out = append(out, netip.PrefixFrom(ip.Unmap(), bits))
-	}
-	return out, nil
 }

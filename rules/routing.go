@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ghostwire/ghostwire/bridge"
 )
 
 // Routing is the policy routing that delivers TPROXYed (marked) packets to
@@ -247,7 +249,7 @@ func defaultDst(family int) *net.IPNet {
 // and table (matched loosely on purpose, so a later version can change the
 // mask or other details and still clean up).
 func (r Routing) ownRules(h *netlink.Handle, family int) ([]netlink.Rule, error) {
-	all, err := retryDump(func() ([]netlink.Rule, error) { return h.RuleList(family) })
+	all, err := bridge.RetryDump(func() ([]netlink.Rule, error) { return h.RuleList(family) })
 	if err != nil {
 		return nil, fmt.Errorf("listing policy rules: %w", err)
 	}
@@ -258,7 +260,7 @@ func (r Routing) ownRules(h *netlink.Handle, family int) ([]netlink.Rule, error)
 
 // ownRoutes lists the family's local default routes via lo in Table.
 func (r Routing) ownRoutes(h *netlink.Handle, family, lo int) ([]netlink.Route, error) {
-	all, err := retryDump(func() ([]netlink.Route, error) {
+	all, err := bridge.RetryDump(func() ([]netlink.Route, error) {
 		return h.RouteListFiltered(family, &netlink.Route{Table: r.Table}, netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {
@@ -272,16 +274,4 @@ func (r Routing) ownRoutes(h *netlink.Handle, family, lo int) ([]netlink.Route, 
 		}
 		return x.Table != r.Table || x.Type != unix.RTN_LOCAL || x.LinkIndex != lo || !isDefault
 	}), nil
-}
-
-// retryDump repeats a netlink dump that a concurrent change interrupted
-// (its result may be incomplete).
-func retryDump[T any](dump func() (T, error)) (T, error) {
-	const attempts = 5
-	for i := 1; ; i++ {
-		v, err := dump()
-		if !errors.Is(err, netlink.ErrDumpInterrupted) || i == attempts {
-			return v, err
-		}
-	}
 }
