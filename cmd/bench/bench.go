@@ -20,7 +20,7 @@ const (
 	serverIP4  = "192.0.2.2"
 	httpPort   = 80
 	iperfPort  = 5201
-	proxyPort  = 9876
+	proxyPort  = lab.ProxyPort // the TPROXY port lab.Appliance configures
 	wrkConns   = 64
 	wrkThreads = 2
 )
@@ -28,18 +28,18 @@ const (
 // bench is one run: one lab, the long-lived servers in the server
 // namespace, and the samples taken so far.
 type bench struct {
-	o        options
-	lab      *lab.Lab
-	prefix   string // the lab's name prefix
-	dir      string // scratch: configs, state file, logs
-	gwConfig string // ghostwire YAML
-	self     string // this binary, re-executed as the HTTP server
-	started  time.Time
+	o       options
+	lab     *lab.Lab
+	prefix  string         // the lab's name prefix
+	dir     string         // scratch: configs, state file, logs
+	gw      *lab.Appliance // the ghostwire binary, its config and `ghostwire run`
+	self    string         // this binary, re-executed as the HTTP server
+	started time.Time
 
 	httpd, iperfd *lab.Process
 	proxy         *lab.Process // the proxy of the current mode, if any
 	proxyMode     string
-	applied       bool // `ghostwire apply` (or the fallback ruleset) is in place
+	applied       bool // `ghostwire apply` ran since the last teardown
 
 	samples  []sample
 	failures []string
@@ -94,15 +94,13 @@ func newBench(ctx context.Context, o options) (b *bench, err error) {
 // close stops every process the bench started (proxy first, so that
 // teardown is allowed), undoes the provisioning and deletes the lab.
 func (b *bench) close() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
 	var errs []error
 	if err := b.stopProxy(); err != nil {
 		errs = append(errs, err)
 	}
-	if b.applied && b.o.ghostwire != "" && b.lab != nil {
-		if out, err := b.nsOutput(ctx, b.lab.Box, b.o.ghostwire, "teardown", "-c", b.gwConfig); err != nil {
-			errs = append(errs, fmt.Errorf("ghostwire teardown: %w: %s", err, out))
+	if b.lab != nil && b.gw != nil {
+		if err := b.teardown(); err != nil {
+			errs = append(errs, err)
 		}
 		b.applied = false
 	}

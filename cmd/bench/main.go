@@ -48,7 +48,7 @@ func main() {
 		only      string
 		serveAddr string
 	)
-	flag.StringVar(&o.ghostwire, "ghostwire", "bin/ghostwire", "ghostwire binary to measure (empty: skip the ghostwire mode)")
+	flag.StringVar(&o.ghostwire, "ghostwire", "bin/ghostwire", "ghostwire binary: it provisions the box for every mode and is the ghostwire mode's proxy")
 	flag.BoolVar(&o.quick, "quick", false, "one round with short runs (~1 minute), for development")
 	flag.IntVar(&o.rounds, "rounds", 0, "rounds of all modes (default 3, or 1 with -quick)")
 	flag.StringVar(&o.jsonOut, "json", "bin/bench-results.json", "write every sample, the summary and the targets here as JSON")
@@ -122,21 +122,19 @@ func run(o options) error {
 	if runtime.GOOS != "linux" {
 		return fmt.Errorf("needs Linux (network namespaces, nftables), not %s", runtime.GOOS)
 	}
+	if o.ghostwire == "" {
+		return errors.New("-ghostwire is required: the ghostwire binary provisions the box for every mode (build it first: make build)")
+	}
+	abs, err := filepath.Abs(o.ghostwire)
+	if err != nil {
+		return err
+	}
+	if fi, err := os.Stat(abs); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+		return fmt.Errorf("ghostwire binary %s is missing or not executable: build it first: make build", abs)
+	}
+	o.ghostwire = abs
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it builds network namespaces and provisions a bridge in them (try: sudo make bench)")
-	}
-	if o.ghostwire != "" {
-		abs, err := filepath.Abs(o.ghostwire)
-		if err != nil {
-			return err
-		}
-		if fi, err := os.Stat(abs); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
-			return fmt.Errorf("ghostwire binary %s is missing or not executable (make build), or pass -ghostwire '' to run the other modes only", abs)
-		}
-		o.ghostwire = abs
-	} else {
-		o.modes = without(o.modes, modeGhostwire)
-		fmt.Fprintln(os.Stderr, "bench: no ghostwire binary: skipping the ghostwire mode; the diversion for HAProxy comes from the reference nft ruleset")
 	}
 	if err := ensureTools(); err != nil {
 		return err
@@ -181,16 +179,6 @@ func run(o options) error {
 		}
 	}
 	return errors.Join(runErr, closeErr)
-}
-
-func without(list []string, drop string) []string {
-	var out []string
-	for _, s := range list {
-		if s != drop {
-			out = append(out, s)
-		}
-	}
-	return out
 }
 
 // ensureTools installs the packages that provide missing tools.

@@ -2,165 +2,83 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/ghostwire/ghostwire/lab"
 )
 
-// How the modes share one lab:
+// How the modes share one lab. The box is provisioned only by the ghostwire
+// binary, driven through lab.Appliance (the harness of the end-to-end tests
+// and the demo), with one config for the whole run:
 //
-//   - The bridge is provisioned once, by `ghostwire apply` (bridge, sysctls,
-//     policy routing, static nft diversion), so every mode crosses the very
-//     same bridge with the same sysctls.
-//   - plain: the diversion tables are deleted; frames are only bridged.
-//     This is the fair physical limit: same bridge, bridge-nf-call-* = 0.
-//   - ghostwire: `ghostwire run`, which replaces the diversion with tables
-//     it owns; when it stops the kernel deletes them.
-//   - haproxy, haproxy-splice: `ghostwire apply` again (re-installs the
-//     static diversion; apply is idempotent), then HAProxy listens
-//     transparently on the proxy port, so it gets exactly the flows the
-//     ghostwire proxy would.
+//   - plain: `ghostwire teardown`, then lab.PlainBridge: the same two ports
+//     bridged under the same name with bridge-nf-call-* = 0 and nothing
+//     else. Frames are only bridged: the physical limit of this machine.
+//   - ghostwire: `ghostwire apply` (bridge, sysctls, policy routing, static
+//     diversion; idempotent), then `ghostwire run`, which replaces the
+//     diversion with tables it owns; when it stops the kernel deletes them.
+//   - haproxy, haproxy-splice: `ghostwire apply` (the static diversion),
+//     then HAProxy listens transparently on the proxy port, so it gets
+//     exactly the flows the ghostwire proxy would.
+
+// gwExtraYAML is appended to lab.Appliance's config: the proxy logs only
+// warnings, so that per-connection log lines do not cost it CPU.
+const gwExtraYAML = "log:\n  level: warn\n"
+
+// provision writes the ghostwire config and applies it once, proving the
+// binary can provision this box before anything is measured.
 //
-// Without a ghostwire binary the fallback provisions the same thing with
-// ip, sysctl and the reference nft ruleset of docs/kernel.md#reference-ruleset.
-
-const (
-	gwTables       = "ghostwire" // appliance's nft table name in both families
-	fallbackTables = "gwbench"
-)
-
-// bridgeName is the box bridge, named after the lab like its ports.
-func (b *bench) bridgeName() string { return b.prefix + "br" }
-
+// Both proxies get the same connection limit, room for the memory
+// workload's connections: ghostwire's default (a third of the fd limit)
+// is below them. lab.Appliance writes the proxy section itself, so the
+// limit goes in by ghostwire's environment override of the config key,
+// which every ghostwire command the bench runs inherits.
 func (b *bench) provision(ctx context.Context) error {
-	if b.o.ghostwire == "" {
-		return b.provisionFallback(ctx)
-	}
-	cfg := fmt.Sprintf(`# written by ghostwire's bench
-bridge:
-  name: %s
-  client_nic: %s
-  server_nic: %s
-  addresses: [192.0.2.254/24, "2001:db8:1::fe/64"]
-intercept:
-  tcp_ports: [%d, %d]
-proxy:
-  tcp_port: %d
-  idle_timeout: 30m
-  shutdown_grace: 2s
-log:
-  level: warn
-state_file: %s/state.json
-`, b.bridgeName(), b.lab.ClientNIC, b.lab.ServerNIC, httpPort, iperfPort, proxyPort, b.dir)
-	var err error
-	if b.gwConfig, err = writeFile(b.dir, "ghostwire.yaml", cfg); err != nil {
+	if err := os.Setenv("GHOSTWIRE_PROXY_MAX_CONNECTIONS", fmt.Sprint(b.maxConns())); err != nil {
 		return err
 	}
+	gw, err := lab.NewAppliance(b.lab, b.o.ghostwire, b.dir, []int{httpPort, iperfPort}, gwExtraYAML)
+	if err != nil {
+		return fmt.Errorf("writing the ghostwire config: %w", err)
+	}
+	b.gw = gw
+	return b.apply(ctx)
+}
+
+// apply is `ghostwire apply`: the bridge, sysctls, policy routing and the
+// static diversion.
+func (b *bench) apply(ctx context.Context) error {
 	b.applied = true // teardown is safe even if apply failed half way
-	if err := b.nsRun(ctx, b.lab.Box, b.o.ghostwire, "apply", "-c", b.gwConfig); err != nil {
+	if _, err := b.gw.Ghostwire("apply"); err != nil {
 		return err
 	}
+	return b.expectStatus(ctx, "ghostwire: diverting", 5*time.Second)
+}
+
+// teardown is `ghostwire teardown`: everything apply did is undone.
+func (b *bench) teardown() error {
+	if !b.applied {
+		return nil
+	}
+	if _, err := b.gw.Ghostwire("teardown"); err != nil {
+		return err
+	}
+	b.applied = false
 	return nil
 }
 
-// provisionFallback builds what `ghostwire apply` would, by hand.
-func (b *bench) provisionFallback(ctx context.Context) error {
-	br := b.bridgeName()
-	script := fmt.Sprintf(`set -e
-ip link add %[1]s type bridge
-ip link set %[2]s master %[1]s
-ip link set %[3]s master %[1]s
-ip link set %[1]s up
-sysctl -q -w net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 net.bridge.bridge-nf-call-arptables=0 || true
-sysctl -q -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 net.ipv4.conf.all.send_redirects=0
-ip addr replace 192.0.2.254/24 dev %[1]s
-ip -6 addr replace 2001:db8:1::fe/64 dev %[1]s nodad
-ip rule add fwmark 1 lookup 100 pref 1000
-ip -6 rule add fwmark 1 lookup 100 pref 1000
-ip route replace local 0.0.0.0/0 dev lo table 100
-ip -6 route replace local ::/0 dev lo table 100
-`, br, b.lab.ClientNIC, b.lab.ServerNIC)
-	if err := b.nsRun(ctx, b.lab.Box, "sh", "-c", script); err != nil {
-		return err
-	}
-	b.applied = true
-	return b.installDiversion(ctx)
-}
-
-func (b *bench) fallbackRuleset(ctx context.Context) (string, error) {
-	br := b.bridgeName()
-	out, err := b.nsOutput(ctx, b.lab.Box, "cat", "/sys/class/net/"+br+"/address")
-	if err != nil {
-		return "", fmt.Errorf("reading %s's MAC: %w: %s", br, err, out)
-	}
-	mac := strings.TrimSpace(string(out))
-	ports := fmt.Sprintf("{ %d, %d }", httpPort, iperfPort)
-	return fmt.Sprintf(`table bridge %[1]s {
-	chain prerouting {
-		type filter hook prerouting priority -300; policy accept;
-		iifname "%[2]s" meta l4proto tcp th dport %[5]s ether daddr set %[4]s meta pkttype set host
-		iifname "%[3]s" meta l4proto tcp th sport %[5]s ether daddr set %[4]s meta pkttype set host
-	}
-}
-table inet %[1]s {
-	chain prerouting {
-		type filter hook prerouting priority mangle; policy accept;
-		fib daddr type local accept
-		tcp dport %[5]s tcp flags & (fin|syn|rst|ack) == syn meta mark set 1 tproxy to :%[6]d accept
-		socket transparent 1 meta mark set 1 accept
-	}
-}
-`, fallbackTables, b.lab.ClientNIC, b.lab.ServerNIC, mac, ports, proxyPort), nil
-}
-
-// installDiversion puts apply's static diversion in place.
-func (b *bench) installDiversion(ctx context.Context) error {
-	if b.o.ghostwire != "" {
-		return b.nsRun(ctx, b.lab.Box, b.o.ghostwire, "apply", "-c", b.gwConfig)
-	}
-	rs, err := b.fallbackRuleset(ctx)
-	if err != nil {
-		return err
-	}
-	p, err := writeFile(b.dir, "diversion.nft", rs)
-	if err != nil {
-		return err
-	}
-	b.removeDiversion(ctx)
-	return b.nsRun(ctx, b.lab.Box, "nft", "-f", p)
-}
-
-// removeDiversion deletes the static diversion tables, if present.
-func (b *bench) removeDiversion(ctx context.Context) {
-	for _, name := range []string{gwTables, fallbackTables} {
-		for _, fam := range []string{"bridge", "inet"} {
-			b.nsOutput(ctx, b.lab.Box, "nft", "delete", "table", fam, name) // absent: fine
-		}
-	}
-}
-
-// gwStatus is `ghostwire status`'s first line, e.g. "ghostwire: intercepting".
-func (b *bench) gwStatus(ctx context.Context) (string, error) {
-	out, err := b.nsOutput(ctx, b.lab.Box, b.o.ghostwire, "status", "-c", b.gwConfig)
-	line, _, _ := strings.Cut(string(out), "\n")
-	if err != nil {
-		return "", fmt.Errorf("ghostwire status: %w: %s", err, strings.TrimSpace(string(out)))
-	}
-	return strings.TrimSpace(line), nil
-}
-
 func (b *bench) expectStatus(ctx context.Context, prefix string, timeout time.Duration) error {
-	if b.o.ghostwire == "" {
-		return nil
-	}
 	var last string
 	err := poll(ctx, timeout, fmt.Sprintf("ghostwire status %q", prefix), func() (bool, error) {
-		s, err := b.gwStatus(ctx)
-		last = s
-		return strings.HasPrefix(s, prefix), err
+		s, err := b.gw.Status()
+		last = strings.TrimSpace(s)
+		return strings.HasPrefix(last, prefix), err
 	})
 	if err != nil && last != "" {
 		return fmt.Errorf("%w (last: %q)", err, last)
@@ -171,23 +89,30 @@ func (b *bench) expectStatus(ctx context.Context, prefix string, timeout time.Du
 func (b *bench) enterMode(ctx context.Context, mode string) error {
 	switch mode {
 	case modePlain:
-		b.removeDiversion(ctx)
-		return b.expectStatus(ctx, "ghostwire: bypassing", 5*time.Second)
+		if err := b.teardown(); err != nil {
+			return err
+		}
+		if err := b.lab.PlainBridge(b.gw.Bridge); err != nil {
+			return err
+		}
+		return b.expectStatus(ctx, "ghostwire: not provisioned", 5*time.Second)
 	case modeGhostwire:
-		p, err := b.lab.Start(b.lab.Box, b.o.ghostwire, "run", "-c", b.gwConfig)
+		if err := b.apply(ctx); err != nil {
+			return err
+		}
+		err := b.gw.StartProxy()
+		if b.gw.Proxy != nil {
+			b.proxy, b.proxyMode = b.gw.Proxy, mode // stopProxy stops it, even half started
+		}
 		if err != nil {
 			return fmt.Errorf("starting ghostwire run: %w", err)
 		}
-		b.proxy, b.proxyMode = p, mode
-		return withExit(p, b.expectStatus(ctx, "ghostwire: intercepting", 15*time.Second))
+		return nil
 	case modeHAProxy, modeHAProxySplice:
-		if err := b.installDiversion(ctx); err != nil {
+		if err := b.apply(ctx); err != nil {
 			return err
 		}
-		if err := b.expectStatus(ctx, "ghostwire: diverting", 5*time.Second); err != nil {
-			return err
-		}
-		cfg, err := writeFile(b.dir, mode+".cfg", haproxyConfig(mode == modeHAProxySplice, max(b.o.conns+200, 2000)))
+		cfg, err := writeFile(b.dir, mode+".cfg", haproxyConfig(mode == modeHAProxySplice, b.maxConns()))
 		if err != nil {
 			return err
 		}
@@ -204,26 +129,43 @@ func (b *bench) enterMode(ctx context.Context, mode string) error {
 	return fmt.Errorf("unknown mode %q", mode)
 }
 
-// stopProxy stops the current mode's proxy by its PID and waits for it.
+// stopProxy stops the current mode's proxy by its PID and waits for it:
+// `ghostwire run` through the Appliance, HAProxy directly.
 func (b *bench) stopProxy() error {
 	if b.proxy == nil {
 		return nil
 	}
 	p, mode := b.proxy, b.proxyMode
 	b.proxy, b.proxyMode = nil, ""
-	if err := stopProcess(p, 15*time.Second); err != nil {
-		return fmt.Errorf("stopping %s: %w", mode, err)
-	}
-	if mode == modeGhostwire && b.lab != nil {
-		// Its owned tables go with it; make sure before the next mode.
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := b.expectStatus(ctx, "ghostwire: bypassing", 5*time.Second); err != nil {
-			return fmt.Errorf("after stopping ghostwire: %w", err)
+	if mode != modeGhostwire {
+		if err := stopProcess(p, 15*time.Second); err != nil {
+			return fmt.Errorf("stopping %s: %w", mode, err)
 		}
+		return nil
+	}
+	defer func() { b.gw.Proxy = nil }()
+	if err := exitedEarly(p); err != nil {
+		return fmt.Errorf("ghostwire run had exited before the bench stopped it: %w", err)
+	}
+	var exit *exec.ExitError
+	if err := b.gw.StopProxy(syscall.SIGTERM); err != nil && !errors.As(err, &exit) {
+		return fmt.Errorf("stopping ghostwire run: %w", err)
+	}
+	if b.lab == nil {
+		return nil
+	}
+	// Its owned tables go with it; make sure before the next mode.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.expectStatus(ctx, "ghostwire: bypassing", 5*time.Second); err != nil {
+		return fmt.Errorf("after stopping ghostwire: %w", err)
 	}
 	return nil
 }
+
+// maxConns is both proxies' connection limit: the memory workload's
+// connections plus a few.
+func (b *bench) maxConns() int { return max(b.o.conns+200, 2000) }
 
 // haproxyConfig is HAProxy forwarding every diverted connection to its
 // original destination from the client's address (docs/kernel.md#reference-numbers).
