@@ -1,10 +1,8 @@
 package proxy
 
 import (
-	"errors"
 	"log/slog"
 	"net"
-	"os"
 	"time"
 )
 
@@ -163,44 +161,52 @@ func reset(c *net.TCPConn) {
 // delivered), and one that acknowledges nothing for IdleTimeout ends it
 // too. An abort (Shutdown's) ends it early.
 func (c *conn) awaitClosed() (reason string) {
-	deadline := time.Now().Add(c.p.idle())
-	for _, s := range []struct {
-		name string
-		c    *net.TCPConn
-	}{{"client", c.client}, {"server", c.server}} {
-		err := awaitTCPClose(s.c, deadline)
-		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			return "close not acknowledged"
-		case errors.Is(err, net.ErrClosed):
-			return "" // aborted meanwhile: abort has its reason
-		case err != nil:
-			return failReason(s.name, err)
+	done, timedOut := c.waitUntil(time.Millisecond, 50*time.Millisecond, func() bool {
+		for _, s := range []struct {
+			name string
+			c    *net.TCPConn
+		}{{"client", c.client}, {"server", c.server}} {
+			closed, err := closedState(s.c)
+			if err != nil {
+				reason = failReason(s.name, err)
+				return true
+			}
+			if !closed {
+				return false
+			}
 		}
+		return true
+	})
+	switch {
+	case timedOut:
+		return "close not acknowledged"
+	case done:
+		return reason
 	}
-	return ""
+	return "" // aborted meanwhile: abort has its reason
 }
 
-// awaitTCPClose waits until sc's socket is in TCP_CLOSE, and returns its
-// pending error (nil after an orderly end), os.ErrDeadlineExceeded at
-// deadline, or net.ErrClosed if it was closed meanwhile. It waits on the
-// runtime's poller, not in a sleep loop: when a socket reaches TCP_CLOSE
-// the kernel wakes its waiters (sk_state_change, or sk_error_report for a
-// reset) and epoll reports EPOLLHUP, which readies a pending read.
-func awaitTCPClose(sc *net.TCPConn, deadline time.Time) error {
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return err
+// waitUntil polls cond (called with c.mu held, while c is closing),
+// sleeping first, then twice as long each time up to most, for at most
+// IdleTimeout: for what it waits on, the kernel offers a counter but no
+// event. done says whether cond held; timedOut whether the time ran out.
+// Both false: c was aborted.
+func (c *conn) waitUntil(first, most time.Duration, cond func() bool) (done, timedOut bool) {
+	deadline := c.p.now() + c.p.idle()
+	for delay := first; ; delay = min(2*delay, most) {
+		c.mu.Lock()
+		if c.state != closing {
+			c.mu.Unlock()
+			return false, false
+		}
+		done = cond()
+		c.mu.Unlock()
+		if done {
+			return true, false
+		}
+		if c.p.now() >= deadline {
+			return false, true
+		}
+		time.Sleep(delay)
 	}
-	sc.SetReadDeadline(deadline)
-	var serr error
-	rerr := rc.Read(func(fd uintptr) bool {
-		var inClose bool
-		inClose, serr = closedStateFD(fd)
-		return inClose || serr != nil
-	})
-	if rerr != nil {
-		return rerr
-	}
-	return serr
 }

@@ -110,31 +110,27 @@ func setReceiveBuffer(fd uintptr, n int) error {
 	return nil
 }
 
-// closedStateFD reports whether fd's TCP socket has reached TCP_CLOSE:
-// after both FINs were exchanged and ours acknowledged, or after a reset.
-// err is the socket's pending error (SO_ERROR, e.g. ECONNRESET), nil
-// after an orderly end.
-func closedStateFD(fd uintptr) (inClose bool, err error) {
-	info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-	if err != nil {
-		return true, err
-	}
-	if info.State != tcpClose {
-		return false, nil
-	}
-	if e, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); e != 0 {
-		return true, syscall.Errno(e)
-	}
-	return true, nil
-}
-
-// closedState is closedStateFD for a connection.
+// closedState reports whether c's socket has reached TCP_CLOSE: after
+// both FINs were exchanged and ours acknowledged, or after a reset. err is
+// the socket's pending error (SO_ERROR, e.g. ECONNRESET), nil after an
+// orderly end.
 func closedState(c *net.TCPConn) (inClose bool, err error) {
 	rc, rerr := c.SyscallConn()
 	if rerr != nil {
 		return true, rerr
 	}
-	rc.Control(func(fd uintptr) { inClose, err = closedStateFD(fd) })
+	rc.Control(func(fd uintptr) {
+		info, ierr := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if ierr != nil {
+			inClose, err = true, ierr
+			return
+		}
+		if inClose = info.State == tcpClose; inClose {
+			if e, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); e != 0 {
+				err = syscall.Errno(e)
+			}
+		}
+	})
 	return inClose, err
 }
 

@@ -20,7 +20,6 @@ func readFD(uintptr, []byte) (int, error)      { return 0, errNotImplemented }
 func wasReset(c syscall.Conn) bool             { return false }
 
 func setAbortOnClose(uintptr) error          { return errNotImplemented }
-func closedStateFD(uintptr) (bool, error)    { return true, errNotImplemented }
 func closedState(*net.TCPConn) (bool, error) { return true, errNotImplemented }
 func progress(*net.TCPConn) uint64           { return 0 }
 func setReceiveBuffer(uintptr, int) error    { return errNotImplemented }
