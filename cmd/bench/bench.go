@@ -134,7 +134,7 @@ func (b *bench) close() error {
 func (b *bench) run(ctx context.Context) error {
 	var proxied []string
 	for _, m := range b.o.modes {
-		if m != modePlain {
+		if hasProxy(m) {
 			proxied = append(proxied, m)
 		}
 	}
@@ -206,8 +206,8 @@ func (b *bench) trafficRound(ctx context.Context, round int, mode string) error 
 		key     string
 		measure func() error
 	}{
-		{wlIperf1, func() error { return b.measureIperf(ctx, round, mode, 1, wlIperf1) }},
-		{wlIperf4, func() error { return b.measureIperf(ctx, round, mode, 4, wlIperf4) }},
+		{wlIperf1, func() error { return b.measureIperf(ctx, round, mode, 1, wlIperf1, wlIperf1CPU) }},
+		{wlIperf4, func() error { return b.measureIperf(ctx, round, mode, 4, wlIperf4, wlIperf4CPU) }},
 		{wlHTTPClose, func() error { return b.measureWrk(ctx, round, mode, true) }},
 		{wlKeepAlive, func() error { return b.measureWrk(ctx, round, mode, false) }},
 	} {

@@ -10,14 +10,20 @@ import (
 )
 
 func TestParseIperf3(t *testing.T) {
-	out := []byte(`{"start":{},"intervals":[],"end":{"sum_sent":{"bits_per_second":2.1e10,"retransmits":3},
+	out := []byte(`{"start":{},"intervals":[],"end":{"sum_sent":{"bytes":5000,"bits_per_second":2.1e10,"retransmits":3},
 		"sum_received":{"bits_per_second":2.05e10}}}`)
 	r, err := parseIperf3(out)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if math.Abs(r.Gbps-20.5) > 1e-9 || r.Retransmits != 3 {
-		t.Errorf("got %+v, want 20.5 Gbit/s, 3 retransmits", r)
+	if math.Abs(r.Gbps-20.5) > 1e-9 || r.Retransmits != 3 || r.Bytes != 5000 {
+		t.Errorf("got %+v, want 20.5 Gbit/s, 3 retransmits, 5000 bytes", r)
+	}
+	// the intervals, omitted ones included, are the whole run's bytes
+	out = []byte(`{"intervals":[{"sum":{"bytes":1000,"omitted":true}},{"sum":{"bytes":2000,"omitted":false}}],
+		"end":{"sum_sent":{"bytes":2000,"bits_per_second":1e9},"sum_received":{"bits_per_second":1e9}}}`)
+	if r, err := parseIperf3(out); err != nil || r.Bytes != 3000 {
+		t.Errorf("with an omitted interval: %+v, %v; want 3000 bytes", r, err)
 	}
 	if _, err := parseIperf3([]byte(`{"error":"unable to connect to server: Connection refused"}`)); err == nil ||
 		!strings.Contains(err.Error(), "Connection refused") {
@@ -87,6 +93,95 @@ func TestParseProc(t *testing.T) {
 	cpu, err := parseProcCPU([]byte(stat))
 	if err != nil || cpu != 200 {
 		t.Errorf("stat: got %d, %v; want 200", cpu, err)
+	}
+	if p, err := parseProcStat([]byte(stat)); err != nil || p != (procStat{pid: 4242, ppid: 1, ticks: 200}) {
+		t.Errorf("stat: got %+v, %v", p, err)
+	}
+	if _, err := parseProcStat([]byte("4242 gw S 1")); err == nil {
+		t.Error("stat without (comm) parsed")
+	}
+}
+
+func TestTreeTicks(t *testing.T) {
+	procs := []procStat{
+		{pid: 1, ppid: 0, ticks: 1000},
+		{pid: 10, ppid: 1, ticks: 5},    // haproxy master
+		{pid: 11, ppid: 10, ticks: 300}, // its worker
+		{pid: 12, ppid: 11, ticks: 7},   // a grandchild
+		{pid: 20, ppid: 1, ticks: 50},   // unrelated
+	}
+	if got, ok := treeTicks(procs, 10); !ok || got != 312 {
+		t.Errorf("tree of 10: %d, %v; want 312", got, ok)
+	}
+	if got, ok := treeTicks(procs, 20); !ok || got != 50 {
+		t.Errorf("tree of 20: %d, %v; want 50", got, ok)
+	}
+	if _, ok := treeTicks(procs, 99); ok {
+		t.Error("a missing pid has a tree")
+	}
+}
+
+func TestClkTck(t *testing.T) {
+	if hz, ok := clkTckOf([][2]uintptr{{6, 4096}, {atClkTck, 250}, {0, 0}}); !ok || hz != 250 {
+		t.Errorf("AT_CLKTCK 250: got %d, %v", hz, ok)
+	}
+	if hz, ok := clkTckOf([][2]uintptr{{6, 4096}}); ok || hz != 100 {
+		t.Errorf("no AT_CLKTCK: got %d, %v; want the assumed 100", hz, ok)
+	}
+	// this process's: Linux always passes it
+	if !clkTckFromAuxv || clkTck <= 0 {
+		t.Errorf("AT_CLKTCK of this process: %d, %v", clkTck, clkTckFromAuxv)
+	}
+}
+
+func TestCPUPerWork(t *testing.T) {
+	for _, tc := range []struct {
+		cpu, work float64
+		unit      string
+		want      float64
+		ok        bool
+	}{
+		{2, 4 << 30, unitCPUPerGiB, 0.5, true}, // 2 s over 4 GiB
+		{3, 60000, unitCPUPer10k, 0.5, true},   // 3 s over 60k requests
+		{0, 60000, unitCPUPer10k, 0, true},     // the sockmap offload can cost the process nothing
+		{1, 0, unitCPUPer10k, 0, false},        // nothing done
+		{1, 1000, "KiB", 0, false},             // not a CPU unit
+		{math.NaN(), 1000, unitCPUPer10k, 0, false},
+	} {
+		got, ok := cpuPerWork(tc.cpu, tc.work, tc.unit)
+		if ok != tc.ok || math.Abs(got-tc.want) > 1e-12 {
+			t.Errorf("cpuPerWork(%v, %v, %s) = %v, %v; want %v, %v", tc.cpu, tc.work, tc.unit, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestFmtVal(t *testing.T) {
+	for v, want := range map[float64]string{
+		0: "0", 0.0004: "<0.001", 0.0123: "0.012", 0.5: "0.50", 12.34: "12.3", 123.4: "123", 41800: "41.8k",
+	} {
+		if got := fmtVal(v); got != want {
+			t.Errorf("fmtVal(%v) = %q, want %q", v, got, want)
+		}
+	}
+	if fmtVal(math.NaN()) != "-" {
+		t.Error("NaN")
+	}
+}
+
+func TestParseSnmpForwarding(t *testing.T) {
+	snmp := "Ip: Forwarding DefaultTTL InReceives ForwDatagrams OutRequests\n" +
+		"Ip: 1 64 5000 1234 400\n" +
+		"Icmp: InMsgs\nIcmp: 0\n"
+	on, n, err := parseSnmpForwarding([]byte(snmp))
+	if err != nil || !on || n != 1234 {
+		t.Errorf("got %v, %d, %v; want on, 1234", on, n, err)
+	}
+	on, _, err = parseSnmpForwarding([]byte(strings.Replace(snmp, "Ip: 1 ", "Ip: 2 ", 1)))
+	if err != nil || on {
+		t.Errorf("Forwarding 2 read as on (%v)", err)
+	}
+	if _, _, err := parseSnmpForwarding([]byte("Icmp: InMsgs\nIcmp: 0\n")); err == nil {
+		t.Error("no Ip lines parsed")
 	}
 }
 
@@ -166,15 +261,71 @@ func TestCompareAndTargets(t *testing.T) {
 
 func TestReport(t *testing.T) {
 	s := samplesFor(wlIperf1, map[string][]float64{
-		modePlain: {20, 21, 22}, modeGhostwire: {10, 11, 12}, modeHAProxy: {8, 9, 10}, modeHAProxySplice: {11},
+		modePlain: {20, 21, 22}, modeDivert: {15, 16, 17}, modeGhostwire: {10, 11, 12}, modeHAProxy: {8, 9, 10}, modeHAProxySplice: {11},
 	})
+	s = append(s, samplesFor(wlIperf1CPU, map[string][]float64{
+		modeGhostwire: {0.3, 0.25, 0.2}, modeHAProxy: {0.5}, modeHAProxySplice: {0.4},
+	})...)
+	s = append(s, samplesFor(wlKeepCPU, map[string][]float64{
+		modeGhostwire: {0.004}, modeHAProxy: {0.5}, modeHAProxySplice: {0.6},
+	})...)
 	var buf bytes.Buffer
 	writeReport(&buf, s, allModes)
 	out := buf.String()
-	for _, want := range []string{"21.0 (20.0–22.0)", "11.0 (10.0–12.0)", "0.52", "1.00 (haproxy-splice)", "MISS MISS", ">= 0.9× plain"} {
+	for _, want := range []string{"21.0 (20.0–22.0)", "16.0 (15.0–17.0)", "11.0 (10.0–12.0)", "0.52", "0.69",
+		"1.00 (haproxy-splice)", "MISS MISS", ">= 0.9× plain", "× divert", "s/GiB", "s/10k req",
+		"0.25 (0.20–0.30)", "0.62 (haproxy-splice)", "0.008 (haproxy)", "0.004"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q:\n%s", want, out)
 		}
+	}
+	// the CPU rows: n/a without a proxy (plain, divert), and the ratio
+	// table has no plain or divert ratio for them
+	lines := strings.Split(out, "\n")
+	var cpuRows, ratioRows []string
+	for _, l := range lines {
+		if strings.HasPrefix(l, "  proxy CPU") {
+			cpuRows = append(cpuRows, l)
+		}
+		if strings.HasPrefix(l, "  its proxy CPU") {
+			ratioRows = append(ratioRows, l)
+		}
+	}
+	if len(cpuRows) != 2 || len(ratioRows) != 2 {
+		t.Fatalf("proxy CPU rows: %q, ratios %q:\n%s", cpuRows, ratioRows, out)
+	}
+	for _, r := range cpuRows {
+		if strings.Count(r, "n/a") != 2 {
+			t.Errorf("plain and divert are not n/a in %q", r)
+		}
+	}
+	if f := strings.Fields(ratioRows[0]); len(f) < 6 || f[3] != "-" || f[4] != "-" || f[5] != "0.62" {
+		t.Errorf("iperf3-1 CPU ratios: %q", ratioRows[0])
+	}
+	// iperf3 1 stream: 11 / 21 plain, 11 / 16 divert, 11 / 11 splice
+	found := false
+	for _, l := range lines {
+		if strings.HasPrefix(l, "iperf3 1 stream") && strings.HasSuffix(l, "MISS MISS") {
+			found = true
+			if f := strings.Fields(l); len(f) < 7 || f[3] != "0.52" || f[4] != "0.69" || f[5] != "1.00" {
+				t.Errorf("iperf3-1 ratios: %q", l)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("no iperf3-1 ratio row:\n%s", out)
+	}
+}
+
+func TestCompareDivert(t *testing.T) {
+	s := samplesFor(wlHTTPClose, map[string][]float64{modeDivert: {40000}, modeGhostwire: {10000}})
+	s = append(s, samplesFor(wlMemPer, map[string][]float64{modeGhostwire: {4}})...)
+	cmp := compare(summaries(s))
+	if len(cmp) != 2 || cmp[0].VsDivert != 0.25 || cmp[0].DivertVal != 40000 || cmp[1].VsDivert != 0 {
+		t.Errorf("%+v", cmp)
+	}
+	if hasProxy(modeDivert) || hasProxy(modePlain) || !hasProxy(modeGhostwire) || !hasProxy(modeHAProxySplice) {
+		t.Error("hasProxy")
 	}
 }
 

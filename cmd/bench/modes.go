@@ -20,6 +20,17 @@ import (
 //   - plain: `ghostwire teardown`, then lab.PlainBridge: the same two ports
 //     bridged under the same name with bridge-nf-call-* = 0 and nothing
 //     else. Frames are only bridged: the physical limit of this machine.
+//   - divert: `ghostwire apply` and nothing listening on the proxy port.
+//     The static diversion still lifts intercepted frames to the box's IP
+//     stack, where `tproxy to :PORT` finds no socket: nft_tproxy then ends
+//     the rule without its verdict (NFT_BREAK), so no mark is set, the
+//     socket rule finds no transparent socket either, and the packet is
+//     routed by the main table (apply turns ip_forward on) out of the
+//     bridge towards its destination, TTL-1, the box's MAC as source:
+//     `ghostwire status` calls this "diverting without ghostwire proxy".
+//     It is what fail-open costs, and the ceiling of any proxy on this
+//     path. checkPath proves it: a connection works, the box holds no
+//     socket of it, and the box's IP forwarding counter moved.
 //   - ghostwire: `ghostwire apply` (bridge, sysctls, policy routing, static
 //     diversion; idempotent), then `ghostwire run`, which replaces the
 //     diversion with tables it owns; when it stops the kernel deletes them.
@@ -96,6 +107,18 @@ func (b *bench) enterMode(ctx context.Context, mode string) error {
 			return err
 		}
 		return b.expectStatus(ctx, "ghostwire: not provisioned", 5*time.Second)
+	case modeDivert:
+		if err := b.apply(ctx); err != nil {
+			return err
+		}
+		n, err := b.listening(ctx, b.lab.Box, proxyPort)
+		if err != nil {
+			return err
+		}
+		if n != 0 {
+			return fmt.Errorf("divert: %d listener(s) on the proxy port %d: the diverted packets would be proxied, not routed", n, proxyPort)
+		}
+		return nil
 	case modeGhostwire:
 		if err := b.apply(ctx); err != nil {
 			return err
@@ -204,8 +227,21 @@ backend original_destination
 
 // checkPath proves the mode is what it claims: with a proxy, a connection
 // from the client to the server:80 shows up as an established socket in
-// the box; in plain mode it must not.
+// the box; in plain and divert mode it must not, and in divert mode the
+// box must have routed its packets (IP forwarding on, and the forwarded
+// datagrams counter moved by at least the SYN and the SYN-ACK).
 func (b *bench) checkPath(ctx context.Context, mode string) error {
+	var fwd0 int64
+	if mode == modeDivert {
+		on, n, err := b.boxForwarding(ctx)
+		if err != nil {
+			return err
+		}
+		if !on {
+			return errors.New("path check: divert, yet IP forwarding is off in the box")
+		}
+		fwd0 = n
+	}
 	var fd int
 	err := b.lab.Client.Do(func() error {
 		var err error
@@ -217,13 +253,25 @@ func (b *bench) checkPath(ctx context.Context, mode string) error {
 	}
 	defer closeFD(fd)
 	filter := fmt.Sprintf("( src %s and sport = :%d )", serverIP4, httpPort)
-	if mode == modePlain {
+	if !hasProxy(mode) {
 		n, err := b.established(ctx, b.lab.Box, filter)
 		if err != nil {
 			return err
 		}
 		if n != 0 {
-			return fmt.Errorf("path check: plain bridging, yet the box holds %d proxied socket(s)", n)
+			return fmt.Errorf("path check: %s, yet the box holds %d proxied socket(s)", mode, n)
+		}
+		if mode != modeDivert {
+			return nil
+		}
+		var fwd int64
+		err = poll(ctx, 5*time.Second, "the box to route the connection's packets", func() (bool, error) {
+			_, n, err := b.boxForwarding(ctx)
+			fwd = n - fwd0
+			return fwd >= 2, err
+		})
+		if err != nil {
+			return fmt.Errorf("path check: divert: %w (forwarded %d datagrams)", err, fwd)
 		}
 		return nil
 	}
@@ -231,6 +279,16 @@ func (b *bench) checkPath(ctx context.Context, mode string) error {
 		n, err := b.established(ctx, b.lab.Box, filter)
 		return n > 0, err
 	})
+}
+
+// boxForwarding reads the box's /proc/net/snmp: whether IP forwarding is
+// on and how many datagrams it has forwarded.
+func (b *bench) boxForwarding(ctx context.Context) (on bool, forwarded int64, err error) {
+	out, err := b.nsOutput(ctx, b.lab.Box, "cat", "/proc/net/snmp")
+	if err != nil {
+		return false, 0, fmt.Errorf("reading the box's /proc/net/snmp: %w: %s", err, out)
+	}
+	return parseSnmpForwarding(out)
 }
 
 // withExit adds why p died to err, if it did.

@@ -14,15 +14,24 @@ import (
 type iperfResult struct {
 	Gbps        float64 // receiver side, all streams
 	Retransmits int     // sender side
+	// Bytes is every byte the client sent over the whole run, omitted
+	// intervals (-O) included: the work the proxy's CPU is divided by.
+	Bytes int64
 }
 
 // parseIperf3 reads iperf3 -J output. It takes the receiver's sum, which
 // counts only bytes that arrived, and reports iperf3's own error field.
 func parseIperf3(out []byte) (iperfResult, error) {
 	var doc struct {
-		Error string `json:"error"`
-		End   struct {
+		Error     string `json:"error"`
+		Intervals []struct {
+			Sum struct {
+				Bytes float64 `json:"bytes"`
+			} `json:"sum"`
+		} `json:"intervals"`
+		End struct {
 			SumSent struct {
+				Bytes         float64 `json:"bytes"`
 				BitsPerSecond float64 `json:"bits_per_second"`
 				Retransmits   int     `json:"retransmits"`
 			} `json:"sum_sent"`
@@ -41,7 +50,16 @@ func parseIperf3(out []byte) (iperfResult, error) {
 	if bps <= 0 {
 		return iperfResult{}, errors.New("iperf3 JSON has no end.sum_received.bits_per_second")
 	}
-	return iperfResult{Gbps: bps / 1e9, Retransmits: doc.End.SumSent.Retransmits}, nil
+	// The intervals cover the whole run, the omitted ones too (the end sums
+	// leave those out); without them fall back to the sent sum.
+	var bytes float64
+	for _, iv := range doc.Intervals {
+		bytes += iv.Sum.Bytes
+	}
+	if bytes <= 0 {
+		bytes = doc.End.SumSent.Bytes
+	}
+	return iperfResult{Gbps: bps / 1e9, Retransmits: doc.End.SumSent.Retransmits, Bytes: int64(bytes)}, nil
 }
 
 // wrkResult is what one wrk run measured.
@@ -144,26 +162,40 @@ func parseVmRSS(status []byte) (int64, error) {
 	return 0, errors.New("no VmRSS line (process gone or a kernel thread)")
 }
 
-// parseProcCPU returns utime+stime in clock ticks from a /proc/PID/stat text.
-func parseProcCPU(stat []byte) (int64, error) {
-	s := string(stat)
-	// comm may hold spaces and parentheses: fields restart after the last ')'.
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, errors.New("malformed stat: no ')'")
+// parseSnmpForwarding reads the Ip lines of /proc/net/snmp (a header line
+// of names, then one of values): whether forwarding is on (Forwarding 1;
+// 2 is off) and the ForwDatagrams counter.
+func parseSnmpForwarding(snmp []byte) (on bool, forwarded int64, err error) {
+	var names []string
+	for _, line := range strings.Split(string(snmp), "\n") {
+		rest, ok := strings.CutPrefix(line, "Ip: ")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if names == nil {
+			names = f
+			continue
+		}
+		if len(f) != len(names) {
+			return false, 0, errors.New("snmp: Ip header and values differ in length")
+		}
+		var haveOn, haveFwd bool
+		for i, n := range names {
+			switch n {
+			case "Forwarding":
+				on, haveOn = f[i] == "1", true
+			case "ForwDatagrams":
+				if forwarded, err = strconv.ParseInt(f[i], 10, 64); err != nil {
+					return false, 0, fmt.Errorf("snmp ForwDatagrams: %w", err)
+				}
+				haveFwd = true
+			}
+		}
+		if !haveOn || !haveFwd {
+			return false, 0, errors.New("snmp: no Ip Forwarding or ForwDatagrams")
+		}
+		return on, forwarded, nil
 	}
-	f := strings.Fields(s[i+1:])
-	// after ')': state(3) ppid(4) ... utime(14) stime(15): indexes 11, 12 here.
-	if len(f) < 13 {
-		return 0, errors.New("malformed stat: too few fields")
-	}
-	u, err := strconv.ParseInt(f[11], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("stat utime: %w", err)
-	}
-	st, err := strconv.ParseInt(f[12], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("stat stime: %w", err)
-	}
-	return u + st, nil
+	return false, 0, errors.New("snmp: no Ip lines")
 }

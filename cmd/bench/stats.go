@@ -12,14 +12,19 @@ import (
 // Modes, in the order they run within a round and appear in the table.
 const (
 	modePlain         = "plain"
+	modeDivert        = "divert"
 	modeGhostwire     = "ghostwire"
 	modeHAProxy       = "haproxy"
 	modeHAProxySplice = "haproxy-splice"
 )
 
-var allModes = []string{modePlain, modeGhostwire, modeHAProxy, modeHAProxySplice}
+var allModes = []string{modePlain, modeDivert, modeGhostwire, modeHAProxy, modeHAProxySplice}
 
 func isHAProxy(mode string) bool { return strings.HasPrefix(mode, "haproxy") }
+
+// hasProxy says whether mode runs a proxy process: plain and divert do not
+// (divert is the diversion with nothing listening: the box routes).
+func hasProxy(mode string) bool { return mode != modePlain && mode != modeDivert }
 
 // workload describes one measured figure.
 type workload struct {
@@ -27,28 +32,59 @@ type workload struct {
 	Name         string
 	Unit         string
 	HigherBetter bool
-	Proxied      bool   // only meaningful with a proxy (memory)
+	Proxied      bool   // only meaningful with a proxy (memory, proxy CPU)
 	Short        string // name in the ratio table
 }
 
 const (
 	wlIperf1    = "iperf3-1"
+	wlIperf1CPU = "iperf3-1-cpu"
 	wlIperf4    = "iperf3-4"
+	wlIperf4CPU = "iperf3-4-cpu"
 	wlHTTPClose = "http-close"
 	wlCloseP99  = "http-close-p99"
+	wlCloseCPU  = "http-close-cpu"
 	wlKeepAlive = "http-keepalive"
 	wlKeepP99   = "http-keepalive-p99"
+	wlKeepCPU   = "http-keepalive-cpu"
 	wlMemPer    = "rss-per-conn"
+)
+
+// Units of the proxy-CPU figures: CPU seconds (utime+stime) of the proxy
+// process(es) over the whole workload run, per GiB that iperf3 sent and per
+// 10,000 requests wrk completed.
+const (
+	unitCPUPerGiB = "s/GiB"
+	unitCPUPer10k = "s/10k req"
 )
 
 var workloads = []workload{
 	{wlIperf1, "iperf3 1 stream", "Gbit/s", true, false, "iperf3 1 stream"},
+	{wlIperf1CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU"},
 	{wlIperf4, "iperf3 4 streams", "Gbit/s", true, false, "iperf3 4 streams"},
+	{wlIperf4CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU"},
 	{wlHTTPClose, "HTTP new conn/request", "req/s", true, false, "HTTP new conn/request"},
 	{wlCloseP99, "  p99 latency", "ms", false, false, "  its p99 latency"},
+	{wlCloseCPU, "  proxy CPU", unitCPUPer10k, false, true, "  its proxy CPU"},
 	{wlKeepAlive, "HTTP keep-alive", "req/s", true, false, "HTTP keep-alive"},
 	{wlKeepP99, "  p99 latency", "ms", false, false, "  its p99 latency"},
+	{wlKeepCPU, "  proxy CPU", unitCPUPer10k, false, true, "  its proxy CPU"},
 	{wlMemPer, "RSS per idle conn", "KiB", false, true, "RSS per idle conn"},
+}
+
+// cpuPerWork is proxy CPU seconds per unit of work: per GiB for bytes, per
+// 10,000 for requests. ok is false without work to divide by.
+func cpuPerWork(cpuSeconds, work float64, unit string) (v float64, ok bool) {
+	if work <= 0 || cpuSeconds < 0 || math.IsNaN(cpuSeconds) {
+		return 0, false
+	}
+	switch unit {
+	case unitCPUPerGiB:
+		return cpuSeconds / (work / (1 << 30)), true
+	case unitCPUPer10k:
+		return cpuSeconds / (work / 10000), true
+	}
+	return 0, false
 }
 
 func workloadByKey(k string) workload {
@@ -70,6 +106,13 @@ type sample struct {
 	// ProxyCPU is the proxy process's CPU time over the run, in cores
 	// (1.0 = one core busy the whole time); absent without a proxy.
 	ProxyCPU *float64 `json:"proxy_cpu_cores,omitempty"`
+	// ProxyCPUSeconds is the same as utime+stime seconds (HAProxy: summed
+	// over its processes), and Work what the run did in that time (bytes
+	// iperf3 sent, requests wrk completed): the "proxy CPU" rows are
+	// ProxyCPUSeconds per GiB or per 10k of Work.
+	ProxyCPUSeconds *float64 `json:"proxy_cpu_s,omitempty"`
+	Work            float64  `json:"work,omitempty"`
+	WorkUnit        string   `json:"work_unit,omitempty"`
 	// BoxCPU is the whole machine's busy share, in cores.
 	BusyCPU *float64 `json:"machine_busy_cores,omitempty"`
 	Errors  int64    `json:"errors,omitempty"`
@@ -117,16 +160,19 @@ func summaries(samples []sample) map[string]map[string]summary {
 	return out
 }
 
-// comparison is ghostwire's median against plain and the best HAProxy mode.
+// comparison is ghostwire's median against plain, divert (the diversion
+// with the box routing, no proxy) and the best HAProxy mode.
 type comparison struct {
 	Workload    string  `json:"workload"`
 	Ghostwire   float64 `json:"ghostwire"`
-	VsPlain     float64 `json:"vs_plain,omitempty"`    // ghostwire / plain
-	VsHAProxy   float64 `json:"vs_best_haproxy"`       // ghostwire / best HAProxy
-	BestHAProxy string  `json:"best_haproxy_mode"`     // which HAProxy mode was best
-	HAProxyVal  float64 `json:"best_haproxy_value"`    //
-	PlainVal    float64 `json:"plain_value,omitempty"` //
-	Higher      bool    `json:"higher_is_better"`      //
+	VsPlain     float64 `json:"vs_plain,omitempty"`     // ghostwire / plain
+	VsDivert    float64 `json:"vs_divert,omitempty"`    // ghostwire / divert
+	DivertVal   float64 `json:"divert_value,omitempty"` //
+	VsHAProxy   float64 `json:"vs_best_haproxy"`        // ghostwire / best HAProxy
+	BestHAProxy string  `json:"best_haproxy_mode"`      // which HAProxy mode was best
+	HAProxyVal  float64 `json:"best_haproxy_value"`     //
+	PlainVal    float64 `json:"plain_value,omitempty"`  //
+	Higher      bool    `json:"higher_is_better"`       //
 }
 
 // compare computes ratios from medians. "Best" HAProxy is the highest
@@ -143,6 +189,10 @@ func compare(sum map[string]map[string]summary) []comparison {
 		if p, ok := byMode[modePlain]; ok && p.Median != 0 {
 			c.PlainVal = p.Median
 			c.VsPlain = gw.Median / p.Median
+		}
+		if d, ok := byMode[modeDivert]; ok && d.Median != 0 {
+			c.DivertVal = d.Median
+			c.VsDivert = gw.Median / d.Median
 		}
 		for _, m := range allModes {
 			h, ok := byMode[m]
@@ -229,6 +279,12 @@ func fmtVal(v float64) string {
 	switch {
 	case math.IsNaN(v):
 		return "-"
+	case v == 0:
+		return "0"
+	case math.Abs(v) < 0.001:
+		return "<0.001"
+	case math.Abs(v) < 0.1: // proxy CPU per unit can be this small
+		return fmt.Sprintf("%.3f", v)
 	case math.Abs(v) >= 1000:
 		return fmt.Sprintf("%.1fk", v/1000)
 	case math.Abs(v) >= 100:
@@ -238,6 +294,15 @@ func fmtVal(v float64) string {
 	default:
 		return fmt.Sprintf("%.2f", v)
 	}
+}
+
+// fmtRatio is a ratio to two decimals, or three below 0.1 (a proxy CPU
+// ratio can be that small once the kernel relays a connection).
+func fmtRatio(r float64) string {
+	if r != 0 && math.Abs(r) < 0.1 {
+		return fmt.Sprintf("%.3f", r)
+	}
+	return fmt.Sprintf("%.2f", r)
 }
 
 func fmtSummary(s summary) string {
@@ -268,7 +333,7 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 		for _, m := range modes {
 			if s, ok := byMode[m]; ok {
 				fmt.Fprintf(tw, "\t%s", fmtSummary(s))
-			} else if wl.Proxied && m == modePlain {
+			} else if wl.Proxied && !hasProxy(m) {
 				fmt.Fprint(tw, "\tn/a")
 			} else {
 				fmt.Fprint(tw, "\t-")
@@ -277,7 +342,8 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 		fmt.Fprintln(tw)
 	}
 	tw.Flush()
-	fmt.Fprintln(w, "(median (min–max) over rounds)")
+	fmt.Fprintln(w, "(median (min–max) over rounds; proxy CPU: the proxy's utime+stime over the whole run (HAProxy: all its processes),")
+	fmt.Fprintf(w, " per GiB iperf3 sent or per 10k requests wrk completed; softirq and kworker time it causes is not in it; %s)\n", clkTckNote())
 
 	cmp := compare(sum)
 	if len(cmp) == 0 {
@@ -285,17 +351,21 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ghostwire\t× plain\t× best HAProxy\ttarget\tresult")
+	fmt.Fprintln(tw, "ghostwire\t× plain\t× divert\t× best HAProxy\ttarget\tresult")
 	evald := evaluate(issueTargets, cmp)
 	for _, c := range cmp {
 		wl := workloadByKey(c.Workload)
 		vsPlain := "-"
 		if c.PlainVal != 0 {
-			vsPlain = fmt.Sprintf("%.2f", c.VsPlain)
+			vsPlain = fmtRatio(c.VsPlain)
+		}
+		vsDivert := "-"
+		if c.DivertVal != 0 {
+			vsDivert = fmtRatio(c.VsDivert)
 		}
 		vsHAP := "-"
 		if c.BestHAProxy != "" {
-			vsHAP = fmt.Sprintf("%.2f (%s)", c.VsHAProxy, c.BestHAProxy)
+			vsHAP = fmt.Sprintf("%s (%s)", fmtRatio(c.VsHAProxy), c.BestHAProxy)
 		}
 		var goals, results []string
 		for _, t := range evald {
@@ -312,8 +382,9 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 				results = append(results, "MISS")
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", wl.Short, vsPlain, vsHAP, strings.Join(goals, ", "), strings.Join(results, " "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", wl.Short, vsPlain, vsDivert, vsHAP, strings.Join(goals, ", "), strings.Join(results, " "))
 	}
 	tw.Flush()
-	fmt.Fprintln(w, "(ratios of medians; for p99 and RSS lower is better, so a ratio below 1 favours ghostwire)")
+	fmt.Fprintln(w, "(ratios of medians; for p99, proxy CPU and RSS lower is better, so a ratio below 1 favours ghostwire;")
+	fmt.Fprintln(w, " divert: the diversion in place, nothing listening, the box routes: the fail-open cost and the ceiling of any proxy on this path)")
 }

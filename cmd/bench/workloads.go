@@ -14,10 +14,9 @@ import (
 	"time"
 )
 
-const clockTicks = 100 // USER_HZ: /proc times are in 1/100 s on Linux
-
-// cpuMeter measures the proxy's CPU time and the machine's busy time over
-// one workload, in cores (1.0 = one core busy for the whole run).
+// cpuMeter measures the proxy's CPU time (its process and descendants) and
+// the machine's busy time over one workload, in cores (1.0 = one core busy
+// for the whole run), and the proxy's in seconds.
 type cpuMeter struct {
 	pid             int
 	t0              time.Time
@@ -29,7 +28,7 @@ type cpuMeter struct {
 func startCPU(pid int) *cpuMeter {
 	m := &cpuMeter{pid: pid, t0: time.Now()}
 	if pid > 0 {
-		if v, err := procCPU(pid); err == nil {
+		if v, err := procTreeCPU(pid); err == nil {
 			m.proc0, m.procOK = v, true
 		}
 	}
@@ -42,9 +41,10 @@ func startCPU(pid int) *cpuMeter {
 func (m *cpuMeter) stop(s *sample) {
 	secs := time.Since(m.t0).Seconds()
 	if m.procOK {
-		if v, err := procCPU(m.pid); err == nil && secs > 0 {
-			c := float64(v-m.proc0) / clockTicks / secs
-			s.ProxyCPU = &c
+		if v, err := procTreeCPU(m.pid); err == nil && secs > 0 {
+			cpu := float64(v-m.proc0) / float64(clkTck)
+			c := cpu / secs
+			s.ProxyCPU, s.ProxyCPUSeconds = &c, &cpu
 		}
 	}
 	if m.sysOKay {
@@ -54,14 +54,6 @@ func (m *cpuMeter) stop(s *sample) {
 			s.BusyCPU = &c
 		}
 	}
-}
-
-func procCPU(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	return parseProcCPU(b)
 }
 
 // machineCPU returns busy and total jiffies from /proc/stat's cpu line.
@@ -113,6 +105,9 @@ func (b *bench) add(s sample) {
 	if s.ProxyCPU != nil {
 		extra += fmt.Sprintf("  proxy %.2f cores", *s.ProxyCPU)
 	}
+	if s.ProxyCPUSeconds != nil {
+		extra += fmt.Sprintf(" (%.2f s)", *s.ProxyCPUSeconds)
+	}
 	if s.BusyCPU != nil {
 		extra += fmt.Sprintf("  machine %.2f cores busy", *s.BusyCPU)
 	}
@@ -125,7 +120,7 @@ func (b *bench) add(s sample) {
 	fmt.Fprintf(os.Stderr, "  %-24s %10s %-6s%s\n", strings.TrimSpace(wl.Name), fmtVal(s.Value), wl.Unit, extra)
 }
 
-func (b *bench) measureIperf(ctx context.Context, round int, mode string, streams int, key string) error {
+func (b *bench) measureIperf(ctx context.Context, round int, mode string, streams int, key, cpuKey string) error {
 	args := []string{"-c", serverIP4, "-p", strconv.Itoa(iperfPort), "-P", strconv.Itoa(streams),
 		"-t", strconv.Itoa(int(b.o.iperfDur.Seconds())), "-J"}
 	if !b.o.quick {
@@ -141,21 +136,36 @@ func (b *bench) measureIperf(ctx context.Context, round int, mode string, stream
 	if err != nil {
 		return fmt.Errorf("iperf3 -P %d: %w", streams, errors.Join(err, runErr))
 	}
-	s.Value = r.Gbps
+	s.Value, s.Work, s.WorkUnit = r.Gbps, float64(r.Bytes), "bytes"
 	if r.Retransmits > 0 {
 		s.Note = fmt.Sprintf("%d retransmits", r.Retransmits)
 	}
 	b.add(s)
+	b.addCPU(s, cpuKey)
 	return nil
+}
+
+// addCPU records the proxy's CPU per unit of the work s did as workload
+// key's sample, if s measured a proxy.
+func (b *bench) addCPU(s sample, key string) {
+	if s.ProxyCPUSeconds == nil {
+		return
+	}
+	wl := workloadByKey(key)
+	v, ok := cpuPerWork(*s.ProxyCPUSeconds, s.Work, wl.Unit)
+	if !ok {
+		return
+	}
+	b.add(sample{Round: s.Round, Mode: s.Mode, Workload: key, Unit: wl.Unit, Value: v})
 }
 
 func (b *bench) measureWrk(ctx context.Context, round int, mode string, closeEach bool) error {
 	args := []string{"-t", strconv.Itoa(wrkThreads), "-c", strconv.Itoa(wrkConns),
 		"-d", fmt.Sprintf("%ds", int(b.o.wrkDur.Seconds())), "--latency"}
-	key, p99key := wlKeepAlive, wlKeepP99
+	key, p99key, cpuKey := wlKeepAlive, wlKeepP99, wlKeepCPU
 	if closeEach {
 		args = append(args, "-H", "Connection: close")
-		key, p99key = wlHTTPClose, wlCloseP99
+		key, p99key, cpuKey = wlHTTPClose, wlCloseP99, wlCloseCPU
 	}
 	args = append(args, fmt.Sprintf("http://%s:%d/", serverIP4, httpPort))
 	cctx, cancel := context.WithTimeout(ctx, b.o.wrkDur+30*time.Second)
@@ -171,9 +181,10 @@ func (b *bench) measureWrk(ctx context.Context, round int, mode string, closeEac
 	if r.Requests > 0 && r.Errors*100 > r.Requests {
 		return fmt.Errorf("wrk: %d errors in %d requests: the path is broken, not slow", r.Errors, r.Requests)
 	}
-	s.Value, s.Errors = r.ReqPerSec, r.Errors
+	s.Value, s.Errors, s.Work, s.WorkUnit = r.ReqPerSec, r.Errors, float64(r.Requests), "requests"
 	b.add(s)
 	b.add(sample{Round: round, Mode: mode, Workload: p99key, Unit: "ms", Value: float64(r.P99) / float64(time.Millisecond)})
+	b.addCPU(s, cpuKey)
 	return nil
 }
 
