@@ -259,6 +259,16 @@ func (p *Proxy) shedOne(ln net.Listener) bool {
 	return true
 }
 
+// closeReserve gives the reserve fd back once the proxy is shut down.
+func (l *limiter) closeReserve() {
+	l.reserveMu.Lock()
+	defer l.reserveMu.Unlock()
+	if l.reserve >= 0 {
+		closeFD(l.reserve)
+		l.reserve = -1
+	}
+}
+
 // Overloaded reports whether the proxy is overloaded now.
 func (p *Proxy) Overloaded() bool { return p.lim.on.Load() }
 

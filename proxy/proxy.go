@@ -465,6 +465,7 @@ func (p *Proxy) stopSleeper() {
 		close(stop)
 		s.close()
 	}
+	p.lim.closeReserve()
 }
 
 func (p *Proxy) closeListeners() {
