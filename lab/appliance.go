@@ -24,7 +24,6 @@ type Appliance struct {
 	Dir    string // config and state live here
 	Config string
 	Bridge string
-	Ports  []int
 	Proxy  *Process // `ghostwire run`, while started
 }
 
@@ -44,7 +43,7 @@ func BuildBinary(dir string) (string, error) {
 // NewAppliance writes a config for l into dir: the bridge over the lab's two box
 // ports with the suggested management addresses, intercepting ports.
 func NewAppliance(l *Lab, bin, dir string, ports []int, extraYAML string) (*Appliance, error) {
-	b := &Appliance{Lab: l, Bin: bin, Dir: dir, Bridge: l.Prefix + "br", Ports: ports}
+	b := &Appliance{Lab: l, Bin: bin, Dir: dir, Bridge: l.Prefix + "br"}
 	b.Config = filepath.Join(dir, "ghostwire.yaml")
 	return b, b.WriteConfig(ports, extraYAML)
 }
@@ -70,7 +69,6 @@ proxy:
 state_file: %s
 %s`, b.Bridge, b.Lab.ClientNIC, b.Lab.ServerNIC, b.Lab.BoxIP4, b.Lab.BoxIP6,
 		strings.Join(ps, ", "), ProxyPort, filepath.Join(b.Dir, "state.json"), extraYAML)
-	b.Ports = ports
 	return os.WriteFile(b.Config, []byte(cfg), 0o644)
 }
 
