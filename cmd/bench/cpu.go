@@ -85,12 +85,6 @@ func parseProcStat(stat []byte) (procStat, error) {
 	return procStat{pid: pid, ppid: ppid, ticks: u + st}, nil
 }
 
-// parseProcCPU returns utime+stime in clock ticks from a /proc/PID/stat text.
-func parseProcCPU(stat []byte) (int64, error) {
-	p, err := parseProcStat(stat)
-	return p.ticks, err
-}
-
 // treeTicks sums the ticks of root and all its descendants in procs (a
 // process's own line covers all its threads). ok is false if root is not
 // in procs.
