@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ghostwire/ghostwire/bridge"
 	"github.com/ghostwire/ghostwire/provision"
 )
 
@@ -31,7 +32,7 @@ var planFacts = map[string]func() provision.Facts{
 	},
 	"refuse-name-taken": func() provision.Facts {
 		f := freshBox()
-		f.Links["veth7"] = provision.Link{Kind: "veth", MAC: mac("02:00:00:00:07:07")}
+		f.Links["veth7"] = bridge.Link{Kind: "veth", MAC: mac("02:00:00:00:07:07")}
 		return f
 	},
 }
@@ -56,7 +57,7 @@ func prefixes(ss ...string) []netip.Prefix {
 // address) and the kernel's default sysctls with br_netfilter loaded.
 func freshBox() provision.Facts {
 	return provision.Facts{
-		Links: map[string]provision.Link{
+		Links: map[string]bridge.Link{
 			"eth0": {Kind: "device", MAC: mac("52:54:00:12:34:56"), Up: true, Addresses: prefixes("fe80::5054:ff:fe12:3456/64")},
 			"eth1": {Kind: "device", MAC: mac("52:54:00:65:43:21")},
 		},
@@ -85,7 +86,7 @@ func withoutBrNetfilter(f provision.Facts) provision.Facts {
 // not its client NIC's (it kept the one it was created with).
 func provisionedBox() provision.Facts {
 	return provision.Facts{
-		Links: map[string]provision.Link{
+		Links: map[string]bridge.Link{
 			"gw0":  {Kind: "bridge", MAC: mac("02:42:ac:11:00:02"), Up: true, Addresses: prefixes("10.1.2.3/16")},
 			"lan0": {Kind: "device", MAC: mac("52:54:00:aa:00:01"), Up: true, Master: "gw0", Addresses: prefixes("172.16.0.9/24")},
 			"wan0": {Kind: "device", MAC: mac("52:54:00:aa:00:02"), Up: true, Master: "gw0"},
@@ -104,9 +105,9 @@ func provisionedBox() provision.Facts {
 
 func addressedNICs() provision.Facts {
 	f := freshBox()
-	f.Links["eth0"] = provision.Link{Kind: "device", MAC: mac("52:54:00:12:34:56"), Up: true,
+	f.Links["eth0"] = bridge.Link{Kind: "device", MAC: mac("52:54:00:12:34:56"), Up: true,
 		Addresses: prefixes("10.77.0.1/24", "fe80::5054:ff:fe12:3456/64", "fd00:77::1/64")}
-	f.Links["eth1"] = provision.Link{Kind: "device", MAC: mac("52:54:00:65:43:21"), Up: true,
+	f.Links["eth1"] = bridge.Link{Kind: "device", MAC: mac("52:54:00:65:43:21"), Up: true,
 		Addresses: prefixes("fe80::5054:ff:fe65:4321/64", "2001:db8:77::1/64")}
 	return f
 }

@@ -20,9 +20,6 @@ type Facts struct {
 	Sysctls map[string]string
 }
 
-// Link is one link of Facts.Links.
-type Link = bridge.Link
-
 // Facts reads the links named bridgeName and nics and the sysctls a bridge
 // of that name needs. Links and keys that do not exist are left out; other
 // read errors are returned.
