@@ -88,9 +88,7 @@ func (pc *peerCounter) serve(t *testing.T, ln net.Listener) {
 		pc.mu.Lock()
 		pc.peers = append(pc.peers, c.RemoteAddr().String())
 		pc.mu.Unlock()
-		fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
-		io.Copy(c, c)
-		c.CloseWrite()
+		servePeer(c)
 	})
 }
 

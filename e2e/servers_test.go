@@ -122,12 +122,13 @@ func echoServer(t *testing.T, ln net.Listener) {
 
 // peerServer announces the peer address it sees, "peer=IP:PORT\n", then
 // echoes like echoServer.
-func peerServer(t *testing.T, ln net.Listener) {
-	serveConns(t, ln, func(c *net.TCPConn) {
-		fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
-		io.Copy(c, c)
-		c.CloseWrite()
-	})
+func peerServer(t *testing.T, ln net.Listener) { serveConns(t, ln, servePeer) }
+
+// servePeer is peerServer's handling of one connection.
+func servePeer(c *net.TCPConn) {
+	fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
+	io.Copy(c, c)
+	c.CloseWrite()
 }
 
 // listenServer listens in the server namespace on host:port and serves
