@@ -26,9 +26,10 @@ func (p *Proxy) accept(client *net.TCPConn) {
 		c.log(slog.LevelWarn, "direct connection to the proxy port")
 		return
 	}
-	if p.lim.over(p.active.Load()) {
+	if p.lim.over(p.active.Add(1)) {
 		// Not logged one by one: a flood would flood the log too. The
 		// overload's end line counts them.
+		p.active.Add(-1)
 		p.lim.refused.Add(1)
 		reset(client)
 		return
@@ -36,6 +37,7 @@ func (p *Proxy) accept(client *net.TCPConn) {
 	p.mu.Lock()
 	if p.stopped {
 		p.mu.Unlock()
+		p.active.Add(-1)
 		reset(client)
 		c.log(slog.LevelInfo, "shutdown")
 		return
@@ -44,7 +46,6 @@ func (p *Proxy) accept(client *net.TCPConn) {
 	p.connWG.Add(1)
 	p.mu.Unlock()
 	p.accepted.Add(1)
-	p.active.Add(1)
 	go p.handle(c)
 }
 
@@ -92,7 +93,6 @@ func (c *conn) dialUpstream() bool {
 
 	server, err := p.dial(ctx, network, &net.TCPAddr{IP: c.src.IP, Zone: c.src.Zone}, c.dst)
 	if err != nil {
-		c.dialFailed()
 		p.dialFailed.Add(1)
 		if isResourceShortage(err) {
 			p.lim.short(err, p.active.Load(), p.now())

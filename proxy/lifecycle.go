@@ -10,22 +10,18 @@ import (
 // state happens in this file, under conn.mu, and each connection is closed,
 // logged and untracked exactly once, by finish.
 //
-//	            dialed                both directions
-//	dialing ───────────▶ relaying ───────ended (EOF)──────▶ closing
-//	   │                    │                                  │
-//	   │ dial failed,       │ a peer's reset, a write          │ both sockets in
-//	   │ shutdown           │ error, idle timeout, shutdown    │ TCP_CLOSE: "eof"
-//	   ▼                    ▼                                  ▼
-//	aborted ◀────────── abort(reason) ◀─── a peer resets, ─── closed
-//	   │   both sides reset; parked       no ack for IdleTimeout     ▲
-//	   │   directions taken back                                     │
-//	   └──────────── the last direction ends (finish) ───────────────┘
+//	dialing ──dialed──▶ relaying ──both EOF──▶ closing ──both TCP_CLOSE──▶ closed ("eof")
+//	   │                   │                      │
+//	   └── abort(reason) ──┴──────────────────────┴──▶ aborted ──last direction ends──▶ closed
 //
 // Who moves a connection: accept creates it dialing and tracks it; handle
-// moves it to relaying (dialed); abort, from anyone, moves any state before
-// aborted to aborted; the last relay direction to end (directionDone), or
-// handle after a failed dial, calls finish, which takes relaying through
-// closing (awaitClosed) and ends every path in closed.
+// moves it to relaying (dialed); abort, from anyone (a peer's reset, a
+// write error, the idle watchdog, Shutdown, a failed dial, a peer that
+// resets or never acknowledges while closing), moves any earlier state to
+// aborted, resetting both sides; the last relay direction to end
+// (directionDone), or handle after a failed dial, calls finish, which
+// takes relaying through closing (awaitClosed) and ends every path in
+// closed.
 type connState uint8
 
 const (
@@ -49,13 +45,6 @@ func (c *conn) dialed(server *net.TCPConn) bool {
 	c.server = server
 	c.state = relaying
 	return true
-}
-
-// dialFailed ends the dial stage without a server: the dial context goes.
-func (c *conn) dialFailed() {
-	c.mu.Lock()
-	c.cancelDial = nil
-	c.mu.Unlock()
 }
 
 // abort resets both sides (and stops a dial in progress), from any state
@@ -89,13 +78,6 @@ func (c *conn) abort(reason string) {
 	for range parked {
 		go c.p.directionDone(c)
 	}
-}
-
-// isClosed reports whether c is past relaying in order: aborted or closed.
-func (c *conn) isClosed() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.state >= aborted
 }
 
 // directionDone is called by each relay as it ends; the second one
@@ -166,12 +148,12 @@ func (c *conn) awaitClosed() (reason string) {
 			name string
 			c    *net.TCPConn
 		}{{"client", c.client}, {"server", c.server}} {
-			closed, err := closedState(s.c)
+			inClose, err := closedState(s.c)
 			if err != nil {
 				reason = failReason(s.name, err)
 				return true
 			}
-			if !closed {
+			if !inClose {
 				return false
 			}
 		}

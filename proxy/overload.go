@@ -86,7 +86,7 @@ type limiter struct {
 }
 
 func newLimiter(maxConns int, refuse bool) *limiter {
-	l := &limiter{kick: make(chan struct{}, 1), reserve: openReserve()}
+	l := &limiter{kick: make(chan struct{}, 1), reserve: -1}
 	l.max.Store(int64(maxConns))
 	l.refuse.Store(refuse)
 	return l
@@ -99,10 +99,11 @@ func (l *limiter) poke() {
 	}
 }
 
-// over reports whether a connection arriving with active others open must
-// be reset rather than relayed: with RefuseOverload, any over the limit;
-// otherwise any over the limit plus overshoot. The one that reaches the
-// limit wakes the watcher, so the diversion switches.
+// over reports whether a connection that makes the count active (it is
+// counted first, so the watcher it wakes sees it) must be reset rather
+// than relayed: with RefuseOverload, any over the limit; otherwise any over
+// the limit plus overshoot. The one that reaches the limit wakes the
+// watcher, so the diversion switches.
 //
 // Why some are relayed over the limit: in a flood the kernel completes
 // handshakes into the listen queue faster than the proxy accepts them, so
@@ -113,7 +114,7 @@ func (l *limiter) poke() {
 // default limit well clear of EMFILE.
 func (l *limiter) over(active int64) bool {
 	m := l.max.Load()
-	if m <= 0 || active+1 < m {
+	if m <= 0 || active < m {
 		return false
 	}
 	if !l.on.Load() {
@@ -124,9 +125,9 @@ func (l *limiter) over(active int64) bool {
 		runtime.Gosched()
 	}
 	if l.refuse.Load() {
-		return active >= m
+		return active > m
 	}
-	return active >= m+max(m/overshootDiv, 1)
+	return active > m+max(m/overshootDiv, 1)
 }
 
 // overshootDiv sets the overshoot: a tenth of the limit (at least one).
@@ -172,8 +173,9 @@ func (p *Proxy) watchOverload(stop <-chan struct{}) {
 			return
 		case <-l.kick:
 		case <-tick.C:
-			// Also a start the kick missed: the accept that reaches the
-			// limit kicks before it counts itself.
+			if !l.on.Load() {
+				continue // nothing to end; a start comes with a kick
+			}
 		}
 		now := p.now()
 		active := p.active.Load()
@@ -257,6 +259,15 @@ func (p *Proxy) shedOne(ln net.Listener) bool {
 		nc.Close()
 	}
 	return true
+}
+
+// openReserve takes the reserve fd when the proxy starts.
+func (l *limiter) openReserve() {
+	l.reserveMu.Lock()
+	defer l.reserveMu.Unlock()
+	if l.reserve < 0 {
+		l.reserve = openReserve()
+	}
 }
 
 // closeReserve gives the reserve fd back once the proxy is shut down.

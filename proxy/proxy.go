@@ -143,6 +143,12 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.IdleTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("idle timeout: %v must be positive", cfg.IdleTimeout))
 	}
+	if cfg.ReceiveBuffer < 0 {
+		errs = append(errs, fmt.Errorf("receive buffer: %d is negative", cfg.ReceiveBuffer))
+	}
+	if cfg.MaxConns < 0 {
+		errs = append(errs, fmt.Errorf("max connections: %d is negative", cfg.MaxConns))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("invalid proxy config: %w", err)
 	}
@@ -157,12 +163,6 @@ func New(cfg Config) (*Proxy, error) {
 		quit:    make(chan struct{}),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
-	if cfg.ReceiveBuffer < 0 {
-		return nil, fmt.Errorf("invalid proxy config: receive buffer: %d is negative", cfg.ReceiveBuffer)
-	}
-	if cfg.MaxConns < 0 {
-		return nil, fmt.Errorf("invalid proxy config: max connections: %d is negative", cfg.MaxConns)
-	}
 	p.lim = newLimiter(cfg.MaxConns, cfg.RefuseOverload)
 	p.onOverload = cfg.OnOverload
 	if p.onOverload == nil {
@@ -229,6 +229,7 @@ func (p *Proxy) Start() error {
 	}
 	p.listeners = lns
 	p.sleeper = sl
+	p.lim.openReserve()
 	p.stopSweep = make(chan struct{})
 	go p.sweepIdle(p.stopSweep)
 	go p.watchOverload(p.stopSweep)
