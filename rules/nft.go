@@ -48,13 +48,17 @@ func (p *Plan) ApplyOwned(c *nftables.Conn) error {
 	if err != nil {
 		return fmt.Errorf("reading nftables connection port: %w", err)
 	}
-	st, err := Tables(c, p.cfg.Name)
+	// Only which tables exist and their owner matter here: Tables would
+	// also read the rules back for the overload mode.
+	existing, err := listOwn(c, p.cfg.Name)
 	if err != nil {
 		return err
 	}
-	if !st.Bridge || !st.Inet || !st.Owned || st.OwnerPortID != port {
-		return fmt.Errorf("owned nftables tables %s did not stay with netlink port %d (state %+v): "+
-			"the connection must be created with nftables.AsLasting() and kept open", p.cfg.Name, port, st)
+	for _, fam := range families {
+		if t := existing[fam]; t == nil || t.Flags&nftables.TableFlagOwner == 0 || t.Owner != port {
+			return fmt.Errorf("owned nftables table %s %s did not stay with netlink port %d (found %+v): "+
+				"the connection must be created with nftables.AsLasting() and kept open", familyName(fam), p.cfg.Name, port, t)
+		}
 	}
 	return nil
 }
