@@ -12,12 +12,6 @@ import (
 // transparent sockets, and a listener without it is never selected.
 // rcvbuf is Config.ReceiveBuffer.
 func listenTransparent(rcvbuf int) func(network, addr string) (net.Listener, error) {
-	return func(network, addr string) (net.Listener, error) {
-		return listenTransparentBuf(network, addr, rcvbuf)
-	}
-}
-
-func listenTransparentBuf(network, addr string, rcvbuf int) (net.Listener, error) {
 	lc := net.ListenConfig{
 		Control: func(network, address string, rc syscall.RawConn) error {
 			return control(rc, func(fd uintptr) error {
@@ -50,11 +44,13 @@ func listenTransparentBuf(network, addr string, rcvbuf int) (net.Listener, error
 	// behalf of a server that may not speak it (the box is visible), and an
 	// MPTCP socket does not behave like TCP under splice and SIOCINQ.
 	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(context.Background(), network, addr)
-	if err != nil {
-		return nil, fmt.Errorf("listening on %s: %w", addr, err)
+	return func(network, addr string) (net.Listener, error) {
+		ln, err := lc.Listen(context.Background(), network, addr)
+		if err != nil {
+			return nil, fmt.Errorf("listening on %s: %w", addr, err)
+		}
+		return ln, nil
 	}
-	return ln, nil
 }
 
 // control runs fn on rc's file descriptor and returns fn's error, which
