@@ -176,7 +176,7 @@ func checkNumbers(cfg Config, bad func(field, format string, a ...any)) {
 		// intercepting it too would make the proxy relay to itself.
 		bad("ProxyTCPPort", "%d is also an intercepted port: the proxy would divert to itself", cfg.ProxyTCPPort)
 	}
-	for _, fe := range Fields(Routing{Mark: cfg.Mark, Table: cfg.RouteTable, Priority: cfg.RulePriority}.validate()) {
+	for _, fe := range Fields(cfg.routing().validate()) {
 		bad(fe.Field, "%w", fe.Err)
 	}
 	if err := validBypassTimeout(cfg.BypassTimeout); err != nil {
@@ -239,6 +239,9 @@ func (p *Plan) Draining() *Plan {
 func (p *Plan) IsDraining() bool { return p.draining }
 
 // Routing returns the policy routing the plan needs.
-func (p *Plan) Routing() Routing {
-	return Routing{Mark: p.cfg.Mark, Table: p.cfg.RouteTable, Priority: p.cfg.RulePriority}
+func (p *Plan) Routing() Routing { return p.cfg.routing() }
+
+// routing is the policy routing of cfg's Mark, RouteTable and RulePriority.
+func (cfg Config) routing() Routing {
+	return Routing{Mark: cfg.Mark, Table: cfg.RouteTable, Priority: cfg.RulePriority}
 }
