@@ -222,10 +222,10 @@ func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) (
 
 // sameExprs compares a rule read back from the kernel with the planned one.
 // The kernel names the set of a lookup or dynset but not the batch-local set
-// ID, and
-// google/nftables silently skips expressions it cannot decode, tproxy and
-// socket among them: those are left out of the comparison. What feeds them
-// (the port loaded for tproxy, the compare after socket) is still compared.
+// ID, and google/nftables silently skips expressions it cannot decode,
+// tproxy and socket among them: those are left out of the comparison. What
+// feeds them (the port loaded for tproxy, the compare after socket) is
+// still compared.
 func sameExprs(got, want []expr.Any) bool {
 	want = slices.DeleteFunc(slices.Clone(want), func(e expr.Any) bool {
 		switch e.(type) {
