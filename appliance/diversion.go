@@ -22,7 +22,7 @@ func diversion(box *provision.Box, cfg *Config, linger []uint16) (*rules.Plan, e
 	if err != nil {
 		return nil, err
 	}
-	if drift, err := d.Bridge.Check(box.Netlink); err != nil {
+	if drift, err := d.Bridge.Check(box.Netlink, f.Links); err != nil {
 		return nil, err
 	} else if len(drift) > 0 {
 		return nil, fmt.Errorf("box is not provisioned (%s): run `ghostwire apply` first", drift[0])

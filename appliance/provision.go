@@ -40,7 +40,7 @@ func Apply(b *provision.Box, c *Config, opts provision.ApplyOptions) error {
 
 // Teardown undoes what apply did (see provision.Box.Teardown).
 func Teardown(b *provision.Box, c *Config) error {
-	d, err := desired(b, c)
+	d, _, err := desired(b, c)
 	if err != nil {
 		return err
 	}
@@ -49,19 +49,21 @@ func Teardown(b *provision.Box, c *Config) error {
 
 // Status compares the kernel with what c asks for.
 func Status(b *provision.Box, c *Config) (*provision.Status, error) {
-	d, err := desired(b, c)
+	d, f, err := desired(b, c)
 	if err != nil {
 		return nil, err
 	}
-	return b.Status(d, c.StateFile)
+	return b.Status(d, f, c.StateFile)
 }
 
-// desired is c's desired state on b, not refusing anything: status and
-// teardown face a box that may be provisioned or drifted.
-func desired(b *provision.Box, c *Config) (*provision.Desired, error) {
+// desired is c's desired state on b and the facts it was computed from,
+// not refusing anything: status and teardown face a box that may be
+// provisioned or drifted.
+func desired(b *provision.Box, c *Config) (*provision.Desired, provision.Facts, error) {
 	f, err := Facts(b, c)
 	if err != nil {
-		return nil, err
+		return nil, f, err
 	}
-	return Desire(c, f)
+	d, err := Desire(c, f)
+	return d, f, err
 }

@@ -8,12 +8,9 @@ import (
 )
 
 // Check lists how the kernel differs from the spec; empty means in place.
-// It reads the links through ReadLinks, like Apply's preflight.
-func (s Spec) Check(h *netlink.Handle) ([]string, error) {
-	links, err := ReadLinks(h, s.LinkNames()...)
-	if err != nil {
-		return nil, err
-	}
+// It decides the bridge, ports and addresses from links (as ReadLinks
+// reads s.LinkNames(), like Preflight) and reads only the routes through h.
+func (s Spec) Check(h *netlink.Handle, links Links) ([]string, error) {
 	drift, ok := s.linkDrift(links)
 	if !ok {
 		return drift, nil

@@ -68,11 +68,11 @@ func TestApplyRunsPreflightOnReadLinks(t *testing.T) {
 	if created, err := spec.Apply(h); !created || err != nil {
 		t.Fatalf("Apply = %v, %v; want the bridge created", created, err)
 	}
-	if drift, err := spec.Check(h); err != nil || len(drift) != 0 {
-		t.Fatalf("Check after Apply = %q, %v", drift, err)
-	}
 	if links, err = ReadLinks(h, spec.LinkNames()...); err != nil {
 		t.Fatal(err)
+	}
+	if drift, err := spec.Check(h, links); err != nil || len(drift) != 0 {
+		t.Fatalf("Check after Apply = %q, %v", drift, err)
 	}
 	if mac, _ := spec.MAC(links); !slices.Equal(mac, links["lan0"].MAC) || links["wan0"].Master != "gw0" || spec.Preflight(links) != nil {
 		t.Fatalf("after Apply: links %+v, MAC %v, Preflight %v", links, mac, spec.Preflight(links))

@@ -64,9 +64,9 @@ func (s *Status) String() string {
 	return b.String()
 }
 
-// Status compares the kernel with d; stateFile says whether the box is
-// provisioned at all.
-func (b *Box) Status(d *Desired, stateFile string) (*Status, error) {
+// Status compares the kernel, as f read it and d was computed from, with d;
+// stateFile says whether the box is provisioned at all.
+func (b *Box) Status(d *Desired, f Facts, stateFile string) (*Status, error) {
 	st, err := loadState(stateFile)
 	if err != nil {
 		return nil, err
@@ -87,7 +87,7 @@ func (b *Box) Status(d *Desired, stateFile string) (*Status, error) {
 		}
 		return s, nil
 	}
-	if s.Drift, err = b.drift(d, st, ts); err != nil {
+	if s.Drift, err = b.drift(d, f, st, ts); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -115,8 +115,8 @@ func mode(provisioned bool, ts rules.TablesState) Mode {
 // drift lists how the kernel differs from d: the bridge, the sysctls, the
 // policy routing the state file recorded, and, when the bridge is in place,
 // the diversion's tables in the variant they are in.
-func (b *Box) drift(d *Desired, st *State, ts rules.TablesState) ([]string, error) {
-	drift, err := d.Bridge.Check(b.Netlink)
+func (b *Box) drift(d *Desired, f Facts, st *State, ts rules.TablesState) ([]string, error) {
+	drift, err := d.Bridge.Check(b.Netlink, f.Links)
 	if err != nil {
 		return nil, err
 	}
