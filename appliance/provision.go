@@ -13,7 +13,7 @@ func Facts(b *provision.Box, c *Config) (provision.Facts, error) {
 	if err != nil {
 		return provision.Facts{}, err
 	}
-	return b.Facts(spec.Name, spec.Ports)
+	return b.Facts(spec)
 }
 
 // Plan is everything apply would do, without changing anything; it refuses

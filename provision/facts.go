@@ -20,21 +20,21 @@ type Facts struct {
 	Sysctls map[string]string
 }
 
-// Facts reads the links named bridgeName and nics and the sysctls a bridge
-// of that name needs. Links and keys that do not exist are left out; other
-// read errors are returned.
-func (b *Box) Facts(bridgeName string, nics []string) (Facts, error) {
-	links, err := bridge.ReadLinks(b.Netlink, append([]string{bridgeName}, nics...)...)
+// Facts reads spec's links (spec.LinkNames) and the sysctls its bridge
+// needs. Links and keys that do not exist are left out; other read errors
+// are returned.
+func (b *Box) Facts(spec bridge.Spec) (Facts, error) {
+	links, err := bridge.ReadLinks(b.Netlink, spec.LinkNames()...)
 	if err != nil {
 		return Facts{}, err
 	}
 	f := Facts{Links: links, Sysctls: map[string]string{}}
-	for _, s := range bridge.Sysctls(bridgeName) {
+	for _, s := range bridge.Sysctls(spec.Name) {
 		v, err := b.Sysctl.Get(s.Key)
 		if bridge.IsNotExist(err) {
 			continue
 		} else if err != nil {
-			return Facts{}, fmt.Errorf("reading the sysctls of bridge %s: %w", bridgeName, err)
+			return Facts{}, fmt.Errorf("reading the sysctls of bridge %s: %w", spec.Name, err)
 		}
 		f.Sysctls[s.Key] = v
 	}
