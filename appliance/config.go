@@ -262,6 +262,12 @@ func (c *Config) checkProxy(bad func(format string, a ...any)) {
 	}
 }
 
+// overload is proxy.overload as rules reads it; Load has validated it.
+func (c *Config) overload() rules.Overload {
+	mode, _ := rules.ParseOverload(c.Proxy.Overload)
+	return mode
+}
+
 // BridgeSpec turns the bridge section into a bridge.Spec.
 func (c *Config) BridgeSpec() (bridge.Spec, error) {
 	s := bridge.Spec{Name: c.Bridge.Name, Ports: []string{c.Bridge.ClientNIC, c.Bridge.ServerNIC}}

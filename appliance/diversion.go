@@ -70,8 +70,7 @@ func (s *session) overloadPlan(plan *rules.Plan) *rules.Plan {
 	if !s.p.Overloaded() {
 		return plan
 	}
-	mode, _ := rules.ParseOverload(s.cfg.Proxy.Overload) // validated by Load
-	return plan.Overloaded(mode)
+	return plan.Overloaded(s.cfg.overload())
 }
 
 // shrinkLinger drops lingering ports whose last proxied connection ended.

@@ -6,6 +6,7 @@ import (
 	"runtime"
 
 	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
 )
 
 // logStats is SIGUSR1: one "stats" line with the proxy's counters and the
@@ -31,7 +32,7 @@ func proxyConfig(cfg *Config, log *slog.Logger) (proxy.Config, error) {
 		IdleTimeout:    cfg.Proxy.IdleTimeout,
 		MaxConns:       n,
 		ReceiveBuffer:  int(cfg.Proxy.ReceiveBuffer),
-		RefuseOverload: cfg.Proxy.Overload == "refuse",
+		RefuseOverload: cfg.overload() == rules.OverloadRefuse,
 		Logger:         log,
 	}, nil
 }

@@ -45,7 +45,7 @@ func (s *session) reloaded() (*Config, *rules.Plan, error) {
 		return nil, nil, fmt.Errorf("replacing diversion: %w", err)
 	}
 	s.p.SetTimeouts(cfg.Proxy.ConnectTimeout, cfg.Proxy.IdleTimeout)
-	s.p.SetRefuseOverload(cfg.Proxy.Overload == "refuse")
+	s.p.SetRefuseOverload(cfg.overload() == rules.OverloadRefuse)
 	s.p.SetMaxConns(n)
 	lvl, _ := cfg.LogLevel()
 	s.r.Level.Set(lvl)
