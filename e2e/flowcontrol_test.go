@@ -536,14 +536,17 @@ func tcpMemMax(t *testing.T, ns *lab.NS, key string) int64 {
 }
 
 // procRSS is the process's VmRSS in bytes.
-func procRSS(pid int) (int64, error) {
+func procRSS(pid int) (int64, error) { return procStatusBytes(pid, "VmRSS") }
+
+// procStatusBytes reads one "Key: N kB" line of /proc/PID/status in bytes.
+func procStatusBytes(pid int, key string) (int64, error) {
 	s, err := readFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
-	f := strings.Fields(grepLine(s, "VmRSS:"))
+	f := strings.Fields(grepLine(s, key+":"))
 	if len(f) != 3 || f[2] != "kB" {
-		return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+		return 0, fmt.Errorf("no %s in /proc/%d/status", key, pid)
 	}
 	kb, err := strconv.ParseInt(f[1], 10, 64)
 	return kb << 10, err

@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -237,7 +236,9 @@ func soakReadingOf(b *lab.Appliance) (soakReading, error) {
 	r.fds, err1 = procFDs(pid)
 	r.fdKinds = procFDKinds(pid)
 	r.rss, err2 = procRSS(pid)
-	r.rssAnon, r.rssFile = procStatusKB(pid, "RssAnon:"), procStatusKB(pid, "RssFile:")
+	// For the log only: 0 where the kernel lacks them.
+	r.rssAnon, _ = procStatusBytes(pid, "RssAnon")
+	r.rssFile, _ = procStatusBytes(pid, "RssFile")
 	st, err3 := statsLine(b)
 	if err := errors.Join(err1, err2, err3); err != nil {
 		return r, err
@@ -807,21 +808,6 @@ func (s *soakServer) check(expect map[int64]string) []string {
 		}
 	}
 	return out
-}
-
-// procStatusKB reads one "Key: N kB" line of /proc/PID/status in bytes (0
-// if absent).
-func procStatusKB(pid int, key string) int64 {
-	s, err := readFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(grepLine(s, key))
-	if len(f) != 3 {
-		return 0
-	}
-	kb, _ := strconv.ParseInt(f[1], 10, 64)
-	return kb << 10
 }
 
 // traffic runs every kind of connection, both families, until end.
