@@ -236,13 +236,13 @@ func TestFlowControl200NonReaders(t *testing.T) {
 	pipes := int64(newPipes) << 20
 	boxMem := sock + rss + pipes
 	t.Logf("box: socket memory +%.1f MiB (%d sockets), proxy RSS +%.1f MiB (%.1f → %.1f MiB), %d new pipes ≤ %.0f MiB (%.1f MiB queued in them): %.1f MiB in all, %.2f MiB per connection",
-		mib(sock), during.boxSockets, mib(rss), mib(before.rss), mib(during.rss), newPipes, mib(pipes), mib(during.pipeBytes), mib(boxMem), mib(boxMem/n))
+		mib(sock), during.box.sockets, mib(rss), mib(before.rss), mib(during.rss), newPipes, mib(pipes), mib(during.pipeBytes), mib(boxMem), mib(boxMem/n))
 	t.Logf("client sockets +%.1f MiB (%.2f per connection), server sockets +%.1f MiB (%.2f per connection); MemAvailable dropped %.1f MiB (%.2f per connection; whole host: all three namespaces, the test and the pushers)",
 		mib(during.clientSock-before.clientSock), mib((during.clientSock-before.clientSock)/n),
 		mib(during.serverSock-before.serverSock), mib((during.serverSock-before.serverSock)/n),
 		mib(before.memAvail-during.memAvail), mib((before.memAvail-during.memAvail)/n))
 	t.Logf("box socket memory by field: %v; largest box socket: r %.1f MiB (rb %.1f MiB), w %.1f MiB (tb %.1f MiB); host TCP memory (sockstat): %s; tcp_mem %s",
-		during.boxFields, mib(during.boxMaxR), mib(during.boxMaxRB), mib(during.boxMaxW), mib(during.boxMaxTB),
+		during.box.fields, mib(during.box.maxR), mib(during.box.maxRB), mib(during.box.maxW), mib(during.box.maxTB),
 		during.sockstat, strings.TrimSpace(readProc(t, "/proc/sys/net/ipv4/tcp_mem")))
 	if boxMem > n*bound {
 		t.Errorf("the box holds %.1f MiB for %d stuck connections, over the documented bound of %.1f MiB (%.1f MiB each)",
@@ -426,10 +426,7 @@ func whereQueued(t *testing.T, b *lab.Appliance) string {
 // memSample is one reading of who holds memory.
 type memSample struct {
 	boxSock, clientSock, serverSock int64 // skmem r+w+f summed over the namespace's TCP sockets
-	boxSockets                      int
-	boxFields                       map[string]int64
-	boxMaxR, boxMaxRB               int64 // the box socket holding the most received bytes
-	boxMaxW, boxMaxTB               int64 // and the most queued to send
+	box                             skmemRead
 	rss                             int64 // proxy VmRSS
 	pipes                           map[string]bool
 	pipeBytes                       int64 // queued in the proxy's pipes
@@ -440,10 +437,10 @@ type memSample struct {
 func takeMemSample(t *testing.T, b *lab.Appliance) memSample {
 	t.Helper()
 	var m memSample
-	m.boxSock, m.boxSockets, m.boxFields = skmem(t, b.Lab.Box)
-	m.boxMaxR, m.boxMaxRB, m.boxMaxW, m.boxMaxTB = skmemLargest(t, b.Lab.Box)
-	m.clientSock, _, _ = skmem(t, b.Lab.Client)
-	m.serverSock, _, _ = skmem(t, b.Lab.Server)
+	m.box = skmem(t, b.Lab.Box)
+	m.boxSock = m.box.held()
+	m.clientSock = skmem(t, b.Lab.Client).held()
+	m.serverSock = skmem(t, b.Lab.Server).held()
 	pid := b.Proxy.PID()
 	rss, err := procRSS(pid)
 	if err != nil {
@@ -459,46 +456,40 @@ func takeMemSample(t *testing.T, b *lab.Appliance) memSample {
 var skmemRE = regexp.MustCompile(`skmem:\(([^)]*)\)`)
 var skmemFieldRE = regexp.MustCompile(`^([a-z]+)(\d+)$`)
 
-// skmem sums r (rmem_alloc), w (wmem_queued) and f (fwd_alloc) over the TCP
-// sockets of ns, and returns every field's sum too.
-func skmem(t *testing.T, ns *lab.NS) (int64, int, map[string]int64) {
+// skmemRead is ss's skmem fields over the TCP sockets of a namespace.
+type skmemRead struct {
+	sockets     int
+	fields      map[string]int64 // each field summed over the sockets
+	maxR, maxRB int64            // r and rb of the socket with the largest r
+	maxW, maxTB int64            // w and tb of the one with the largest w
+}
+
+// held is r (rmem_alloc) + w (wmem_queued) + f (fwd_alloc), summed.
+func (s skmemRead) held() int64 { return s.fields["r"] + s.fields["w"] + s.fields["f"] }
+
+// skmem reads the skmem fields of ns's TCP sockets (one `ss -tanm`).
+func skmem(t *testing.T, ns *lab.NS) skmemRead {
 	t.Helper()
-	out := sh(t, ns, "ss", "-tanmH")
-	fields := map[string]int64{}
-	sockets := 0
-	for _, m := range skmemRE.FindAllStringSubmatch(out, -1) {
-		sockets++
+	s := skmemRead{fields: map[string]int64{}}
+	for _, m := range skmemRE.FindAllStringSubmatch(sh(t, ns, "ss", "-tanmH"), -1) {
+		s.sockets++
+		f := map[string]int64{}
 		for _, kv := range strings.Split(m[1], ",") {
 			fm := skmemFieldRE.FindStringSubmatch(kv)
 			if fm == nil {
 				t.Fatalf("unparsable skmem field %q in %q", kv, m[0])
 			}
-			v, _ := strconv.ParseInt(fm[2], 10, 64)
-			fields[fm[1]] += v
+			f[fm[1]], _ = strconv.ParseInt(fm[2], 10, 64)
+			s.fields[fm[1]] += f[fm[1]]
+		}
+		if f["r"] > s.maxR {
+			s.maxR, s.maxRB = f["r"], f["rb"]
+		}
+		if f["w"] > s.maxW {
+			s.maxW, s.maxTB = f["w"], f["tb"]
 		}
 	}
-	return fields["r"] + fields["w"] + fields["f"], sockets, fields
-}
-
-// skmemLargest returns r and rb of the socket in ns with the largest r,
-// and w and tb of the one with the largest w.
-func skmemLargest(t *testing.T, ns *lab.NS) (r, rb, w, tb int64) {
-	t.Helper()
-	for _, m := range skmemRE.FindAllStringSubmatch(sh(t, ns, "ss", "-tanmH"), -1) {
-		f := map[string]int64{}
-		for _, kv := range strings.Split(m[1], ",") {
-			if fm := skmemFieldRE.FindStringSubmatch(kv); fm != nil {
-				f[fm[1]], _ = strconv.ParseInt(fm[2], 10, 64)
-			}
-		}
-		if f["r"] > r {
-			r, rb = f["r"], f["rb"]
-		}
-		if f["w"] > w {
-			w, tb = f["w"], f["tb"]
-		}
-	}
-	return r, rb, w, tb
+	return s
 }
 
 // hostTCPPages returns the host's TCP memory in use and the tcp_mem
