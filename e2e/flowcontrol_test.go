@@ -637,17 +637,14 @@ func proxyStats(t *testing.T, b *lab.Appliance) lab.LogLine {
 func waitActiveZero(t *testing.T, b *lab.Appliance, timeout time.Duration) lab.LogLine {
 	t.Helper()
 	var st lab.LogLine
-	deadline := time.Now().Add(timeout)
-	for {
+	err := lab.WaitFor(timeout, func() (bool, error) {
 		st = proxyStats(t, b)
-		if st["active"] == float64(0) {
-			return st
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the proxy still has %v connections open %s after they were closed: %v", st["active"], timeout, st)
-		}
-		time.Sleep(100 * time.Millisecond) // polling interval
+		return st["active"] == float64(0), nil
+	})
+	if err != nil {
+		t.Fatalf("the proxy still has %v connections open %s after they were closed: %v", st["active"], timeout, st)
 	}
+	return st
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
