@@ -211,46 +211,95 @@ func samplesFor(w string, byMode map[string][]float64) []sample {
 
 func TestCompareAndTargets(t *testing.T) {
 	var s []sample
+	// iperf3 1 stream: plain HAProxy is the best mode (14), haproxy-splice
+	// slower (12); the target is judged against haproxy-splice: 16/12
+	// passes 1.3 where 16/14 would not
 	s = append(s, samplesFor(wlIperf1, map[string][]float64{
-		modePlain: {20, 21, 22}, modeGhostwire: {19, 19.5, 20}, modeHAProxy: {8, 9, 10}, modeHAProxySplice: {11, 12, 13},
+		modePlain: {20, 21, 22}, modeGhostwire: {15, 16, 17}, modeHAProxy: {13, 14, 15}, modeHAProxySplice: {11, 12, 13},
+	})...)
+	// iperf3 4 streams without haproxy-splice: no target verdict, though
+	// there is a best HAProxy
+	s = append(s, samplesFor(wlIperf4, map[string][]float64{
+		modeGhostwire: {12}, modeHAProxy: {10},
+	})...)
+	// HTTP against the best HAProxy mode, here haproxy-splice
+	s = append(s, samplesFor(wlHTTPClose, map[string][]float64{
+		modeGhostwire: {10000}, modeHAProxy: {9000}, modeHAProxySplice: {9500},
+	})...)
+	s = append(s, samplesFor(wlKeepAlive, map[string][]float64{
+		modePlain: {90000}, modeGhostwire: {40000}, modeHAProxy: {50000}, modeHAProxySplice: {45000},
 	})...)
 	s = append(s, samplesFor(wlMemPer, map[string][]float64{
-		modeGhostwire: {9}, modeHAProxy: {3}, modeHAProxySplice: {4},
+		modeGhostwire: {4.5}, modeHAProxy: {3}, modeHAProxySplice: {4},
 	})...)
 	cmp := compare(summaries(s))
-	if len(cmp) != 2 {
+	if len(cmp) != 5 {
 		t.Fatalf("comparisons: %+v", cmp)
 	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
 	c := cmp[0]
-	if c.Workload != wlIperf1 || c.BestHAProxy != modeHAProxySplice ||
-		math.Abs(c.VsPlain-19.5/21) > 1e-9 || math.Abs(c.VsHAProxy-19.5/12) > 1e-9 {
+	if c.Workload != wlIperf1 || c.BestHAProxy != modeHAProxy || !near(c.VsPlain, 16.0/21) ||
+		!near(c.VsHAProxy, 16.0/14) || c.SpliceVal != 12 || !near(c.VsSplice, 16.0/12) {
 		t.Errorf("iperf3-1: %+v", c)
 	}
+	if c := cmp[1]; c.Workload != wlIperf4 || c.BestHAProxy != modeHAProxy || c.SpliceVal != 0 || c.VsSplice != 0 {
+		t.Errorf("iperf3-4: %+v", c)
+	}
+	if c := cmp[2]; c.Workload != wlHTTPClose || c.BestHAProxy != modeHAProxySplice || !near(c.VsHAProxy, 10000.0/9500) {
+		t.Errorf("http-close: %+v", c)
+	}
 	// lower is better for memory: the best HAProxy is the smaller one
-	if m := cmp[1]; m.BestHAProxy != modeHAProxy || m.VsPlain != 0 || m.PlainVal != 0 {
+	if m := cmp[4]; m.BestHAProxy != modeHAProxy || m.VsPlain != 0 || m.PlainVal != 0 {
 		t.Errorf("rss: %+v", m)
 	}
 
 	got := evaluate(issueTargets, cmp)
 	res := map[string]string{}
+	gotVal := map[string]float64{}
 	for _, tg := range got {
 		v := "n/a"
 		if tg.Measured {
 			v = map[bool]string{true: "PASS", false: "MISS"}[tg.Pass]
 		}
 		res[tg.Workload+" "+tg.Against] = v
+		gotVal[tg.Workload+" "+tg.Against] = tg.Got
 	}
 	want := map[string]string{
-		"iperf3-1 plain":         "PASS", // 0.93 >= 0.9
-		"iperf3-1 haproxy":       "PASS", // 1.625 >= 1.6
-		"iperf3-4 plain":         "n/a",
-		"http-close haproxy":     "n/a",
-		"http-keepalive haproxy": "n/a",
-		"rss-per-conn absolute":  "MISS", // 9 > 8
+		"iperf3-1 haproxy-splice": "PASS", // 16/12 = 1.33 >= 1.3 (16/14 against the best would miss)
+		"iperf3-4 haproxy-splice": "n/a",  // haproxy-splice not run
+		"http-close haproxy":      "PASS", // 10000/9500 = 1.05 >= 1.0
+		"http-keepalive haproxy":  "MISS", // 40000/50000 = 0.8 < 1.0
+		"rss-per-conn absolute":   "PASS", // 4.5 <= 4.5
+	}
+	if len(res) != len(want) {
+		t.Errorf("targets %v, want %v", res, want)
 	}
 	for k, v := range want {
 		if res[k] != v {
 			t.Errorf("%s: %s, want %s", k, res[k], v)
+		}
+	}
+	if g := gotVal["iperf3-1 haproxy-splice"]; !near(g, 16.0/12) {
+		t.Errorf("iperf3-1 against haproxy-splice: got %v, want %v", g, 16.0/12)
+	}
+	if g := gotVal["http-keepalive haproxy"]; !near(g, 0.8) {
+		t.Errorf("keep-alive against the best HAProxy: got %v, want 0.8", g)
+	}
+
+	// haproxy-splice just under 1.3×, the best HAProxy well under it: MISS;
+	// a little more memory than 4.5 KiB: MISS
+	s = samplesFor(wlIperf1, map[string][]float64{modeGhostwire: {12.9}, modeHAProxy: {5}, modeHAProxySplice: {10}})
+	s = append(s, samplesFor(wlMemPer, map[string][]float64{modeGhostwire: {4.6}})...)
+	for _, tg := range evaluate(issueTargets, compare(summaries(s))) {
+		switch tg.Workload {
+		case wlIperf1, wlMemPer:
+			if !tg.Measured || tg.Pass {
+				t.Errorf("%s %s: measured %v, pass %v (got %v); want MISS", tg.Workload, tg.Against, tg.Measured, tg.Pass, tg.Got)
+			}
+		default:
+			if tg.Measured {
+				t.Errorf("%s %s measured without samples", tg.Workload, tg.Against)
+			}
 		}
 	}
 }
@@ -269,7 +318,7 @@ func TestReport(t *testing.T) {
 	writeReport(&buf, s, allModes)
 	out := buf.String()
 	for _, want := range []string{"21.0 (20.0–22.0)", "16.0 (15.0–17.0)", "11.0 (10.0–12.0)", "0.52", "0.69",
-		"1.00 (haproxy-splice)", "MISS MISS", ">= 0.9× plain", "× divert", "s/GiB", "s/10k req",
+		"1.00 (haproxy-splice)", ">= 1.3× haproxy-splice (1.00)", "× divert", "s/GiB", "s/10k req",
 		"0.25 (0.20–0.30)", "0.62 (haproxy-splice)", "0.008 (haproxy)", "0.004"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q:\n%s", want, out)
@@ -298,10 +347,11 @@ func TestReport(t *testing.T) {
 	if f := strings.Fields(ratioRows[0]); len(f) < 6 || f[3] != "-" || f[4] != "-" || f[5] != "0.62" {
 		t.Errorf("iperf3-1 CPU ratios: %q", ratioRows[0])
 	}
-	// iperf3 1 stream: 11 / 21 plain, 11 / 16 divert, 11 / 11 splice
+	// iperf3 1 stream: 11 / 21 plain, 11 / 16 divert, 11 / 11 splice;
+	// the one target, 1.3× haproxy-splice, missed
 	found := false
 	for _, l := range lines {
-		if strings.HasPrefix(l, "iperf3 1 stream") && strings.HasSuffix(l, "MISS MISS") {
+		if strings.HasPrefix(l, "iperf3 1 stream") && strings.HasSuffix(l, ">= 1.3× haproxy-splice (1.00)  MISS") {
 			found = true
 			if f := strings.Fields(l); len(f) < 7 || f[3] != "0.52" || f[4] != "0.69" || f[5] != "1.00" {
 				t.Errorf("iperf3-1 ratios: %q", l)
@@ -310,6 +360,22 @@ func TestReport(t *testing.T) {
 	}
 	if !found {
 		t.Errorf("no iperf3-1 ratio row:\n%s", out)
+	}
+
+	// haproxy-splice not the best mode: the row's × best HAProxy is against
+	// haproxy, the target against haproxy-splice, with its own ratio
+	buf.Reset()
+	writeReport(&buf, samplesFor(wlIperf4, map[string][]float64{
+		modeGhostwire: {16}, modeHAProxy: {14}, modeHAProxySplice: {12},
+	}), allModes)
+	found = false
+	for _, l := range strings.Split(buf.String(), "\n") {
+		if strings.HasPrefix(l, "iperf3 4 streams") && strings.Contains(l, "1.14 (haproxy)") {
+			found = strings.HasSuffix(l, ">= 1.1× haproxy-splice (1.33)  PASS")
+		}
+	}
+	if !found {
+		t.Errorf("iperf3-4 row not judged against haproxy-splice:\n%s", buf.String())
 	}
 }
 

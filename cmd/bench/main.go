@@ -1,6 +1,6 @@
 // Command bench measures ghostwire against plain bridging and HAProxy in
 // one lab, modes interleaved round by round, and prints a table plus a JSON
-// file with every figure, ghostwire's ratios and issue 5's targets.
+// file with every figure, ghostwire's ratios and issue 11's targets.
 //
 //	go run ./cmd/bench -ghostwire bin/ghostwire [-quick] [-rounds N] [-json FILE]
 //
