@@ -17,7 +17,7 @@ func logStats(log *slog.Logger, p *proxy.Proxy) {
 	log.Info("stats",
 		"active", st.Active, "accepted", st.Accepted, "refused", st.Refused,
 		"dial_failed", st.DialFailed, "bytes_up", st.BytesUp, "bytes_down", st.BytesDown,
-		"parked", st.Parked, "overloaded", st.Overloaded, "overload_refused", st.OverloadRefused,
+		"overloaded", st.Overloaded, "overload_refused", st.OverloadRefused,
 		"goroutines", runtime.NumGoroutine())
 }
 

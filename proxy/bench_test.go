@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 )
@@ -54,7 +55,7 @@ func BenchmarkRelayLoopback(b *testing.B) {
 			}
 			return c.(*net.TCPConn), nil
 		},
-		OrigDst: func(*net.TCPConn) *net.TCPAddr { return backend },
+		OrigDst: func(netip.AddrPort) netip.AddrPort { return addrOf(backend) },
 	})
 	if err != nil {
 		b.Fatal(err)

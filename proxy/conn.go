@@ -2,65 +2,68 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"log/slog"
-	"net"
-	"sync"
+	"net/netip"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
-// bufSize is the pooled read buffer for small messages: a read that fills
-// it switches the direction to splicing.
+// bufSize is the loop's read buffer for small messages: a read that fills
+// it moves the direction to splicing.
 const bufSize = 16 << 10
 
-// maxChunk bounds one splice call chain so that activity is stamped at least
-// every 256 KiB even when the receiver drains slowly: a transfer that keeps
-// moving must not look idle.
-const maxChunk = 256 << 10
-
-// conn is one proxied connection: the accepted client side and the dialed
-// server side. It owns no buffer: small messages borrow a pooled one for the
-// length of a read and a write, bulk bytes are spliced in the kernel. Where
-// it is in its life is state, which only lifecycle.go changes.
+// conn is one proxied connection: the accepted client socket and the
+// dialed server socket. Only its loop's thread touches it. It owns no
+// buffer while its bytes flow: small messages pass through the loop's
+// buffer, bulk bytes through a splice pipe, and only bytes a peer is not
+// taking yet wait in the connection (at most one buffer or one pipe per
+// direction), so a receiver that stops reading stops its sender.
 type conn struct {
-	p        *Proxy
-	client   *net.TCPConn
-	src, dst *net.TCPAddr // client's address, original destination
-	start    time.Time
+	l              *loop
+	client, server sock
+	up, down       half // client to server, server to client
+	src, dst       netip.AddrPort
+	start          time.Time
 
-	lastActive atomic.Int64 // p.now() at the last burst, in either direction
-	directions atomic.Int32 // relay directions still running (or parked)
-	parkAsked  atomic.Bool  // the sweeper woke the pumps to park them
-	// kernelProgress is progress() of both sockets at the watchdog's last
-	// look (atomic: a reload's rearm can run the watchdog twice at once).
-	kernelProgress atomic.Uint64
-
-	// up is client to server, down server to client.
-	up, down direction
-
-	mu         sync.Mutex
-	state      connState
-	server     *net.TCPConn       // nil until dialed
-	cancelDial context.CancelFunc // non-nil while dialing
-	watchdog   *time.Timer
-	reason     string // why it was aborted, for the log
+	state connState
+	since time.Duration // p.now() when it entered its state
+	// lastActive is p.now() at the last bytes read; progress the
+	// kernel's count for both sockets at the idle check before.
+	lastActive time.Duration
+	progress   uint64
+	again      bool               // on the loop's list to move again (budget ran out)
+	cancelDial context.CancelFunc // a Dial hook's, while it runs
 }
 
-// direction is one way of a connection. n is written only by the goroutine
-// relaying it (one at a time: parking hands it over) and read by finish
-// after both ended.
-type direction struct {
-	src, dst *net.TCPConn
-	from, to string // "client" / "server", for the log
+// sock is one socket of a conn and what epoll last said of it. The loop
+// is edge-triggered: it learns of readiness once, so it remembers it until
+// a system call says it is gone.
+type sock struct {
+	c        *conn
+	fd       int // -1 when there is none (yet)
+	name     string
+	readable bool // data, a FIN or an error may be queued
+	rdhup    bool // the peer's FIN (or an error) has arrived: read on to EOF
+	writable bool
+	closed   bool // reached TCP_CLOSE while the conn was closing
+}
+
+// half is one direction of a conn.
+type half struct {
+	src, dst *sock
 	total    *atomic.Uint64
-	n        int64
-	relay    func(*conn) // the named relay function, to resume it
-	sleepID  uint64      // non-zero while parked in the sleeper; guarded by conn.mu
-	sleepFD  int
+	n        int64   // bytes written to dst
+	pend     []byte  // read from src, not yet taken by dst (in pendBuf)
+	pendBuf  *[]byte // pooled, held only while pend is not empty
+	pipe     *pipe   // splice pipe in the bulk regime, else nil
+	eof      bool    // src's FIN was read
+	shut     bool    // ... and passed on: dst is shut for writing
 }
 
 func (c *conn) log(level slog.Level, reason string) {
-	c.p.log.LogAttrs(context.Background(), level, "connection closed",
+	c.l.p.log.LogAttrs(context.Background(), level, "connection closed",
 		slog.String("client", c.src.String()),
 		slog.String("server", c.dst.String()),
 		slog.Int64("bytes_up", c.up.n),
@@ -70,4 +73,20 @@ func (c *conn) log(level slog.Level, reason string) {
 	)
 }
 
-func (c *conn) touch() { c.lastActive.Store(int64(c.p.now())) }
+// failReason names a side's failure for the log: "client reset",
+// "server timeout", "server error: ...".
+func failReason(side string, err error) string {
+	var errno syscall.Errno
+	switch {
+	case err == nil:
+		return side + " error"
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return side + " reset"
+	case errors.Is(err, syscall.ETIMEDOUT):
+		return side + " timeout"
+	case errors.As(err, &errno):
+		return side + " error: " + errno.Error()
+	default:
+		return side + " error: " + err.Error()
+	}
+}

@@ -4,49 +4,71 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
-// dialTransparent connects to remote from local (the client's IP, port 0),
-// so the server sees the client's address rather than the box's.
+// connectTransparent starts a non-blocking connect to remote from the
+// client's IP (client's port is not used), so the server sees the
+// client's address rather than the box's. The socket's first writable or
+// error event says how it ended.
 //
 // The client's own port is not reused: the box's transparent TIME_WAIT
 // sockets from earlier connections would collide with it under load
 // (EADDRINUSE). IP_BIND_ADDRESS_NO_PORT lets connect pick the port per
 // 4-tuple instead of reserving one per client IP at bind time.
 //
-// The timeout comes from ctx. The return path works because the server's
-// replies to the client's IP reach the box (the bridge redirects them) and
-// the nft `socket transparent 1` rule marks them for local delivery.
-func dialTransparent(rcvbuf int) func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error) {
-	d := &net.Dialer{
-		Control: func(network, address string, rc syscall.RawConn) error {
-			return control(rc, func(fd uintptr) error {
-				if err := setTransparent(fd, network == "tcp6"); err != nil {
-					return err
-				}
-				if err := setAbortOnClose(fd); err != nil {
-					return err
-				}
-				if err := setReceiveBuffer(fd, rcvbuf); err != nil {
-					return err
-				}
-				return setBindNoPort(fd)
-			})
-		},
-		KeepAlive: -1, // see listenTransparent
+// The return path works because the server's replies to the client's IP
+// reach the box (the bridge redirects them) and the nft `socket
+// transparent 1` rule marks them for local delivery.
+func connectTransparent(client unix.Sockaddr, remote netip.AddrPort, rcvbuf int) (int, error) {
+	local := addrPort(client)
+	v6 := !remote.Addr().Is4()
+	family := unix.AF_INET
+	if v6 {
+		family = unix.AF_INET6
 	}
-	d.SetMultipathTCP(false) // plain TCP, as the client spoke it (see listenTransparent)
-	return func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error) {
-		// DialTCP with netip addresses: no formatting and re-parsing of
-		// address strings on every connection (a measurable share of the
-		// new-connection path).
-		rp := remote.AddrPort()
-		return d.DialTCP(ctx, network, netip.AddrPortFrom(local.AddrPort().Addr().Unmap(), 0), netip.AddrPortFrom(rp.Addr().Unmap(), rp.Port()))
+	lsa, err := sockaddr(netip.AddrPortFrom(local.Addr(), 0))
+	if err != nil {
+		return -1, err
 	}
+	rsa, err := sockaddr(remote)
+	if err != nil {
+		return -1, err
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return -1, err
+	}
+	err = func() error {
+		if err := setTransparent(uintptr(fd), v6); err != nil {
+			return err
+		}
+		if err := setAbortOnClose(uintptr(fd)); err != nil {
+			return err
+		}
+		if err := setReceiveBuffer(uintptr(fd), rcvbuf); err != nil {
+			return err
+		}
+		if err := setBindNoPort(uintptr(fd)); err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, lsa); err != nil {
+			return err
+		}
+		if err := unix.Connect(fd, rsa); err != nil && err != unix.EINPROGRESS {
+			return err
+		}
+		return nil
+	}()
+	if err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
 // dialReason condenses a dial error into the log's reason, e.g.

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -147,6 +148,18 @@ func startBackend(t testing.TB, handle func(*net.TCPConn)) *net.TCPAddr {
 	return ln.Addr().(*net.TCPAddr)
 }
 
+// reset closes c with an RST instead of a FIN.
+func reset(c *net.TCPConn) {
+	c.SetLinger(0)
+	c.Close()
+}
+
+// addrOf is a as the proxy's OrigDst hook returns it (IPv4 unmapped).
+func addrOf(a *net.TCPAddr) netip.AddrPort {
+	ap := a.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
 // startProxy starts a backend running handle and a serving Proxy whose
 // connections all go to it. tweak may change the config before New.
 func startProxy(t *testing.T, handle func(*net.TCPConn), tweak func(*Config)) *harness {
@@ -175,7 +188,7 @@ func startProxy(t *testing.T, handle func(*net.TCPConn), tweak func(*Config)) *h
 			}
 			return c.(*net.TCPConn), nil
 		},
-		OrigDst: func(*net.TCPConn) *net.TCPAddr { return h.backend },
+		OrigDst: func(netip.AddrPort) netip.AddrPort { return addrOf(h.backend) },
 	}
 	if tweak != nil {
 		tweak(&h.cfg)

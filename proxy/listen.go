@@ -1,72 +1,148 @@
 package proxy
 
 import (
-	"context"
+	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
-// listenTransparent returns what opens a TPROXY listener. IP_TRANSPARENT
-// must be set before bind: the tproxy expression only hands packets to
-// transparent sockets, and a listener without it is never selected.
-// rcvbuf is Config.ReceiveBuffer.
-func listenTransparent(rcvbuf int) func(network, addr string) (net.Listener, error) {
-	lc := net.ListenConfig{
-		Control: func(network, address string, rc syscall.RawConn) error {
-			return control(rc, func(fd uintptr) error {
-				v6 := network == "tcp6"
-				if v6 {
-					if err := setV6Only(fd); err != nil {
-						return err
-					}
-				}
-				if err := setTransparent(fd, v6); err != nil {
-					return err
-				}
-				// Both inherited by every accepted socket: no syscall per
-				// connection (and the SYN-ACK's window already obeys rcvbuf).
-				if err := setAbortOnClose(fd); err != nil {
-					return err
-				}
-				if err := setReceiveBuffer(fd, rcvbuf); err != nil {
-					return err
-				}
-				return setReusePort(fd)
-			})
-		},
-		// The box must stay invisible: keepalive probes from the proxy would
-		// be packets neither endpoint sent. Dead peers end with IdleTimeout.
-		KeepAlive: -1,
+// listenBacklog is the accept queue's length (the kernel caps it at
+// net.core.somaxconn).
+const listenBacklog = 4096
+
+// listenTransparent opens a TPROXY listener on port for network ("tcp4"
+// or "tcp6"). IP_TRANSPARENT must be set before bind: the tproxy
+// expression only hands packets to transparent sockets, and a listener
+// without it is never selected. rcvbuf is Config.ReceiveBuffer.
+//
+// A plain socket(2), not Go's net package: the loop owns the fd. Go would
+// also listen with MPTCP where the kernel has it, which the proxy must not
+// (it would negotiate MPTCP with a client on behalf of a server that may
+// not speak it), and would enable keepalive probes, packets neither
+// endpoint sent (dead peers end with IdleTimeout).
+func listenTransparent(network string, port uint16, rcvbuf int) (fd int, addr net.Addr, err error) {
+	v6 := network == "tcp6"
+	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(port)})
+	if v6 {
+		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Port: int(port)}
 	}
-	// Go listens with MPTCP by default where the kernel has it. The proxy
-	// must not: it would negotiate MPTCP with a client that offers it, on
-	// behalf of a server that may not speak it (the box is visible), and an
-	// MPTCP socket does not behave like TCP under splice and SIOCINQ.
-	lc.SetMultipathTCP(false)
-	return func(network, addr string) (net.Listener, error) {
-		ln, err := lc.Listen(context.Background(), network, addr)
-		if err != nil {
-			return nil, fmt.Errorf("listening on %s: %w", addr, err)
+	fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return -1, nil, fmt.Errorf("creating socket: %w", err)
+	}
+	opts := func() error {
+		if v6 {
+			if err := setV6Only(uintptr(fd)); err != nil {
+				return err
+			}
 		}
-		return ln, nil
+		if err := setTransparent(uintptr(fd), v6); err != nil {
+			return err
+		}
+		// Both inherited by every accepted socket: no syscall per
+		// connection (and the SYN-ACK's window already obeys rcvbuf).
+		if err := setAbortOnClose(uintptr(fd)); err != nil {
+			return err
+		}
+		if err := setReceiveBuffer(uintptr(fd), rcvbuf); err != nil {
+			return err
+		}
+		// One listener per loop shares the port.
+		if err := setReusePort(uintptr(fd)); err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, sa); err != nil {
+			return fmt.Errorf("binding to port %d: %w", port, err)
+		}
+		if err := unix.Listen(fd, listenBacklog); err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+		return nil
 	}
+	if err := opts(); err != nil {
+		unix.Close(fd)
+		return -1, nil, err
+	}
+	local, err := unix.Getsockname(fd)
+	if err != nil {
+		unix.Close(fd)
+		return -1, nil, fmt.Errorf("reading the listener's address: %w", err)
+	}
+	return fd, tcpAddr(addrPort(local)), nil
 }
 
-// control runs fn on rc's file descriptor and returns fn's error, which
-// RawConn.Control alone would drop.
-func control(rc syscall.RawConn, fn func(fd uintptr) error) error {
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(fd) }); err != nil {
-		return err
+// takeFD moves a Go connection's or listener's socket to a plain,
+// non-blocking fd of its own (a dup; the Go value is closed), for the
+// loop to own: how sockets from the Listen and Dial hooks join a loop.
+func takeFD(c interface {
+	SyscallConn() (syscall.RawConn, error)
+	Close() error
+}) (int, error) {
+	defer c.Close()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
 	}
-	return ferr
+	fd := -1
+	var derr error
+	if err := rc.Control(func(f uintptr) { fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("duplicating socket: %w", derr)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("setting O_NONBLOCK: %w", err)
+	}
+	return fd, nil
 }
 
 // origDst is where a diverted client was going: TPROXY delivers the
 // connection to our socket without rewriting it, so the accepted socket's
 // local address is the original destination.
-func origDst(c *net.TCPConn) *net.TCPAddr {
-	a, _ := c.LocalAddr().(*net.TCPAddr)
-	return a
+func origDst(local netip.AddrPort) netip.AddrPort { return local }
+
+// addrPort converts a socket address from the kernel (IPv4-mapped IPv6
+// addresses unmapped).
+func addrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		ip := netip.AddrFrom16(a.Addr)
+		if a.ZoneId != 0 {
+			if ifi, err := net.InterfaceByIndex(int(a.ZoneId)); err == nil {
+				ip = ip.WithZone(ifi.Name)
+			}
+		}
+		return netip.AddrPortFrom(ip.Unmap(), uint16(a.Port))
+	}
+	return netip.AddrPort{}
 }
+
+// sockaddr is addrPort's inverse, for bind and connect.
+func sockaddr(ap netip.AddrPort) (unix.Sockaddr, error) {
+	ip := ap.Addr()
+	if ip.Is4() {
+		return &unix.SockaddrInet4{Addr: ip.As4(), Port: int(ap.Port())}, nil
+	}
+	if !ip.Is6() {
+		return nil, errors.New("no address")
+	}
+	sa := &unix.SockaddrInet6{Addr: ip.As16(), Port: int(ap.Port())}
+	if z := ip.Zone(); z != "" {
+		ifi, err := net.InterfaceByName(z)
+		if err != nil {
+			return nil, fmt.Errorf("zone %q: %w", z, err)
+		}
+		sa.ZoneId = uint32(ifi.Index)
+	}
+	return sa, nil
+}
+
+func tcpAddr(ap netip.AddrPort) *net.TCPAddr { return net.TCPAddrFromAddrPort(ap) }

@@ -7,10 +7,6 @@ import (
 	"strings"
 )
 
-// pipeSize is the splice pipe Go's runtime uses for a TCP-to-TCP copy
-// (internal/poll's maxSpliceSize, set with F_SETPIPE_SZ).
-const pipeSize = 1 << 20
-
 // ConnMemoryBound is the most memory one proxied connection can hold on
 // the box, in bytes: two sockets, each with a full receive and send
 // buffer, one splice pipe per direction, and one read buffer per

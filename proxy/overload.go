@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"errors"
-	"net"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -226,14 +225,13 @@ func (p *Proxy) overloadMode() string {
 	return "bypass"
 }
 
-// shedOne takes one connection off ln's queue with the reserve fd and
-// resets it, when accept fails for want of fds: otherwise the queued
-// clients, whose handshakes the kernel already completed, would hang until
-// some connection closes. It reports whether it took one.
-func (p *Proxy) shedOne(ln net.Listener) bool {
+// shedOne takes one connection off listener lfd's queue with the reserve
+// fd and resets it, when accept fails for want of fds: otherwise the
+// queued clients, whose handshakes the kernel already completed, would
+// hang until some connection closes. It reports whether it took one.
+func (p *Proxy) shedOne(lfd int) bool {
 	l := p.lim
-	dl, ok := ln.(interface{ SetDeadline(time.Time) error })
-	if !ok || p.isSettling() {
+	if p.isSettling() {
 		return false
 	}
 	l.reserveMu.Lock()
@@ -244,20 +242,13 @@ func (p *Proxy) shedOne(ln net.Listener) bool {
 	}
 	closeFD(l.reserve)
 	l.reserve = -1
-	// The queue may be empty by now (the client gave up): don't wait.
-	dl.SetDeadline(time.Now().Add(10 * time.Millisecond))
-	nc, err := ln.Accept()
-	dl.SetDeadline(time.Time{})
+	fd, _, err := p.accept4(lfd) // non-blocking: the queue may be empty by now
 	l.reserve = openReserve()
 	if err != nil {
 		return false
 	}
 	l.refused.Add(1)
-	if tc, ok := nc.(*net.TCPConn); ok {
-		reset(tc)
-	} else {
-		nc.Close()
-	}
+	resetFD(fd)
 	return true
 }
 

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // overloads records OnOverload calls.
@@ -151,23 +153,19 @@ func TestOverloadRefuseResetsAtOnce(t *testing.T) {
 	}
 }
 
-// failingListener fails Accept with err n times before accepting.
-type failingListener struct {
-	net.Listener
-	mu  sync.Mutex
-	n   int
-	err error
-}
-
-func (l *failingListener) Accept() (net.Conn, error) {
-	l.mu.Lock()
-	if l.n > 0 {
-		l.n--
-		l.mu.Unlock()
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", l.err)}
+// failingAccept is an accept4 that fails with err n times before
+// accepting.
+func failingAccept(n int, err error) func(int) (int, unix.Sockaddr, error) {
+	var mu sync.Mutex
+	return func(fd int) (int, unix.Sockaddr, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if n > 0 {
+			n--
+			return -1, nil, err
+		}
+		return unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 	}
-	l.mu.Unlock()
-	return l.Listener.Accept()
 }
 
 // Running out of fds overloads the proxy once, not once per failed accept;
@@ -178,17 +176,17 @@ func TestOverloadOnFDShortage(t *testing.T) {
 	ov := newOverloads()
 	h := startProxy(t, holdOpen, func(c *Config) {
 		c.OnOverload = ov.record
-		c.Listen = func(network, addr string) (net.Listener, error) {
-			if network == "tcp6" {
-				return net.Listen("tcp6", "[::1]:0")
-			}
-			ln, err := net.Listen("tcp4", "127.0.0.1:0")
-			return &failingListener{Listener: ln, n: 5, err: syscall.EMFILE}, err
-		}
+		c.accept4 = failingAccept(5, syscall.EMFILE)
 	})
+	// The first client meets the shortage: the proxy fails to accept it
+	// (pausing between tries), then takes it with its reserve fd and
+	// resets it rather than leave it hanging in the queue.
+	victim := h.dial()
 	if ev := ov.wait(t, 1); !ev.On || ev.Reason != ReasonFDs {
 		t.Fatalf("first OnOverload = %+v, want on, %q", ev, ReasonFDs)
 	}
+	_, err := victim.Read(make([]byte, 1))
+	wantReset(t, err)
 	// After the failures stop, the proxy serves again and the overload ends.
 	c := h.dial()
 	if _, err := c.Write([]byte("x")); err != nil {

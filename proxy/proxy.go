@@ -3,7 +3,8 @@
 // The box's nftables rules divert client SYNs with TPROXY to Config.Port,
 // where Proxy accepts them as the server (the accepted socket's local
 // address is the original destination) and dials that destination from the
-// client's IP, relaying bytes both ways with splice(2).
+// client's IP, relaying bytes both ways: one event loop per CPU, each on a
+// thread of its own with an edge-triggered epoll set (loop_linux.go).
 //
 // The proxy cannot loop onto itself. Its upstream sockets are locally
 // originated: their packets take the output path and never traverse
@@ -21,14 +22,16 @@ import (
 	"log/slog"
 	"maps"
 	"net"
-	"os"
+	"net/netip"
 	"runtime"
 	"runtime/debug"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Config is what New needs. Timeouts can change later with SetTimeouts.
@@ -37,10 +40,6 @@ type Config struct {
 	ConnectTimeout time.Duration // upstream dial timeout
 	IdleTimeout    time.Duration // no bytes in EITHER direction for this long -> close both (a long one-way download is NOT idle)
 	Logger         *slog.Logger  // nil = discard
-	// ParkAfter is how long a connection stays idle before its two relay
-	// goroutines hand it to an epoll set and exit, so that idle
-	// connections cost no goroutine stacks (0 = 1s).
-	ParkAfter time.Duration
 	// ReceiveBuffer fixes each relayed socket's receive buffer (SO_RCVBUF,
 	// which the kernel doubles for its own overhead), so that what a peer
 	// can have queued on the box is known whatever tcp_rmem allows; it also
@@ -67,14 +66,19 @@ type Config struct {
 	// Test hooks; nil means production behaviour.
 
 	// Listen opens one listener: network is "tcp4" or "tcp6", addr
-	// "0.0.0.0:PORT" or "[::]:PORT". Default: a transparent listener.
+	// "0.0.0.0:PORT" or "[::]:PORT". Default: a transparent listener. The
+	// proxy takes its socket over (and closes the net.Listener).
 	Listen func(network, addr string) (net.Listener, error)
 	// Dial connects upstream from local (client IP, port 0) to remote
-	// within ctx's deadline. Default: a transparent dialer.
+	// within ctx's deadline, blocking, on a goroutine of its own; the
+	// proxy takes the socket over. Default: a non-blocking transparent
+	// connect on the connection's loop.
 	Dial func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
-	// OrigDst returns the client's original destination. Default: the
-	// accepted connection's local address.
-	OrigDst func(c *net.TCPConn) *net.TCPAddr
+	// OrigDst returns the client's original destination from the accepted
+	// socket's local address. Default: that address.
+	OrigDst func(local netip.AddrPort) netip.AddrPort
+	// accept4 replaces accept4(2) on a listener's fd (failure injection).
+	accept4 func(fd int) (int, unix.Sockaddr, error)
 }
 
 // Stats are counters since New; all fields are read atomically.
@@ -89,43 +93,45 @@ type Stats struct {
 	// OverloadRefused counts connections reset because the proxy was
 	// overloaded (RefuseOverload, or no fd left to relay them with).
 	OverloadRefused uint64
-	Parked          int // relay directions idle in the epoll set, not on goroutines
 }
 
 // Proxy is a transparent TCP relay. Create it with New.
 type Proxy struct {
-	port   uint16
-	log    *slog.Logger
-	listen func(network, addr string) (net.Listener, error)
-	// listenersPerFamily is 1 with a test Listen hook (port 0 would give
-	// each listener its own port), else one per CPU.
-	listenersPerFamily int
-	dial               func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
-	origDst            func(c *net.TCPConn) *net.TCPAddr
+	port       uint16
+	log        *slog.Logger
+	listenHook func(network, addr string) (net.Listener, error)
+	dialHook   func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
+	origDst    func(netip.AddrPort) netip.AddrPort
+	accept4    func(fd int) (int, unix.Sockaddr, error)
+	rcvbuf     int
+	// nloops is 1 with a test Listen hook (port 0 would give each
+	// listener its own port), else one per CPU.
+	nloops int
 
 	connectTimeout atomic.Int64 // time.Duration
 	idleTimeout    atomic.Int64 // time.Duration
-	epoch          time.Time    // monotonic origin of conn.lastActive
+	epoch          time.Time    // monotonic origin of p.now
 
 	mu        sync.Mutex
 	started   bool
 	serving   bool
-	stopped   bool          // Shutdown called: no new conns are tracked
-	settling  bool          // StopAccepting called: a deadline ends the accept loops
-	loopsDone chan struct{} // closed when Serve's accept loops have ended
-	listeners []net.Listener
+	stopped   bool // Shutdown called: no new conns are tracked
+	settling  bool // StopAccepting called
+	lnClosed  bool
+	loopsDown bool
+	loops     []*loop
+	addrs     []net.Addr
 	conns     map[*conn]struct{}
 	quit      chan struct{} // closed by the first Shutdown
+	settled   chan struct{} // closed when StopAccepting closed the listeners
+	acceptErr chan error    // a listener's fatal accept error, for Serve
 	connWG    sync.WaitGroup
+	hookWG    sync.WaitGroup // Dial hook goroutines
+	stopHK    chan struct{}  // ends the housekeeping goroutines
 
-	bufs sync.Pool // *[]byte of bufSize, held only while a message is in hand
-
-	parkAfter          time.Duration
-	parkedSinceRelease atomic.Int64
-	sleeper            *sleeper      // set by Start
-	stopSweep          chan struct{} // closed by Shutdown once drained
-	lim                *limiter
-	onOverload         func(Overload)
+	bufs       sync.Pool // *[]byte of bufSize, held only while a peer is not taking bytes
+	lim        *limiter
+	onOverload func(Overload)
 
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
@@ -153,14 +159,18 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, fmt.Errorf("invalid proxy config: %w", err)
 	}
 	p := &Proxy{
-		port:    cfg.Port,
-		log:     cfg.Logger,
-		listen:  cfg.Listen,
-		dial:    cfg.Dial,
-		origDst: cfg.OrigDst,
-		epoch:   time.Now(),
-		conns:   make(map[*conn]struct{}),
-		quit:    make(chan struct{}),
+		port:       cfg.Port,
+		log:        cfg.Logger,
+		listenHook: cfg.Listen,
+		dialHook:   cfg.Dial,
+		origDst:    cfg.OrigDst,
+		accept4:    cfg.accept4,
+		rcvbuf:     cfg.ReceiveBuffer,
+		epoch:      time.Now(),
+		conns:      make(map[*conn]struct{}),
+		quit:       make(chan struct{}),
+		settled:    make(chan struct{}),
+		acceptErr:  make(chan error, 1),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
 	p.lim = newLimiter(cfg.MaxConns, cfg.RefuseOverload)
@@ -168,83 +178,115 @@ func New(cfg Config) (*Proxy, error) {
 	if p.onOverload == nil {
 		p.onOverload = func(Overload) {}
 	}
-	p.parkAfter = cfg.ParkAfter
-	if p.parkAfter <= 0 {
-		p.parkAfter = time.Second
-	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
-	p.listenersPerFamily = 1
-	if p.listen == nil {
-		p.listen = listenTransparent(cfg.ReceiveBuffer)
-		p.listenersPerFamily = runtime.GOMAXPROCS(0)
-	}
-	if p.dial == nil {
-		p.dial = dialTransparent(cfg.ReceiveBuffer)
+	p.nloops = 1
+	if p.listenHook == nil {
+		p.nloops = runtime.GOMAXPROCS(0)
 	}
 	if p.origDst == nil {
 		p.origDst = origDst
+	}
+	if p.accept4 == nil {
+		p.accept4 = func(fd int) (int, unix.Sockaddr, error) {
+			return unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		}
 	}
 	p.connectTimeout.Store(int64(cfg.ConnectTimeout))
 	p.idleTimeout.Store(int64(cfg.IdleTimeout))
 	return p, nil
 }
 
-// Start opens the IPv4 and IPv6 listeners. If either fails, nothing stays
-// open.
+// Start opens the IPv4 and IPv6 listeners (one of each per loop) and
+// starts the loops. If anything fails, nothing stays open.
 func (p *Proxy) Start() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.started || p.stopped {
 		return errors.New("proxy already started (or shut down)")
 	}
-	port := strconv.Itoa(int(p.port))
-	var lns []net.Listener
-	for _, l := range []struct{ network, addr string }{
-		{"tcp4", net.JoinHostPort("0.0.0.0", port)},
-		{"tcp6", net.JoinHostPort("::", port)},
-	} {
-		ln, err := p.listen(l.network, l.addr)
-		// One listener per CPU (SO_REUSEPORT): the kernel spreads new
-		// connections over them, so accepting is not one goroutine's job.
-		for i := 1; err == nil && i < p.listenersPerFamily; i++ {
-			lns = append(lns, ln)
-			ln, err = p.listen(l.network, l.addr)
+	var (
+		loops []*loop
+		addrs []net.Addr
+	)
+	undo := func() {
+		for _, l := range loops {
+			l.closeListeners()
+			l.close()
 		}
+	}
+	for range p.nloops {
+		l, err := newLoop(p)
 		if err != nil {
-			for _, ln := range lns {
-				ln.Close()
+			undo()
+			return err
+		}
+		loops = append(loops, l)
+		for _, network := range []string{"tcp4", "tcp6"} {
+			ln, err := p.openListener(network)
+			if err != nil {
+				undo()
+				return fmt.Errorf("opening %s listener: %w", network, err)
 			}
-			return fmt.Errorf("opening %s listener: %w", l.network, err)
+			l.lns = append(l.lns, ln)
+			addrs = append(addrs, ln.addr)
 		}
-		lns = append(lns, ln)
 	}
-	sl, err := newSleeper()
-	if err != nil {
-		for _, ln := range lns {
-			ln.Close()
-		}
-		return err
+	p.loops, p.addrs = loops, addrs
+	for _, l := range loops {
+		go l.run()
 	}
-	p.listeners = lns
-	p.sleeper = sl
 	p.lim.openReserve()
-	p.stopSweep = make(chan struct{})
-	go p.sweepIdle(p.stopSweep)
-	go p.watchOverload(p.stopSweep)
+	p.stopHK = make(chan struct{})
+	go p.releaseIdle(p.stopHK)
+	go p.watchOverload(p.stopHK)
 	p.started = true
 	return nil
 }
 
-// sweepIdle nudges connections idle for parkAfter: a read deadline in the
-// past wakes their parked pumps, which then move to the sleeper. The hot
-// path pays nothing for this.
-func (p *Proxy) sweepIdle(stop <-chan struct{}) {
-	t := time.NewTicker(p.parkAfter / 2)
+// openListener opens one listener with the Listen hook or, by default, a
+// transparent one on the proxy port.
+func (p *Proxy) openListener(network string) (*listener, error) {
+	if p.listenHook == nil {
+		fd, addr, err := listenTransparent(network, p.port, p.rcvbuf)
+		if err != nil {
+			return nil, err
+		}
+		return &listener{fd: fd, network: network, addr: addr}, nil
+	}
+	host := "0.0.0.0"
+	if network == "tcp6" {
+		host = "::"
+	}
+	ln, err := p.listenHook(network, net.JoinHostPort(host, fmt.Sprint(p.port)))
+	if err != nil {
+		return nil, err
+	}
+	addr := ln.Addr()
+	sc, ok := ln.(interface {
+		SyscallConn() (syscall.RawConn, error)
+		Close() error
+	})
+	if !ok {
+		ln.Close()
+		return nil, fmt.Errorf("listener %T has no socket to take over", ln)
+	}
+	fd, err := takeFD(sc)
+	if err != nil {
+		return nil, err
+	}
+	return &listener{fd: fd, network: network, addr: addr}, nil
+}
+
+// releaseIdle returns what a burst of traffic grew (heap, buffers, the
+// pooled pipes' pages) to the OS once the proxy has gone quiet, so an idle
+// box holds what an idle box needs: an idle process runs no GC.
+func (p *Proxy) releaseIdle(stop <-chan struct{}) {
+	t := time.NewTicker(time.Second)
 	defer t.Stop()
-	// p.accepted at the last idle release and at the last tick: release
-	// once per quiet spell, after a whole tick with no new connection.
+	// p.accepted at the last release and at the last tick: release once
+	// per quiet spell, after a whole tick with no new connection.
 	var releasedAt, lastTick uint64
 	for {
 		select {
@@ -252,29 +294,6 @@ func (p *Proxy) sweepIdle(stop <-chan struct{}) {
 			return
 		case <-t.C:
 		}
-		now := p.now()
-		var idle []*conn
-		p.mu.Lock()
-		for c := range p.conns {
-			if now-time.Duration(c.lastActive.Load()) >= p.parkAfter && !c.parkAsked.Load() {
-				idle = append(idle, c)
-			}
-		}
-		p.mu.Unlock()
-		for _, c := range idle {
-			c.nudge()
-		}
-		// Parked goroutines leave their stacks in the runtime's pools, and
-		// an idle process runs no GC to hand them back to the OS. After a
-		// large batch, do it once.
-		if p.parkedSinceRelease.Load() >= releaseAfterParks {
-			p.parkedSinceRelease.Store(0)
-			debug.FreeOSMemory()
-		}
-		// The same once the proxy has gone quiet after traffic: what a
-		// burst grew (heap, stacks, the splice pipes Go pools and closes
-		// only when a GC drops them from the pool) goes back, so an idle
-		// box holds what an idle box needs.
 		n := p.accepted.Load()
 		if n == lastTick && n != releasedAt && p.active.Load() == 0 {
 			releasedAt = n
@@ -286,21 +305,18 @@ func (p *Proxy) sweepIdle(stop <-chan struct{}) {
 
 // releaseMemory returns what the process no longer uses to the OS. A pooled
 // object survives one GC in the pool's victim cache, so it takes two to
-// free it; a splice pipe's fds close in its finalizer after that.
+// free it.
 func releaseMemory() {
 	runtime.GC()
 	runtime.GC()
 	debug.FreeOSMemory()
 }
 
-// releaseAfterParks is how many parked directions make it worth a GC to
-// return their stacks' memory.
-const releaseAfterParks = 1024
-
-// Serve accepts connections until ctx is done or Shutdown is called, then
-// closes the listeners and returns: nil after Shutdown, ctx's error after
-// ctx, or the accept error that stopped it. Established connections are not
-// touched: they end with Shutdown.
+// Serve accepts connections until ctx is done, Shutdown is called or
+// StopAccepting has settled, then closes the listeners and returns: nil
+// after Shutdown or StopAccepting, ctx's error after ctx, or the accept
+// error that stopped it. Established connections are not touched: they
+// end with Shutdown.
 func (p *Proxy) Serve(ctx context.Context) error {
 	p.mu.Lock()
 	switch {
@@ -315,79 +331,38 @@ func (p *Proxy) Serve(ctx context.Context) error {
 		return errors.New("proxy already serving")
 	}
 	p.serving = true
-	lns := p.listeners
-	loopsDone := make(chan struct{})
-	p.loopsDone = loopsDone
+	loops := p.loops
 	p.mu.Unlock()
-
-	watcherDone := make(chan struct{})
-	go func() {
-		defer close(watcherDone)
-		select {
-		case <-ctx.Done():
-			p.closeListeners()
-		case <-loopsDone:
-		}
-	}()
-	errc := make(chan error, len(lns))
-	for _, ln := range lns {
-		go func() { errc <- p.acceptLoop(ln) }()
+	for _, l := range loops {
+		l.post(func() {
+			for _, ln := range l.lns {
+				l.serve(ln)
+			}
+		})
 	}
-	var first error
-	for range lns {
-		if err := <-errc; err != nil && first == nil {
-			first = err
-			p.closeListeners() // one family failing stops both: exit, fail open
-		}
+	var err error
+	select {
+	case <-ctx.Done():
+	case <-p.quit:
+	case <-p.settled:
+	case err = <-p.acceptErr:
 	}
-	close(loopsDone)
-	<-watcherDone
-	if first != nil {
-		return first
-	}
-	if p.isStopped() {
+	p.closeListeners()
+	switch {
+	case err != nil:
+		return err
+	case p.isStopped():
 		return nil
 	}
 	return ctx.Err()
 }
 
-// acceptLoop takes connections from ln until it is closed.
-func (p *Proxy) acceptLoop(ln net.Listener) error {
-	var backoff time.Duration
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) && p.isSettling() {
-				return nil
-			}
-			if !isResourceShortage(err) {
-				return fmt.Errorf("accepting on %s: %w", ln.Addr(), err)
-			}
-			// Out of fds or memory: established connections will free
-			// some; dying would cut them all. The limiter logs the spell
-			// once and has the diversion stop sending new connections;
-			// those already queued are shed, not left hanging.
-			p.lim.short(err, p.active.Load(), p.now())
-			if p.shedOne(ln) {
-				continue
-			}
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-p.quit:
-				t.Stop()
-			}
-			continue
-		}
-		backoff = 0
-		c, ok := nc.(*net.TCPConn)
-		if !ok {
-			p.log.Error("listener returned a non-TCP connection", "type", fmt.Sprintf("%T", nc))
-			nc.Close()
-			continue
-		}
-		p.accept(c)
+// acceptFailed stops Serve with err: one family failing stops both, and
+// the process exits (failing open).
+func (p *Proxy) acceptFailed(err error) {
+	select {
+	case p.acceptErr <- err:
+	default:
 	}
 }
 
@@ -395,20 +370,21 @@ func (p *Proxy) acceptLoop(ln net.Listener) error {
 // after the diversion stopped sending new SYNs here (the draining ruleset):
 // handshakes already under way still complete into the listen queue within
 // a round trip, and closing the listener then would reset them. Each one
-// taken is relayed as usual. Shutdown closes the listeners afterwards.
+// taken is relayed as usual.
 func (p *Proxy) StopAccepting(settle time.Duration) {
 	p.mu.Lock()
+	first := !p.settling
 	p.settling = true
-	lns, done := p.listeners, p.loopsDone
 	p.mu.Unlock()
-	deadline := time.Now().Add(settle)
-	for _, ln := range lns {
-		if d, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
-			d.SetDeadline(deadline)
-		}
+	t := time.NewTimer(settle)
+	select {
+	case <-t.C:
+	case <-p.quit:
+		t.Stop()
 	}
-	if done != nil {
-		<-done
+	p.closeListeners()
+	if first {
+		close(p.settled)
 	}
 }
 
@@ -420,8 +396,8 @@ func (p *Proxy) isSettling() bool {
 
 // Shutdown stops accepting at once, waits for established connections to
 // finish until ctx is done, then resets the rest (reason "shutdown") and
-// waits for their goroutines. It returns nil if everything drained, else an
-// error wrapping ctx's.
+// stops the loops. It returns nil if everything drained, else an error
+// wrapping ctx's.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	if !p.stopped {
@@ -430,51 +406,64 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 	p.closeListeners()
+	defer p.stopLoops()
 
-	// No Add can follow: accept checks p.stopped under p.mu.
+	// No Add can follow: track checks p.stopped under p.mu.
 	drained := make(chan struct{})
 	go func() {
 		p.connWG.Wait()
 		close(drained)
 	}()
-	defer p.stopSleeper()
 	select {
 	case <-drained:
 		return nil
 	case <-ctx.Done():
 	}
 	p.mu.Lock()
-	open := make([]*conn, 0, len(p.conns))
-	for c := range p.conns {
-		open = append(open, c)
-	}
+	open, loops := len(p.conns), p.loops
 	p.mu.Unlock()
-	for _, c := range open {
-		c.abort("shutdown")
+	for _, l := range loops {
+		l.post(func() { l.abortAll("shutdown") })
 	}
 	<-drained
-	return fmt.Errorf("closed %d connections still open after the grace period: %w", len(open), ctx.Err())
+	return fmt.Errorf("closed %d connections still open after the grace period: %w", open, ctx.Err())
 }
 
-// stopSleeper ends the sweeper and the sleeper once no connection is left.
-func (p *Proxy) stopSleeper() {
+// stopLoops ends the loops and the housekeeping once no connection is left.
+func (p *Proxy) stopLoops() {
 	p.mu.Lock()
-	s, stop := p.sleeper, p.stopSweep
-	p.stopSweep = nil
+	if p.loopsDown || !p.started {
+		p.mu.Unlock()
+		return
+	}
+	p.loopsDown = true
+	loops := p.loops
+	close(p.stopHK)
 	p.mu.Unlock()
-	if stop != nil {
-		close(stop)
-		s.close()
+	p.hookWG.Wait()
+	for _, l := range loops {
+		l.post(func() { l.stop = true })
+		<-l.done
+		l.close()
 	}
 	p.lim.closeReserve()
 }
 
+// closeListeners closes every listener, on its loop's thread (or directly
+// once the loop is gone), and returns when they are closed.
 func (p *Proxy) closeListeners() {
 	p.mu.Lock()
-	lns := p.listeners
+	if p.lnClosed {
+		p.mu.Unlock()
+		return
+	}
+	p.lnClosed = true
+	loops := p.loops
 	p.mu.Unlock()
-	for _, ln := range lns {
-		ln.Close() // a second close only returns an error
+	for _, l := range loops {
+		if !l.call(l.closeListeners) {
+			l.closeListeners()
+		}
 	}
 }
 
@@ -484,24 +473,42 @@ func (p *Proxy) isStopped() bool {
 	return p.stopped
 }
 
+// track records c as open, unless Shutdown has begun.
+func (p *Proxy) track(c *conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		return false
+	}
+	p.conns[c] = struct{}{}
+	p.connWG.Add(1)
+	return true
+}
+
+// untrack is the end of a tracked c.
+func (p *Proxy) untrack(c *conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	p.active.Add(-1)
+	p.connWG.Done()
+}
+
 // SetTimeouts changes the timeouts live (SIGHUP). The connect timeout
 // applies to dials that start later; the idle timeout to every connection,
 // counted from its last activity, so a connection already idle for longer
-// than the new value closes now. Non-positive values are ignored.
+// than the new value closes at its loop's next tick. Non-positive values
+// are ignored.
 func (p *Proxy) SetTimeouts(connect, idle time.Duration) {
 	if connect > 0 {
 		p.connectTimeout.Store(int64(connect))
 	}
-	if idle <= 0 {
-		return
-	}
-	p.idleTimeout.Store(int64(idle))
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for c := range p.conns {
-		c.rearm()
+	if idle > 0 {
+		p.idleTimeout.Store(int64(idle))
 	}
 }
+
+func (p *Proxy) idle() time.Duration { return time.Duration(p.idleTimeout.Load()) }
 
 // Stats returns the current counters.
 func (p *Proxy) Stats() Stats {
@@ -512,34 +519,19 @@ func (p *Proxy) Stats() Stats {
 		DialFailed:      p.dialFailed.Load(),
 		BytesUp:         p.up.Load(),
 		BytesDown:       p.down.Load(),
-		Parked:          p.parked(),
 		Overloaded:      p.lim.on.Load(),
 		OverloadRefused: p.lim.refused.Load(),
 	}
-}
-
-func (p *Proxy) parked() int {
-	p.mu.Lock()
-	s := p.sleeper
-	p.mu.Unlock()
-	if s == nil {
-		return 0
-	}
-	return s.sleeping()
 }
 
 // Addrs returns the listeners' addresses (nil before Start).
 func (p *Proxy) Addrs() []net.Addr {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	addrs := make([]net.Addr, 0, len(p.listeners))
-	for _, ln := range p.listeners {
-		addrs = append(addrs, ln.Addr())
-	}
-	return addrs
+	return slices.Clone(p.addrs)
 }
 
-// now is the monotonic time since New, cheap enough to stamp every burst.
+// now is the monotonic time since New, cheap enough to stamp every read.
 func (p *Proxy) now() time.Duration { return time.Since(p.epoch) }
 
 // ActivePorts are the original destination ports of the open connections,
@@ -549,7 +541,7 @@ func (p *Proxy) ActivePorts() []uint16 {
 	p.mu.Lock()
 	seen := map[uint16]bool{}
 	for c := range p.conns {
-		seen[uint16(c.dst.Port)] = true
+		seen[c.dst.Port()] = true
 	}
 	p.mu.Unlock()
 	return slices.Sorted(maps.Keys(seen))

@@ -301,7 +301,7 @@ func TestUpstreamDialFails(t *testing.T) {
 		closedPort := ln.Addr().(*net.TCPAddr)
 		ln.Close()
 		h := startProxy(t, nil, func(c *Config) {
-			c.OrigDst = func(*net.TCPConn) *net.TCPAddr { return closedPort }
+			c.OrigDst = func(netip.AddrPort) netip.AddrPort { return addrOf(closedPort) }
 		})
 		wantReset(t, h.dialAndRead())
 		r := h.logs.closed(t, 1)[0]
@@ -331,8 +331,8 @@ func TestUpstreamDialFails(t *testing.T) {
 func TestDirectConnectionRefused(t *testing.T) {
 	checkGoroutines(t)
 	h := startProxy(t, func(*net.TCPConn) {}, func(c *Config) {
-		c.OrigDst = func(*net.TCPConn) *net.TCPAddr {
-			return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: testPort}
+		c.OrigDst = func(netip.AddrPort) netip.AddrPort {
+			return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), testPort)
 		}
 	})
 	wantReset(t, h.dialAndRead())
@@ -391,16 +391,28 @@ func TestResetAfterBothFINs(t *testing.T) {
 	c := h.dial()
 	c.SetReadBuffer(4096) // and never read: the proxy's last bytes stay unacked
 	c.CloseWrite()
-	var pc *conn
-	waitFor(t, "both directions to end (both FINs relayed)", func() bool {
+	// Read on the connection's loop: it alone touches the conn.
+	onLoop := func(f func(c *conn)) {
 		h.p.mu.Lock()
-		defer h.p.mu.Unlock()
+		var pc *conn
 		for k := range h.p.conns {
 			pc = k
 		}
-		return pc != nil && pc.directions.Load() == 0
+		h.p.mu.Unlock()
+		if pc != nil {
+			pc.l.call(func() { f(pc) })
+		}
+	}
+	waitFor(t, "both directions to end (both FINs relayed)", func() (closingNow bool) {
+		onLoop(func(c *conn) { closingNow = c.state == closing })
+		return closingNow
 	})
-	if closed, _ := closedState(pc.client); closed {
+	var unacked bool
+	onLoop(func(c *conn) {
+		inClose, _ := closedState(c.client.fd)
+		unacked = c.state == closing && !inClose
+	})
+	if !unacked {
 		t.Fatal("the proxy's client socket is closed already: nothing is left unacknowledged, the test proves nothing")
 	}
 	start := time.Now()

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"fmt"
-	"net"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -46,9 +45,9 @@ func setBindNoPort(fd uintptr) error {
 
 // readFD is one non-blocking read(2), retried on EINTR. EAGAIN means
 // nothing is queued yet.
-func readFD(fd uintptr, b []byte) (int, error) {
+func readFD(fd int, b []byte) (int, error) {
 	for {
-		n, err := unix.Read(int(fd), b)
+		n, err := unix.Read(fd, b)
 		if err == unix.EINTR {
 			continue
 		}
@@ -59,27 +58,44 @@ func readFD(fd uintptr, b []byte) (int, error) {
 	}
 }
 
-// tcpClose is TCP_CLOSE in the kernel's TCP state enum: where a socket goes
-// when it receives a reset.
-const tcpClose = 7
-
-// wasReset reports whether c's socket has been torn down by its peer, to tell
-// which side of a failed splice (read or write end) caused the failure.
-func wasReset(c syscall.Conn) bool {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var state uint8
-	if rc.Control(func(fd uintptr) {
-		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-			state = info.State
+// writeFD is one non-blocking write(2), retried on EINTR. EAGAIN means
+// the socket's send buffer is full.
+func writeFD(fd int, b []byte) (int, error) {
+	for {
+		n, err := unix.Write(fd, b)
+		if err == unix.EINTR {
+			continue
 		}
-	}) != nil {
-		return false
+		if n < 0 {
+			n = 0
+		}
+		return n, err
 	}
-	return state == tcpClose
 }
+
+// resetFD closes fd with a reset (SO_LINGER 0), for a socket that is
+// refused before it joins a connection.
+func resetFD(fd int) {
+	setAbortOnClose(uintptr(fd))
+	unix.Close(fd)
+}
+
+// sockError is the socket's pending error (SO_ERROR): why a connect
+// failed, or the reset a peer sent. nil if there is none.
+func sockError(fd int) error {
+	e, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err != nil {
+		return fmt.Errorf("reading SO_ERROR: %w", err)
+	}
+	if e != 0 {
+		return syscall.Errno(e)
+	}
+	return nil
+}
+
+// tcpClose is TCP_CLOSE in the kernel's TCP state enum: where a socket goes
+// when it receives a reset, or once both FINs were exchanged and acked.
+const tcpClose = 7
 
 // setAbortOnClose makes close(2) send a reset instead of a FIN
 // (SO_LINGER with a zero timeout). The proxy sets it on every socket it
@@ -110,45 +126,30 @@ func setReceiveBuffer(fd uintptr, n int) error {
 	return nil
 }
 
-// closedState reports whether c's socket has reached TCP_CLOSE: after
+// closedState reports whether fd's socket has reached TCP_CLOSE: after
 // both FINs were exchanged and ours acknowledged, or after a reset. err is
 // the socket's pending error (SO_ERROR, e.g. ECONNRESET), nil after an
 // orderly end.
-func closedState(c *net.TCPConn) (inClose bool, err error) {
-	rc, rerr := c.SyscallConn()
-	if rerr != nil {
-		return true, rerr
+func closedState(fd int) (inClose bool, err error) {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return true, fmt.Errorf("reading TCP_INFO: %w", err)
 	}
-	rc.Control(func(fd uintptr) {
-		info, ierr := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-		if ierr != nil {
-			inClose, err = true, ierr
-			return
-		}
-		if inClose = info.State == tcpClose; inClose {
-			if e, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); e != 0 {
-				err = syscall.Errno(e)
-			}
-		}
-	})
-	return inClose, err
+	if info.State != tcpClose {
+		return false, nil
+	}
+	return true, sockError(fd)
 }
 
-// progress is a counter that grows whenever c's socket receives a byte or
+// progress is a counter that grows whenever fd's socket receives a byte or
 // its peer acknowledges one: delivery, not just the proxy's own reads and
 // writes. 0 when it cannot be read.
-func progress(c *net.TCPConn) uint64 {
-	rc, err := c.SyscallConn()
+func progress(fd int) uint64 {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
 		return 0
 	}
-	var n uint64
-	rc.Control(func(fd uintptr) {
-		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-			n = info.Bytes_received + info.Bytes_acked
-		}
-	})
-	return n
+	return info.Bytes_received + info.Bytes_acked
 }
 
 // setReusePort lets one listener per CPU share the proxy port.

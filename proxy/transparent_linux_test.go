@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -64,7 +65,7 @@ func TestTransparentInNamespaces(t *testing.T) {
 	l := newLab(t)
 
 	logs := newLogSink()
-	dial := dialTransparent(0)
+	dial := dialTransparent
 	p, err := New(Config{
 		Port:           nsProxyPort,
 		ConnectTimeout: 5 * time.Second,
@@ -277,4 +278,30 @@ func run(t *testing.T, ns *lab.NS, stdin, name string, args ...string) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
 	}
+}
+
+// dialTransparent connects from the client's IP with Go's dialer, on the
+// calling thread (so in the namespace it runs in): the proxy's own dial
+// runs on its loop's thread, which is in the test's namespace, not the
+// box's.
+func dialTransparent(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error) {
+	d := &net.Dialer{
+		LocalAddr: local,
+		Control: func(network, _ string, rc syscall.RawConn) error {
+			var err error
+			rc.Control(func(fd uintptr) {
+				if err = setTransparent(fd, network == "tcp6"); err == nil {
+					err = setBindNoPort(fd)
+				}
+			})
+			return err
+		},
+		KeepAlive: -1,
+	}
+	d.SetMultipathTCP(false)
+	c, err := d.DialContext(ctx, network, remote.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
 }
