@@ -48,6 +48,7 @@ type sock struct {
 	rdhup    bool // the peer's FIN (or an error) has arrived: read on to EOF
 	writable bool
 	closed   bool // reached TCP_CLOSE while the conn was closing
+	finNow   bool // the proxy sent its FIN in the current relay call
 }
 
 // half is one direction of a conn.

@@ -53,6 +53,9 @@ func connectTransparent(client unix.Sockaddr, remote netip.AddrPort, rcvbuf int)
 		if err := setReceiveBuffer(uintptr(fd), rcvbuf); err != nil {
 			return err
 		}
+		if err := setNoDelay(uintptr(fd)); err != nil {
+			return err
+		}
 		if err := setBindNoPort(uintptr(fd)); err != nil {
 			return err
 		}

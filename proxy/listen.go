@@ -43,12 +43,15 @@ func listenTransparent(network string, port uint16, rcvbuf int) (fd int, addr ne
 		if err := setTransparent(uintptr(fd), v6); err != nil {
 			return err
 		}
-		// Both inherited by every accepted socket: no syscall per
+		// These three inherited by every accepted socket: no syscall per
 		// connection (and the SYN-ACK's window already obeys rcvbuf).
 		if err := setAbortOnClose(uintptr(fd)); err != nil {
 			return err
 		}
 		if err := setReceiveBuffer(uintptr(fd), rcvbuf); err != nil {
+			return err
+		}
+		if err := setNoDelay(uintptr(fd)); err != nil {
 			return err
 		}
 		// One listener per loop shares the port.

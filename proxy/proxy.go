@@ -57,6 +57,9 @@ type Config struct {
 	// that raced the switch of the diversion (see OnOverload). SetRefuseOverload
 	// changes it live.
 	RefuseOverload bool
+	// Loops is how many event loops relay connections, each on a thread
+	// of its own with its own listeners (0 = GOMAXPROCS).
+	Loops int
 	// OnOverload is called when an overload starts and when it ends, one
 	// call at a time, in order. It must not block: it is where the caller
 	// switches the diversion so that new connections stop reaching the
@@ -152,6 +155,9 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.ReceiveBuffer < 0 {
 		errs = append(errs, fmt.Errorf("receive buffer: %d is negative", cfg.ReceiveBuffer))
 	}
+	if cfg.Loops < 0 {
+		errs = append(errs, fmt.Errorf("loops: %d is negative", cfg.Loops))
+	}
 	if cfg.MaxConns < 0 {
 		errs = append(errs, fmt.Errorf("max connections: %d is negative", cfg.MaxConns))
 	}
@@ -183,7 +189,10 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.nloops = 1
 	if p.listenHook == nil {
-		p.nloops = runtime.GOMAXPROCS(0)
+		p.nloops = cfg.Loops
+		if p.nloops <= 0 {
+			p.nloops = runtime.GOMAXPROCS(0)
+		}
 	}
 	if p.origDst == nil {
 		p.origDst = origDst

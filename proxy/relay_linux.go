@@ -51,9 +51,15 @@ func (l *loop) relay(c *conn) {
 	}
 	if c.up.shut && c.down.shut {
 		c.state, c.since = closing, l.p.now()
-		l.checkClosed(c, &c.client)
-		l.checkClosed(c, &c.server)
+		// A socket whose FIN the proxy sent just now cannot be closed
+		// before its peer acks it, which wakes epoll: ask only the other.
+		for _, s := range []*sock{&c.client, &c.server} {
+			if !s.finNow {
+				l.checkClosed(c, s)
+			}
+		}
 	}
+	c.client.finNow, c.server.finNow = false, false
 }
 
 // move relays h until src has nothing more, dst takes nothing more, or the
@@ -115,7 +121,7 @@ func (l *loop) move(c *conn, h *half) bool {
 			if !h.shut {
 				// If this fails, dst is gone and its own event says why.
 				unix.Shutdown(h.dst.fd, unix.SHUT_WR)
-				h.shut = true
+				h.shut, h.dst.finNow = true, true
 				l.putPipe(h)
 			}
 			return true

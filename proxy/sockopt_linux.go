@@ -152,6 +152,17 @@ func progress(fd int) uint64 {
 	return info.Bytes_received + info.Bytes_acked
 }
 
+// setNoDelay turns Nagle's algorithm off: the relay writes each message as
+// it arrives, and holding a small one back until the previous is acked
+// would add a delay neither endpoint asked for. Accepted sockets inherit
+// it from the listener.
+func setNoDelay(fd uintptr) error {
+	if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		return fmt.Errorf("setting TCP_NODELAY: %w", err)
+	}
+	return nil
+}
+
 // setReusePort lets one listener per CPU share the proxy port.
 func setReusePort(fd uintptr) error {
 	if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
