@@ -19,11 +19,11 @@ const acceptBatch = 64
 func (l *loop) acceptFrom(ln *listener) {
 	p := l.p
 	for range acceptBatch {
-		fd, sa, err := p.accept4(ln.fd)
+		fd, src, err := p.accept4(ln.fd)
 		switch {
 		case err == nil:
 			ln.backoff = 0
-			l.accept(fd, sa)
+			l.accept(fd, src)
 		case err == unix.EAGAIN:
 			return
 		case err == unix.EINTR, err == unix.ECONNABORTED:
@@ -46,16 +46,16 @@ func (l *loop) acceptFrom(ln *listener) {
 
 // accept starts relaying a diverted connection, or refuses one that must
 // not be.
-func (l *loop) accept(fd int, sa unix.Sockaddr) {
+func (l *loop) accept(fd int, src netip.AddrPort) {
 	p := l.p
-	local, err := unix.Getsockname(fd)
+	local, err := localAddr(fd)
 	if err != nil {
 		p.log.Error("cannot read the connection's addresses; resetting it", "err", err)
 		resetFD(fd)
 		return
 	}
 	c := &conn{
-		l: l, src: addrPort(sa), dst: p.origDst(addrPort(local)), start: time.Now(),
+		l: l, src: src, dst: p.origDst(local), start: time.Now(),
 		client: sock{fd: fd, name: "client"}, server: sock{fd: -1, name: "server"},
 	}
 	c.client.c, c.server.c = c, c
@@ -89,7 +89,7 @@ func (l *loop) accept(fd int, sa unix.Sockaddr) {
 	if !l.add(&c.client) {
 		return
 	}
-	l.dial(c, sa)
+	l.dial(c)
 }
 
 // add puts s in the epoll set; on failure it aborts s's conn.
@@ -105,17 +105,17 @@ func (l *loop) add(s *sock) bool {
 	return true
 }
 
-// dial starts the upstream connect from the client's IP (clientSA, whose
-// port is ignored) to the original destination; the server socket's
+// dial starts the upstream connect from the client's IP to the original
+// destination; the server socket's
 // first event ends it (connected). With a Dial hook the connect runs on a
 // goroutine of its own and posts its socket back.
-func (l *loop) dial(c *conn, clientSA unix.Sockaddr) {
+func (l *loop) dial(c *conn) {
 	p := l.p
 	if p.dialHook != nil {
 		l.hookDial(c)
 		return
 	}
-	fd, err := connectTransparent(clientSA, c.dst, p.rcvbuf)
+	fd, err := connectTransparent(c.src.Addr(), c.dst, p.rcvbuf)
 	if err != nil {
 		p.dialFailed.Add(1)
 		if isResourceShortage(err) {

@@ -12,7 +12,7 @@ import (
 )
 
 // connectTransparent starts a non-blocking connect to remote from the
-// client's IP (client's port is not used), so the server sees the
+// client's IP, so the server sees the
 // client's address rather than the box's. The socket's first writable or
 // error event says how it ended.
 //
@@ -24,14 +24,13 @@ import (
 // The return path works because the server's replies to the client's IP
 // reach the box (the bridge redirects them) and the nft `socket
 // transparent 1` rule marks them for local delivery.
-func connectTransparent(client unix.Sockaddr, remote netip.AddrPort, rcvbuf int) (int, error) {
-	local := addrPort(client)
+func connectTransparent(client netip.Addr, remote netip.AddrPort, rcvbuf int) (int, error) {
 	v6 := !remote.Addr().Is4()
 	family := unix.AF_INET
 	if v6 {
 		family = unix.AF_INET6
 	}
-	lsa, err := sockaddr(netip.AddrPortFrom(local.Addr(), 0))
+	lsa, err := sockaddr(netip.AddrPortFrom(client, 0))
 	if err != nil {
 		return -1, err
 	}

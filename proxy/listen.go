@@ -70,12 +70,12 @@ func listenTransparent(network string, port uint16, rcvbuf int) (fd int, addr ne
 		unix.Close(fd)
 		return -1, nil, err
 	}
-	local, err := unix.Getsockname(fd)
+	local, err := localAddr(fd)
 	if err != nil {
 		unix.Close(fd)
 		return -1, nil, fmt.Errorf("reading the listener's address: %w", err)
 	}
-	return fd, tcpAddr(addrPort(local)), nil
+	return fd, tcpAddr(local), nil
 }
 
 // takeFD moves a Go connection's or listener's socket to a plain,
@@ -110,25 +110,7 @@ func takeFD(c interface {
 // local address is the original destination.
 func origDst(local netip.AddrPort) netip.AddrPort { return local }
 
-// addrPort converts a socket address from the kernel (IPv4-mapped IPv6
-// addresses unmapped).
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
-	case *unix.SockaddrInet6:
-		ip := netip.AddrFrom16(a.Addr)
-		if a.ZoneId != 0 {
-			if ifi, err := net.InterfaceByIndex(int(a.ZoneId)); err == nil {
-				ip = ip.WithZone(ifi.Name)
-			}
-		}
-		return netip.AddrPortFrom(ip.Unmap(), uint16(a.Port))
-	}
-	return netip.AddrPort{}
-}
-
-// sockaddr is addrPort's inverse, for bind and connect.
+// sockaddr converts an address for bind and connect.
 func sockaddr(ap netip.AddrPort) (unix.Sockaddr, error) {
 	ip := ap.Addr()
 	if ip.Is4() {

@@ -4,13 +4,12 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // overloads records OnOverload calls.
@@ -155,16 +154,16 @@ func TestOverloadRefuseResetsAtOnce(t *testing.T) {
 
 // failingAccept is an accept4 that fails with err n times before
 // accepting.
-func failingAccept(n int, err error) func(int) (int, unix.Sockaddr, error) {
+func failingAccept(n int, err error) func(int) (int, netip.AddrPort, error) {
 	var mu sync.Mutex
-	return func(fd int) (int, unix.Sockaddr, error) {
+	return func(fd int) (int, netip.AddrPort, error) {
 		mu.Lock()
 		defer mu.Unlock()
 		if n > 0 {
 			n--
-			return -1, nil, err
+			return -1, netip.AddrPort{}, err
 		}
-		return unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		return acceptFD(fd)
 	}
 }
 

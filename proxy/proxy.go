@@ -30,8 +30,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Config is what New needs. Timeouts can change later with SetTimeouts.
@@ -81,7 +79,7 @@ type Config struct {
 	// socket's local address. Default: that address.
 	OrigDst func(local netip.AddrPort) netip.AddrPort
 	// accept4 replaces accept4(2) on a listener's fd (failure injection).
-	accept4 func(fd int) (int, unix.Sockaddr, error)
+	accept4 func(fd int) (int, netip.AddrPort, error)
 }
 
 // Stats are counters since New; all fields are read atomically.
@@ -105,7 +103,7 @@ type Proxy struct {
 	listenHook func(network, addr string) (net.Listener, error)
 	dialHook   func(ctx context.Context, network string, local, remote *net.TCPAddr) (*net.TCPConn, error)
 	origDst    func(netip.AddrPort) netip.AddrPort
-	accept4    func(fd int) (int, unix.Sockaddr, error)
+	accept4    func(fd int) (int, netip.AddrPort, error)
 	rcvbuf     int
 	// nloops is 1 with a test Listen hook (port 0 would give each
 	// listener its own port), else one per CPU.
@@ -198,9 +196,7 @@ func New(cfg Config) (*Proxy, error) {
 		p.origDst = origDst
 	}
 	if p.accept4 == nil {
-		p.accept4 = func(fd int) (int, unix.Sockaddr, error) {
-			return unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
-		}
+		p.accept4 = acceptFD
 	}
 	p.connectTimeout.Store(int64(cfg.ConnectTimeout))
 	p.idleTimeout.Store(int64(cfg.IdleTimeout))
