@@ -51,13 +51,19 @@ func (s *logSink) Write(b []byte) (int, error) {
 // closed waits for n "connection closed" records and returns them.
 func (s *logSink) closed(t *testing.T, n int) []map[string]any {
 	t.Helper()
+	return s.records(t, "connection closed", n)
+}
+
+// records waits for n records with message msg and returns them.
+func (s *logSink) records(t *testing.T, msg string, n int) []map[string]any {
+	t.Helper()
 	deadline := time.NewTimer(ioDeadline)
 	defer deadline.Stop()
 	for {
 		s.mu.Lock()
 		var got []map[string]any
 		for _, r := range s.recs {
-			if r["msg"] == "connection closed" {
+			if r["msg"] == msg {
 				got = append(got, r)
 			}
 		}
@@ -69,7 +75,7 @@ func (s *logSink) closed(t *testing.T, n int) []map[string]any {
 		select {
 		case <-ch:
 		case <-deadline.C:
-			t.Fatalf("got %d connection-closed log records, want %d", len(got), n)
+			t.Fatalf("got %d %q log records, want %d", len(got), msg, n)
 		}
 	}
 }

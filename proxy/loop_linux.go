@@ -28,11 +28,14 @@ type loop struct {
 	done chan struct{} // closed when run returns
 
 	// Only the loop's thread touches these.
-	socks map[int]*sock // by fd
-	conns map[*conn]struct{}
-	again []*conn // to move again after the next wait: their budget ran out
-	buf   []byte
-	pipes []*pipe // spare splice pipes
+	socks    map[int]*sock // by fd
+	conns    map[*conn]struct{}
+	usocks   map[int]*usock // UDP sessions' sockets, by fd
+	sessions map[udpKey]*udpSession
+	batch    *batch  // datagram buffers, once the loop has seen UDP
+	again    []*conn // to move again after the next wait: their budget ran out
+	buf      []byte
+	pipes    []*pipe // spare splice pipes
 	// pipesUsed is p.now() when a pipe was last taken or given back:
 	// spares unused for pipeIdle are closed.
 	pipesUsed time.Duration
@@ -42,7 +45,8 @@ type loop struct {
 // listener is one listening socket, owned by one loop once Serve starts.
 type listener struct {
 	fd       int
-	network  string // "tcp4" or "tcp6"
+	network  string // "tcp4", "tcp6", "udp4" or "udp6"
+	udp      bool
 	addr     net.Addr
 	serving  bool          // in the epoll set
 	pausedAt time.Duration // p.now() until which accepting is paused (out of fds)
@@ -81,6 +85,7 @@ func newLoop(p *Proxy) (*loop, error) {
 	return &loop{
 		p: p, ep: ep, wake: wake, done: make(chan struct{}),
 		socks: map[int]*sock{}, conns: map[*conn]struct{}{},
+		usocks: map[int]*usock{}, sessions: map[udpKey]*udpSession{},
 		buf: make([]byte, bufSize),
 	}, nil
 }
@@ -123,7 +128,7 @@ func (l *loop) run() {
 		switch {
 		case len(l.again) > 0:
 			timeout = 0
-		case len(l.conns) > 0 || len(l.pipes) > 0 || l.paused():
+		case len(l.conns) > 0 || len(l.sessions) > 0 || len(l.pipes) > 0 || l.paused():
 			timeout = int(tickEvery / time.Millisecond)
 		}
 		n, err := unix.EpollWait(l.ep, events, timeout)
@@ -153,9 +158,17 @@ func (l *loop) dispatch(ev unix.EpollEvent) {
 		l.event(s, ev.Events)
 		return
 	}
+	if u, ok := l.usocks[fd]; ok {
+		l.udpEvent(u)
+		return
+	}
 	for _, ln := range l.lns {
 		if ln.fd == fd && ln.serving {
-			l.acceptFrom(ln)
+			if ln.udp {
+				l.udpFrom(ln)
+			} else {
+				l.acceptFrom(ln)
+			}
 			return
 		}
 	}
@@ -216,6 +229,7 @@ func (l *loop) tick(now time.Duration) {
 			}
 		}
 	}
+	l.udpTick(now)
 	if len(l.pipes) > 0 && now-l.pipesUsed >= pipeIdle {
 		for _, pp := range l.pipes {
 			pp.close()
@@ -287,10 +301,13 @@ func (l *loop) closeListeners() {
 	}
 }
 
-// abortAll resets every connection of the loop.
+// abortAll resets every connection of the loop and ends its UDP sessions.
 func (l *loop) abortAll(reason string) {
 	for c := range l.conns {
 		l.abort(c, reason)
+	}
+	for _, s := range l.sessions {
+		l.closeSession(s, reason)
 	}
 }
 

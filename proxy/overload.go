@@ -13,6 +13,7 @@ import (
 // receives it and the log records it.
 type Overload struct {
 	On     bool
+	UDP    bool   // UDP sessions, not TCP connections
 	Reason string // why it started: ReasonLimit, ReasonFDs or ReasonMemory
 	Active int64  // connections open at the change
 	Limit  int64  // the connection count it ends below 90% of
@@ -153,12 +154,20 @@ func isResourceShortage(err error) bool {
 		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
-// watchOverload is the limiter's goroutine: it starts an overload when
-// the count reaches the limit or a resource failed, and ends it once the
+// overloadWatch is what watchOverload watches: TCP connections or UDP
+// sessions.
+type overloadWatch struct {
+	lim    *limiter
+	active *atomic.Int64
+	udp    bool
+}
+
+// watchOverload is a limiter's goroutine: it starts an overload when the
+// count reaches the limit or a resource failed, and ends it once the
 // count is down to lowWater of the limit (of the count at the failure, for
 // a resource failure) and nothing failed for shortageHold.
-func (p *Proxy) watchOverload(stop <-chan struct{}) {
-	l := p.lim
+func (p *Proxy) watchOverload(stop <-chan struct{}, w overloadWatch) {
+	l := w.lim
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var (
@@ -166,6 +175,10 @@ func (p *Proxy) watchOverload(stop <-chan struct{}) {
 		since               time.Duration
 		refused0, failures0 uint64
 	)
+	what, limitKey, mode := "connections", "max_connections", p.overloadMode()
+	if w.udp {
+		what, limitKey, mode = "udp sessions", "max_udp_sessions", "bypass"
+	}
 	for {
 		select {
 		case <-stop:
@@ -177,7 +190,7 @@ func (p *Proxy) watchOverload(stop <-chan struct{}) {
 			}
 		}
 		now := p.now()
-		active := p.active.Load()
+		active := w.active.Load()
 		m := l.max.Load()
 		last := time.Duration(l.lastShortage.Load())
 		shortNow := last != 0 && now-last < shortageHold
@@ -194,12 +207,15 @@ func (p *Proxy) watchOverload(stop <-chan struct{}) {
 			default:
 				continue
 			}
-			cur = Overload{On: true, Reason: reason, Active: active, Limit: limit}
+			cur = Overload{On: true, UDP: w.udp, Reason: reason, Active: active, Limit: limit}
 			since, refused0, failures0 = now, l.refused.Load(), l.failures.Load()
 			l.on.Store(true)
-			p.log.Warn("overload started; new connections are not proxied",
-				"reason", reason, "active", active, "max_connections", m,
-				"overload", p.overloadMode(), "ends_below", int64(float64(limit)*lowWater))
+			if !w.udp {
+				mode = p.overloadMode()
+			}
+			p.log.Warn("overload started; new "+what+" are not proxied",
+				"reason", reason, "active", active, limitKey, m,
+				"overload", mode, "ends_below", int64(float64(limit)*lowWater))
 			p.onOverload(cur)
 			continue
 		}
@@ -211,7 +227,7 @@ func (p *Proxy) watchOverload(stop <-chan struct{}) {
 		}
 		l.on.Store(false)
 		cur.On, cur.Active = false, active
-		p.log.Info("overload ended; proxying new connections again",
+		p.log.Info("overload ended; proxying new "+what+" again",
 			"reason", cur.Reason, "lasted", (now - since).Round(time.Millisecond), "active", active,
 			"refused", l.refused.Load()-refused0, "resource_failures", l.failures.Load()-failures0)
 		p.onOverload(cur)

@@ -16,6 +16,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,6 +56,16 @@ type Config struct {
 	// that raced the switch of the diversion (see OnOverload). SetRefuseOverload
 	// changes it live.
 	RefuseOverload bool
+	// UDPPort is the UDP TPROXY port, on 0.0.0.0 and [::] (0: no UDP).
+	UDPPort uint16
+	// UDPIdleTimeout ends a UDP session with no datagram either way for
+	// this long (0 = 60s). SetUDP changes it live.
+	UDPIdleTimeout time.Duration
+	// MaxUDPSessions is how many UDP sessions the proxy keeps at once
+	// (0 = no limit). At the limit new sessions are not set up (their
+	// datagrams are counted as dropped) and OnOverload is called with
+	// UDP set, so the caller lets new sessions cross the bridge untouched.
+	MaxUDPSessions int
 	// Loops is how many event loops relay connections, each on a thread
 	// of its own with its own listeners (0 = GOMAXPROCS).
 	Loops int
@@ -94,6 +105,16 @@ type Stats struct {
 	// OverloadRefused counts connections reset because the proxy was
 	// overloaded (RefuseOverload, or no fd left to relay them with).
 	OverloadRefused uint64
+
+	UDPSessions      int64  // UDP sessions open now
+	UDPSessionsTotal uint64 // UDP sessions set up since New
+	// UDPPortFallbacks counts sessions whose upstream socket could not
+	// have the client's port (taken on the box) and got another.
+	UDPPortFallbacks uint64
+	UDPOverloaded    bool
+	// UDPDropped counts datagrams the proxy could not relay, by reason
+	// (the Drop* constants); reasons with none are left out.
+	UDPDropped map[string]uint64
 }
 
 // Proxy is a transparent TCP relay. Create it with New.
@@ -134,6 +155,13 @@ type Proxy struct {
 	lim        *limiter
 	onOverload func(Overload)
 
+	udpPort                    uint16
+	udpIdle                    atomic.Int64 // time.Duration
+	udpLim                     *limiter
+	udpActive                  atomic.Int64
+	udpTotal, udpPortFallbacks atomic.Uint64
+	udpDrops                   [len(udpDropReasons)]atomic.Uint64
+
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
 }
@@ -152,6 +180,12 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.ReceiveBuffer < 0 {
 		errs = append(errs, fmt.Errorf("receive buffer: %d is negative", cfg.ReceiveBuffer))
+	}
+	if cfg.UDPIdleTimeout < 0 {
+		errs = append(errs, fmt.Errorf("UDP idle timeout: %v is negative", cfg.UDPIdleTimeout))
+	}
+	if cfg.MaxUDPSessions < 0 {
+		errs = append(errs, fmt.Errorf("max UDP sessions: %d is negative", cfg.MaxUDPSessions))
 	}
 	if cfg.Loops < 0 {
 		errs = append(errs, fmt.Errorf("loops: %d is negative", cfg.Loops))
@@ -178,6 +212,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
 	p.lim = newLimiter(cfg.MaxConns, cfg.RefuseOverload)
+	p.udpLim = newLimiter(cfg.MaxUDPSessions, false)
+	p.udpPort = cfg.UDPPort
+	p.udpIdle.Store(int64(cmp.Or(cfg.UDPIdleTimeout, defaultUDPIdle)))
 	p.onOverload = cfg.OnOverload
 	if p.onOverload == nil {
 		p.onOverload = func(Overload) {}
@@ -237,6 +274,17 @@ func (p *Proxy) Start() error {
 			l.lns = append(l.lns, ln)
 			addrs = append(addrs, ln.addr)
 		}
+		for _, network := range []string{"udp4", "udp6"} {
+			if p.udpPort == 0 {
+				break
+			}
+			fd, err := listenUDP(network, p.udpPort)
+			if err != nil {
+				undo()
+				return fmt.Errorf("opening %s listener: %w", network, err)
+			}
+			l.lns = append(l.lns, &listener{fd: fd, network: network, udp: true})
+		}
 	}
 	p.loops, p.addrs = loops, addrs
 	for _, l := range loops {
@@ -245,7 +293,8 @@ func (p *Proxy) Start() error {
 	p.lim.openReserve()
 	p.stopHK = make(chan struct{})
 	go p.releaseIdle(p.stopHK)
-	go p.watchOverload(p.stopHK)
+	go p.watchOverload(p.stopHK, overloadWatch{lim: p.lim, active: &p.active})
+	go p.watchOverload(p.stopHK, overloadWatch{lim: p.udpLim, active: &p.udpActive, udp: true})
 	p.started = true
 	return nil
 }
@@ -447,7 +496,10 @@ func (p *Proxy) stopLoops() {
 	p.mu.Unlock()
 	p.hookWG.Wait()
 	for _, l := range loops {
-		l.post(func() { l.stop = true })
+		l.post(func() {
+			l.abortAll("shutdown") // only UDP sessions are left
+			l.stop = true
+		})
 		<-l.done
 		l.close()
 	}
@@ -526,7 +578,23 @@ func (p *Proxy) Stats() Stats {
 		BytesDown:       p.down.Load(),
 		Overloaded:      p.lim.on.Load(),
 		OverloadRefused: p.lim.refused.Load(),
+
+		UDPSessions:      p.udpActive.Load(),
+		UDPSessionsTotal: p.udpTotal.Load(),
+		UDPPortFallbacks: p.udpPortFallbacks.Load(),
+		UDPOverloaded:    p.udpLim.on.Load(),
+		UDPDropped:       p.udpDropped(),
 	}
+}
+
+func (p *Proxy) udpDropped() map[string]uint64 {
+	m := map[string]uint64{}
+	for i, r := range udpDropReasons {
+		if n := p.udpDrops[i].Load(); n > 0 {
+			m[r] = n
+		}
+	}
+	return m
 }
 
 // Addrs returns the listeners' addresses (nil before Start).

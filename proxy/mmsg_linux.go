@@ -1,0 +1,110 @@
+package proxy
+
+import (
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// udpBatch is how many datagrams one recvmmsg or sendmmsg moves: small
+// datagrams cost a system call per batch, not per datagram.
+const udpBatch = 16
+
+// udpMaxDatagram is the largest UDP payload (65,535 − 8 header bytes; IPv4
+// leaves 65,507 after its own header). Every buffer holds one whole, so
+// nothing is ever truncated.
+const udpMaxDatagram = 65535
+
+// cmsgSpace fits one IP_ORIGDSTADDR or IPV6_ORIGDSTADDR control message.
+var cmsgSpace = unix.CmsgSpace(unix.SizeofSockaddrInet6)
+
+// mmsghdr is the kernel's struct mmsghdr.
+type mmsghdr struct {
+	hdr unix.Msghdr
+	n   uint32
+	_   [4]byte
+}
+
+// batch is a loop's datagram buffers, allocated when it first sees UDP:
+// udpBatch whole-datagram buffers with their headers, source addresses and
+// control buffers.
+type batch struct {
+	msgs  [udpBatch]mmsghdr
+	iovs  [udpBatch]unix.Iovec
+	names [udpBatch]unix.RawSockaddrAny
+	bufs  [udpBatch][]byte
+	oob   []byte
+}
+
+func newBatch() *batch {
+	b := &batch{oob: make([]byte, udpBatch*cmsgSpace)}
+	for i := range b.bufs {
+		b.bufs[i] = make([]byte, udpMaxDatagram)
+	}
+	return b
+}
+
+// prepare resets the headers for a receive into every buffer; withAddrs
+// also asks for each datagram's source and control messages (the
+// listener's, which need the original destination).
+func (b *batch) prepare(withAddrs bool) {
+	for i := range b.msgs {
+		b.iovs[i] = unix.Iovec{Base: &b.bufs[i][0]}
+		b.iovs[i].SetLen(len(b.bufs[i]))
+		h := &b.msgs[i].hdr
+		*h = unix.Msghdr{Iov: &b.iovs[i], Iovlen: 1}
+		if withAddrs {
+			h.Name = (*byte)(unsafe.Pointer(&b.names[i]))
+			h.Namelen = unix.SizeofSockaddrAny
+			h.Control = &b.oob[i*cmsgSpace]
+			h.SetControllen(cmsgSpace)
+		}
+		b.msgs[i].n = 0
+	}
+}
+
+// recv reads up to udpBatch datagrams from fd (non-blocking).
+func (b *batch) recv(fd int, withAddrs bool) (int, error) {
+	b.prepare(withAddrs)
+	for {
+		n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.msgs[0])), udpBatch, unix.MSG_DONTWAIT, 0, 0)
+		switch errno {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, errno
+	}
+}
+
+// datagram is the i-th datagram received.
+func (b *batch) datagram(i int) []byte { return b.bufs[i][:b.msgs[i].n] }
+
+// truncated reports whether the kernel cut the i-th datagram (never, with
+// whole-datagram buffers; counted if it does).
+func (b *batch) truncated(i int) bool { return b.msgs[i].hdr.Flags&unix.MSG_TRUNC != 0 }
+
+// sendmmsg sends msgs[from:to] on the connected socket fd and returns how
+// many went; EAGAIN means its send buffer is full.
+func (b *batch) send(fd int, from, to int) (int, error) {
+	sent := 0
+	for from+sent < to {
+		for i := from + sent; i < to; i++ {
+			b.iovs[i].SetLen(int(b.msgs[i].n))
+			h := &b.msgs[i].hdr
+			h.Name, h.Namelen, h.Control = nil, 0, nil
+			h.SetControllen(0)
+		}
+		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.msgs[from+sent])), uintptr(to-from-sent), unix.MSG_DONTWAIT, 0, 0)
+		switch errno {
+		case 0:
+			sent += int(n)
+			continue
+		case unix.EINTR:
+			continue
+		}
+		return sent, errno
+	}
+	return sent, nil
+}
