@@ -25,11 +25,6 @@ import (
 // reach the box (the bridge redirects them) and the nft `socket
 // transparent 1` rule marks them for local delivery.
 func connectTransparent(client netip.Addr, remote netip.AddrPort, rcvbuf int) (int, error) {
-	v6 := !remote.Addr().Is4()
-	family := unix.AF_INET
-	if v6 {
-		family = unix.AF_INET6
-	}
 	lsa, err := sockaddr(netip.AddrPortFrom(client, 0))
 	if err != nil {
 		return -1, err
@@ -38,25 +33,18 @@ func connectTransparent(client netip.Addr, remote netip.AddrPort, rcvbuf int) (i
 	if err != nil {
 		return -1, err
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return -1, err
-	}
-	err = func() error {
-		if err := setTransparent(uintptr(fd), v6); err != nil {
-			return err
-		}
-		if err := setAbortOnClose(uintptr(fd)); err != nil {
-			return err
-		}
-		if err := setReceiveBuffer(uintptr(fd), rcvbuf); err != nil {
-			return err
-		}
-		if err := setNoDelay(uintptr(fd)); err != nil {
-			return err
-		}
-		if err := setBindNoPort(uintptr(fd)); err != nil {
-			return err
+	v6 := !remote.Addr().Is4()
+	return newSocket(v6, unix.SOCK_STREAM, func(fd int) error {
+		for _, set := range []func(uintptr) error{
+			func(fd uintptr) error { return setTransparent(fd, v6) },
+			setAbortOnClose,
+			func(fd uintptr) error { return setReceiveBuffer(fd, rcvbuf) },
+			setNoDelay,
+			setBindNoPort,
+		} {
+			if err := set(uintptr(fd)); err != nil {
+				return err
+			}
 		}
 		if err := unix.Bind(fd, lsa); err != nil {
 			return err
@@ -65,12 +53,7 @@ func connectTransparent(client netip.Addr, remote netip.AddrPort, rcvbuf int) (i
 			return err
 		}
 		return nil
-	}()
-	if err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	return fd, nil
+	})
 }
 
 // dialReason condenses a dial error into the log's reason, e.g.

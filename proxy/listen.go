@@ -26,48 +26,31 @@ const listenBacklog = 4096
 // endpoint sent (dead peers end with IdleTimeout).
 func listenTransparent(network string, port uint16, rcvbuf int) (fd int, addr net.Addr, err error) {
 	v6 := network == "tcp6"
-	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(port)})
-	if v6 {
-		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Port: int(port)}
-	}
-	fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return -1, nil, fmt.Errorf("creating socket: %w", err)
-	}
-	opts := func() error {
-		if v6 {
-			if err := setV6Only(uintptr(fd)); err != nil {
+	fd, err = newSocket(v6, unix.SOCK_STREAM, func(fd int) error {
+		for _, set := range []func(uintptr) error{
+			func(fd uintptr) error { return setV6OnlyIf(fd, v6) },
+			func(fd uintptr) error { return setTransparent(fd, v6) },
+			// These three inherited by every accepted socket: no syscall
+			// per connection (and the SYN-ACK's window already obeys
+			// rcvbuf).
+			setAbortOnClose,
+			func(fd uintptr) error { return setReceiveBuffer(fd, rcvbuf) },
+			setNoDelay,
+			setReusePort, // one listener per loop shares the port
+		} {
+			if err := set(uintptr(fd)); err != nil {
 				return err
 			}
 		}
-		if err := setTransparent(uintptr(fd), v6); err != nil {
-			return err
-		}
-		// These three inherited by every accepted socket: no syscall per
-		// connection (and the SYN-ACK's window already obeys rcvbuf).
-		if err := setAbortOnClose(uintptr(fd)); err != nil {
-			return err
-		}
-		if err := setReceiveBuffer(uintptr(fd), rcvbuf); err != nil {
-			return err
-		}
-		if err := setNoDelay(uintptr(fd)); err != nil {
-			return err
-		}
-		// One listener per loop shares the port.
-		if err := setReusePort(uintptr(fd)); err != nil {
-			return err
-		}
-		if err := unix.Bind(fd, sa); err != nil {
+		if err := unix.Bind(fd, anyAddr(v6, port)); err != nil {
 			return fmt.Errorf("binding to port %d: %w", port, err)
 		}
 		if err := unix.Listen(fd, listenBacklog); err != nil {
 			return fmt.Errorf("listen: %w", err)
 		}
 		return nil
-	}
-	if err := opts(); err != nil {
-		unix.Close(fd)
+	})
+	if err != nil {
 		return -1, nil, err
 	}
 	local, err := localAddr(fd)
@@ -76,6 +59,14 @@ func listenTransparent(network string, port uint16, rcvbuf int) (fd int, addr ne
 		return -1, nil, fmt.Errorf("reading the listener's address: %w", err)
 	}
 	return fd, tcpAddr(local), nil
+}
+
+// anyAddr is the wildcard address of the family, on port.
+func anyAddr(v6 bool, port uint16) unix.Sockaddr {
+	if v6 {
+		return &unix.SockaddrInet6{Port: int(port)}
+	}
+	return &unix.SockaddrInet4{Port: int(port)}
 }
 
 // takeFD moves a Go connection's or listener's socket to a plain,

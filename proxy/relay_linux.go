@@ -135,29 +135,20 @@ func (l *loop) move(c *conn, h *half) bool {
 			return true
 		}
 
-		if h.pipe != nil {
-			n, err := spliceIn(h.src.fd, h.pipe)
-			switch {
-			case err == unix.EAGAIN:
-				h.src.readable = false
-				return true
-			case err != nil:
-				l.abort(c, failReason(h.src.name, err))
-				return false
-			case n == 0:
-				h.eof = true
-				continue
-			}
-			c.lastActive = l.p.now()
-			budget -= n
-			if n < pipeSize && !h.src.rdhup {
-				h.src.readable = false // drained; the next edge says when
-			}
-			h.pipe.n = n
-			continue
+		// Bulk splices into the (empty) pipe, small messages read into the
+		// loop's buffer.
+		piped := h.pipe != nil
+		var (
+			n, room int
+			err     error
+		)
+		if piped {
+			n, err = spliceIn(h.src.fd, h.pipe)
+			room = pipeSize
+		} else {
+			n, err = readFD(h.src.fd, l.buf)
+			room = len(l.buf)
 		}
-
-		n, err := readFD(h.src.fd, l.buf)
 		switch {
 		case err == unix.EAGAIN:
 			h.src.readable = false
@@ -171,10 +162,15 @@ func (l *loop) move(c *conn, h *half) bool {
 		}
 		c.lastActive = l.p.now()
 		budget -= n
-		if n == len(l.buf) {
+		if n < room && !h.src.rdhup {
+			h.src.readable = false // drained; the next edge says when
+		}
+		if piped {
+			h.pipe.n = n
+			continue
+		}
+		if n == room {
 			h.pipe = l.getPipe() // nil if none can be had: go on copying
-		} else if !h.src.rdhup {
-			h.src.readable = false
 		}
 		w := 0
 		if h.dst.writable {

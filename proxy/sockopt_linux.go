@@ -7,6 +7,28 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// newSocket opens a non-blocking, close-on-exec socket, TCP or UDP (typ
+// SOCK_STREAM or SOCK_DGRAM), IPv6 if v6, and runs setup on it; if setup
+// fails the socket is closed.
+func newSocket(v6 bool, typ int, setup func(fd int) error) (int, error) {
+	family, proto := unix.AF_INET, unix.IPPROTO_TCP
+	if v6 {
+		family = unix.AF_INET6
+	}
+	if typ == unix.SOCK_DGRAM {
+		proto = unix.IPPROTO_UDP
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, proto)
+	if err != nil {
+		return -1, fmt.Errorf("creating socket: %w", err)
+	}
+	if err := setup(fd); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
 // setTransparent lets a socket bind (listener) or connect from (upstream) an
 // address that is not the box's own: IP_TRANSPARENT for IPv4 sockets,
 // IPV6_TRANSPARENT for IPv6 ones.
@@ -21,6 +43,14 @@ func setTransparent(fd uintptr, v6 bool) error {
 		return fmt.Errorf("setting IP_TRANSPARENT: %w", err)
 	}
 	return nil
+}
+
+// setV6OnlyIf sets IPV6_V6ONLY on an IPv6 socket (v6), nothing otherwise.
+func setV6OnlyIf(fd uintptr, v6 bool) error {
+	if !v6 {
+		return nil
+	}
+	return setV6Only(fd)
 }
 
 // setV6Only keeps the [::] listener from also taking IPv4 connections (they

@@ -89,44 +89,26 @@ func (p *Proxy) SetUDP(idle time.Duration, maxSessions int) {
 // datagram's original destination.
 func listenUDP(network string, port uint16) (int, error) {
 	v6 := network == "udp6"
-	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(port)})
-	if v6 {
-		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Port: int(port)}
-	}
-	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
-	if err != nil {
-		return -1, fmt.Errorf("creating socket: %w", err)
-	}
-	err = func() error {
-		if v6 {
-			if err := setV6Only(uintptr(fd)); err != nil {
+	return newSocket(v6, unix.SOCK_DGRAM, func(fd int) error {
+		for _, set := range []func(uintptr) error{
+			func(fd uintptr) error { return setV6OnlyIf(fd, v6) },
+			func(fd uintptr) error { return setTransparent(fd, v6) },
+			func(fd uintptr) error { return setRecvOrigDst(int(fd), v6) },
+			setReusePort,
+			// Sessions' client-facing sockets bind original
+			// destinations with SO_REUSEADDR; so may the listener's
+			// port (tests).
+			func(fd uintptr) error { return setReuseAddr(int(fd)) },
+		} {
+			if err := set(uintptr(fd)); err != nil {
 				return err
 			}
 		}
-		if err := setTransparent(uintptr(fd), v6); err != nil {
-			return err
-		}
-		if err := setRecvOrigDst(fd, v6); err != nil {
-			return err
-		}
-		if err := setReusePort(uintptr(fd)); err != nil {
-			return err
-		}
-		// Sessions' client-facing sockets bind original destinations
-		// with SO_REUSEADDR; so may the listener's port (tests).
-		if err := setReuseAddr(fd); err != nil {
-			return err
-		}
-		if err := unix.Bind(fd, sa); err != nil {
+		if err := unix.Bind(fd, anyAddr(v6, port)); err != nil {
 			return fmt.Errorf("binding to UDP port %d: %w", port, err)
 		}
 		return nil
-	}()
-	if err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	return fd, nil
+	})
 }
 
 // udpFrom reads a batch of first datagrams from listener lfd and starts or
@@ -230,15 +212,10 @@ func (l *loop) newSession(key udpKey) (*udpSession, error) {
 }
 
 // udpSocket opens a transparent UDP socket bound to local and connected to
-// remote. An upstream socket (keepPort false is never asked) tries local's
-// port first and falls back to one the kernel picks if it is taken, saying
-// whether it kept it.
+// remote. An upstream socket that cannot have local's port (taken on the
+// box by a socket without SO_REUSEADDR) gets one the kernel picks; kept
+// says which.
 func udpSocket(local, remote netip.AddrPort, upstream bool) (fd int, kept bool, err error) {
-	v6 := !remote.Addr().Is4()
-	family := unix.AF_INET
-	if v6 {
-		family = unix.AF_INET6
-	}
 	lsa, err := sockaddr(local)
 	if err != nil {
 		return -1, false, err
@@ -247,11 +224,8 @@ func udpSocket(local, remote netip.AddrPort, upstream bool) (fd int, kept bool, 
 	if err != nil {
 		return -1, false, err
 	}
-	fd, err = unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
-	if err != nil {
-		return -1, false, err
-	}
-	err = func() error {
+	v6 := !remote.Addr().Is4()
+	fd, err = newSocket(v6, unix.SOCK_DGRAM, func(fd int) error {
 		if err := setTransparent(uintptr(fd), v6); err != nil {
 			return err
 		}
@@ -276,12 +250,8 @@ func udpSocket(local, remote netip.AddrPort, upstream bool) (fd int, kept bool, 
 			return fmt.Errorf("connecting to %v: %w", remote, err)
 		}
 		return nil
-	}()
-	if err != nil {
-		unix.Close(fd)
-		return -1, false, err
-	}
-	return fd, kept, nil
+	})
+	return fd, kept, err
 }
 
 // udpEvent relays what one of a session's sockets has queued to the other.
