@@ -126,29 +126,50 @@ func (b *bench) close() error {
 }
 
 // run measures every mode, round after round: first the traffic
-// workloads, then the memory workload. Memory runs last, in rounds of its
+// workloads (TCP, then UDP), then the memory workloads (TCP, then UDP). Memory runs last, in rounds of its
 // own, because closing thousands of proxied connections leaves as many
 // TIME_WAIT sockets in the box for a minute, which would tax whichever
 // traffic workload came next (HAProxy's new-connection rate fell from
 // ~15k to ~1k req/s after it).
 func (b *bench) run(ctx context.Context) error {
-	var proxied []string
+	var proxied, udpProxied []string
 	for _, m := range b.o.modes {
 		if hasProxy(m) {
 			proxied = append(proxied, m)
+			if carriesUDP(m) {
+				udpProxied = append(udpProxied, m)
+			}
+		}
+	}
+	tcpTraffic := b.o.runs(wlIperf1) || b.o.runs(wlIperf4) || b.o.runs(wlHTTPClose) || b.o.runs(wlKeepAlive)
+	udpTraffic := b.o.runs(wlUDP1400) || b.o.runs(wlUDP64)
+	// The UDP workloads run in the traffic rounds, after the TCP ones, in
+	// the modes that carry UDP (not HAProxy's).
+	var trafficModes []string
+	for _, m := range b.o.modes {
+		if tcpTraffic || udpTraffic && carriesUDP(m) {
+			trafficModes = append(trafficModes, m)
 		}
 	}
 	type phase struct {
 		name  string
 		modes []string
+		udp   func(mode string) bool // check the UDP path too
 		fn    func(context.Context, int, string) error
 	}
+	never := func(string) bool { return false }
 	var phases []phase
-	if b.o.runs(wlIperf1) || b.o.runs(wlIperf4) || b.o.runs(wlHTTPClose) || b.o.runs(wlKeepAlive) {
-		phases = append(phases, phase{"traffic", b.o.modes, b.trafficRound})
+	if len(trafficModes) > 0 {
+		phases = append(phases, phase{"traffic", trafficModes, func(m string) bool { return udpTraffic && carriesUDP(m) }, b.trafficRound})
 	}
 	if b.o.conns > 0 && len(proxied) > 0 && b.o.runs(wlMemPer) {
-		phases = append(phases, phase{fmt.Sprintf("memory, %d idle connections", b.o.conns), proxied, b.memoryRound})
+		phases = append(phases, phase{fmt.Sprintf("memory, %d idle connections", b.o.conns), proxied, never, b.memoryRound})
+	}
+	// UDP sessions leave nothing behind in the box (no TIME_WAIT): their
+	// rounds could go anywhere; they go last, with a fresh proxy each.
+	if b.o.udpSessions > 0 && len(udpProxied) > 0 && b.o.runs(wlUDPMemPer) {
+		phases = append(phases, phase{fmt.Sprintf("UDP memory, %d idle sessions", b.o.udpSessions), udpProxied,
+			func(string) bool { return true }, b.measureUDPMemory})
 	}
 	for _, ph := range phases {
 		for round := 1; round <= b.o.rounds; round++ {
@@ -157,7 +178,7 @@ func (b *bench) run(ctx context.Context) error {
 					return err
 				}
 				fmt.Fprintf(os.Stderr, "\n== %s: round %d/%d: %s (load %s)\n", ph.name, round, b.o.rounds, mode, loadAvg())
-				if err := b.inMode(ctx, mode, func() error { return ph.fn(ctx, round, mode) }); err != nil {
+				if err := b.inMode(ctx, mode, ph.udp(mode), func() error { return ph.fn(ctx, round, mode) }); err != nil {
 					if ctx.Err() != nil {
 						return ctx.Err()
 					}
@@ -177,9 +198,9 @@ func (b *bench) run(ctx context.Context) error {
 	return nil
 }
 
-// inMode sets mode up, checks the path really is what mode claims, runs fn
-// and stops the mode's proxy.
-func (b *bench) inMode(ctx context.Context, mode string, fn func() error) (err error) {
+// inMode sets mode up, checks the path really is what mode claims (for
+// UDP too if udp), runs fn and stops the mode's proxy.
+func (b *bench) inMode(ctx context.Context, mode string, udp bool, fn func() error) (err error) {
 	defer func() {
 		if serr := b.stopProxy(); serr != nil {
 			err = errors.Join(err, serr)
@@ -190,6 +211,11 @@ func (b *bench) inMode(ctx context.Context, mode string, fn func() error) (err e
 	}
 	if err := b.checkPath(ctx, mode); err != nil {
 		return err
+	}
+	if udp {
+		if err := b.checkUDPPath(ctx, mode); err != nil {
+			return err
+		}
 	}
 	return fn()
 }
@@ -210,11 +236,13 @@ func (b *bench) trafficRound(ctx context.Context, round int, mode string) error 
 		{wlIperf4, func() error { return b.measureIperf(ctx, round, mode, 4, wlIperf4, wlIperf4CPU) }},
 		{wlHTTPClose, func() error { return b.measureWrk(ctx, round, mode, true) }},
 		{wlKeepAlive, func() error { return b.measureWrk(ctx, round, mode, false) }},
+		{wlUDP1400, func() error { return b.measureIperfUDP(ctx, round, mode) }},
+		{wlUDP64, func() error { return b.measureUDPFlood(ctx, round, mode) }},
 	} {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if !b.o.runs(w.key) {
+		if !b.o.runs(w.key) || isUDPWorkload(w.key) && !carriesUDP(mode) {
 			continue
 		}
 		measure := w.measure

@@ -3,10 +3,15 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
+	"maps"
 	"math"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseIperf3(t *testing.T) {
@@ -138,6 +143,7 @@ func TestCPUPerWork(t *testing.T) {
 		ok        bool
 	}{
 		{2, 4 << 30, unitCPUPerGiB, 0.5, true}, // 2 s over 4 GiB
+		{3, 2e6, unitCPUPerM, 1.5, true},       // 3 s over 2 million datagrams
 		{3, 60000, unitCPUPer10k, 0.5, true},   // 3 s over 60k requests
 		{0, 60000, unitCPUPer10k, 0, true},     // the sockmap offload can cost the process nothing
 		{1, 0, unitCPUPer10k, 0, false},        // nothing done
@@ -153,7 +159,7 @@ func TestCPUPerWork(t *testing.T) {
 
 func TestFmtVal(t *testing.T) {
 	for v, want := range map[float64]string{
-		0: "0", 0.0004: "<0.001", 0.0123: "0.012", 0.5: "0.50", 12.34: "12.3", 123.4: "123", 41800: "41.8k",
+		0: "0", 0.0004: "<0.001", 0.0123: "0.012", 0.5: "0.50", 12.34: "12.3", 123.4: "123", 41800: "41.8k", 1234567: "1.23M",
 	} {
 		if got := fmtVal(v); got != want {
 			t.Errorf("fmtVal(%v) = %q, want %q", v, got, want)
@@ -270,6 +276,9 @@ func TestCompareAndTargets(t *testing.T) {
 		"http-close haproxy":      "PASS", // 10000/9500 = 1.05 >= 1.0
 		"http-keepalive haproxy":  "MISS", // 40000/50000 = 0.8 < 1.0
 		"rss-per-conn absolute":   "PASS", // 4.5 <= 4.5
+		"udp-1400 plain":          "n/a",  // not run
+		"udp-64 plain":            "n/a",
+		"udp-rss absolute":        "n/a",
 	}
 	if len(res) != len(want) {
 		t.Errorf("targets %v, want %v", res, want)
@@ -423,5 +432,228 @@ func TestFitConns(t *testing.T) {
 	}
 	if strings.Contains(haproxyConfig(false, 2000), "splice") {
 		t.Error("plain haproxy config splices")
+	}
+}
+
+// iperf3 3.12's end section of a UDP client run (-u -b 0 -l 1400 -J).
+const iperfUDPOut = `{"start":{},"intervals":[{"sum":{"bytes":397376000,"packets":283840,"omitted":false,"sender":true}}],
+"end":{"sum":{"bytes":397376000,"bits_per_second":3178925347.94,"lost_packets":6798,"packets":283840,"lost_percent":2.395011273957159,"sender":true},
+"sum_sent":{"bytes":397376000,"bits_per_second":3178925347.94,"lost_packets":0,"packets":283840,"lost_percent":0,"sender":true},
+"sum_received":{"bytes":387858800,"bits_per_second":3102619087.85,"lost_packets":6798,"packets":283840,"lost_percent":2.395011273957159,"sender":false}}}`
+
+func TestParseIperf3UDP(t *testing.T) {
+	r, err := parseIperf3UDP([]byte(iperfUDPOut))
+	if err != nil {
+		t.Fatal(err)
+	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-6 }
+	if !near(r.Gbps, 3.10261908785) || !near(r.LossPct, 2.395011273957159) || r.Bytes != 387858800 ||
+		r.Packets != 283840 || !near(r.SentGbps, 3.17892534794) {
+		t.Errorf("got %+v", r)
+	}
+	// nothing arrived: the path is broken
+	none := `{"end":{"sum_sent":{"bytes":1000,"bits_per_second":8000,"packets":10},
+		"sum_received":{"bytes":0,"bits_per_second":0,"packets":10,"lost_percent":100}}}`
+	if _, err := parseIperf3UDP([]byte(none)); err == nil || !strings.Contains(err.Error(), "received nothing") {
+		t.Errorf("a run with nothing received: %v", err)
+	}
+	if _, err := parseIperf3UDP([]byte(`{"end":{"sum":{"bytes":1}}}`)); err == nil {
+		t.Error("no sum_received accepted")
+	}
+	if _, err := parseIperf3UDP([]byte(`{"error":"unable to connect to server"}`)); err == nil ||
+		!strings.Contains(err.Error(), "unable to connect") {
+		t.Errorf("iperf3 error field not reported: %v", err)
+	}
+}
+
+func TestUDPHelperOutput(t *testing.T) {
+	var s sinkResult
+	if err := lastJSONLine([]byte("listening\n{\"datagrams\":900,\"bytes\":57600}\n"), &s); err != nil ||
+		s != (sinkResult{Datagrams: 900, Bytes: 57600}) {
+		t.Errorf("sink: %+v, %v", s, err)
+	}
+	if err := lastJSONLine([]byte("listening\n"), &s); err == nil {
+		t.Error("no JSON line accepted")
+	}
+	var f floodResult
+	if err := lastJSONLine([]byte(`{"sent":1000,"seconds":2,"flows":8,"size":64,"errors":1,"first_error":"connection refused"}`), &f); err != nil ||
+		f.Sent != 1000 || f.Seconds != 2 || f.Flows != 8 || f.Errors != 1 {
+		t.Errorf("flood: %+v, %v", f, err)
+	}
+	perSec, loss, err := udpDelivery(f, s)
+	if err != nil || perSec != 450 || math.Abs(loss-10) > 1e-9 {
+		t.Errorf("delivery: %v/s, %v%%, %v; want 450/s, 10%%", perSec, loss, err)
+	}
+	// a datagram counted twice can't make loss negative
+	if _, loss, _ := udpDelivery(floodResult{Sent: 10, Seconds: 1}, sinkResult{Datagrams: 11}); loss != 0 {
+		t.Errorf("loss %v, want 0", loss)
+	}
+	if _, _, err := udpDelivery(f, sinkResult{}); err == nil || !strings.Contains(err.Error(), "broken") {
+		t.Errorf("nothing delivered: %v", err)
+	}
+	if _, _, err := udpDelivery(floodResult{}, s); err == nil {
+		t.Error("nothing sent accepted")
+	}
+}
+
+func TestTTLFromCmsg(t *testing.T) {
+	oob := make([]byte, unix.CmsgSpace(4))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = unix.SOL_IP, unix.IP_TTL
+	h.SetLen(unix.CmsgLen(4))
+	binary.NativeEndian.PutUint32(oob[unix.CmsgLen(0):], 63)
+	if ttl, ok := ttlFromCmsg(oob); !ok || ttl != 63 {
+		t.Errorf("TTL: %d, %v", ttl, ok)
+	}
+	if _, ok := ttlFromCmsg(nil); ok {
+		t.Error("TTL without control messages")
+	}
+}
+
+// lab.Appliance's config, as it writes it.
+const labConfig = `bridge:
+  name: gwbr
+  client_nic: gwc
+  server_nic: gws
+  addresses: [192.0.2.254/24, "2001:db8::fe/64"]
+intercept:
+  tcp_ports: [80, 5201]
+proxy:
+  tcp_port: 9876
+  connect_timeout: 2s
+  idle_timeout: 1m
+  shutdown_grace: 10s
+state_file: /tmp/x/state.json
+log:
+  level: warn
+`
+
+func TestSetYAMLKeys(t *testing.T) {
+	keys := []yamlKey{
+		{"intercept", "udp_ports", "[5201]", "tcp_ports"},
+		{"proxy", "udp_port", "9877", "tcp_port"},
+	}
+	got, err := setYAMLKeys(labConfig, keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"intercept:\n  tcp_ports: [80, 5201]\n  udp_ports: [5201]\nproxy:\n",
+		"proxy:\n  tcp_port: 9876\n  udp_port: 9877\n  connect_timeout: 2s\n", "log:\n  level: warn\n"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("config lacks %q:\n%s", want, got)
+		}
+	}
+	// already there (a lab that writes them itself): replaced, not doubled
+	again, err := setYAMLKeys(strings.Replace(got, "udp_ports: [5201]", "udp_ports: [53]", 1), keys)
+	if err != nil || again != got {
+		t.Errorf("replacing: %v\n%s", err, again)
+	}
+	// tcp_port must not match tcp_ports, nor a key of another section
+	if _, err := setYAMLKeys("proxy:\n  tcp_ports: [1]\n", keys[1:]); err == nil {
+		t.Error("tcp_ports taken for tcp_port")
+	}
+	if _, err := setYAMLKeys("intercept:\n  x: 1\nother:\n  tcp_ports: [1]\n", keys[:1]); err == nil {
+		t.Error("a key of another section taken")
+	}
+}
+
+func TestFitUDPSessions(t *testing.T) {
+	for limit, want := range map[uint64]int{20000: 9000, 22000: 10000, 1024: 0, 4000: 1000} {
+		if got := fitUDPSessions(limit); got != want {
+			t.Errorf("fitUDPSessions(%d) = %d, want %d", limit, got, want)
+		}
+	}
+	for _, k := range []string{wlUDP1400, wlUDP64, wlUDPMemPer} {
+		if !contains(workloadKeys, k) || !isUDPWorkload(k) {
+			t.Errorf("%s is not a UDP workload -workloads accepts", k)
+		}
+	}
+	if isUDPWorkload(wlIperf1) || carriesUDP(modeHAProxy) || carriesUDP(modeHAProxySplice) ||
+		!carriesUDP(modePlain) || !carriesUDP(modeDivert) || !carriesUDP(modeGhostwire) {
+		t.Error("UDP modes or workloads")
+	}
+}
+
+func TestUDPReportAndTargets(t *testing.T) {
+	s := samplesFor(wlUDP1400, map[string][]float64{modePlain: {5}, modeDivert: {4}, modeGhostwire: {3.5}})
+	s = append(s, samplesFor(wlUDP1400Loss, map[string][]float64{modePlain: {2}, modeDivert: {0}, modeGhostwire: {10}})...)
+	s = append(s, samplesFor(wlUDP1400CPU, map[string][]float64{modeGhostwire: {1.2}})...)
+	s = append(s, samplesFor(wlUDP64, map[string][]float64{modePlain: {1.2e6}, modeDivert: {800000}, modeGhostwire: {500000}})...)
+	s = append(s, samplesFor(wlUDP64CPU, map[string][]float64{modeGhostwire: {0.8}})...)
+	s = append(s, samplesFor(wlUDPMemPer, map[string][]float64{modeGhostwire: {1.5}})...)
+	got := map[string]string{}
+	for _, tg := range evaluate(issueTargets, compare(summaries(s))) {
+		if isUDPWorkload(tg.Workload) {
+			got[tg.Workload] = map[bool]string{true: "PASS", false: "MISS"}[tg.Pass]
+			if !tg.Measured {
+				got[tg.Workload] = "n/a"
+			}
+		}
+	}
+	// 3.5/5 = 0.7 >= 0.6; 500k/1.2M = 0.42 < 0.5; 1.5 <= 2
+	if want := map[string]string{wlUDP1400: "PASS", wlUDP64: "MISS", wlUDPMemPer: "PASS"}; !maps.Equal(got, want) {
+		t.Errorf("UDP targets %v, want %v", got, want)
+	}
+
+	var buf bytes.Buffer
+	writeReport(&buf, s, allModes)
+	out := buf.String()
+	table, ratios, _ := strings.Cut(out, "\nghostwire ")
+	for _, want := range []string{"1.20M", "dgram/s", "s/M dgram", ">= 0.6× plain", ">= 0.5× plain", "<= 2 KiB"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+	// HAProxy cannot carry UDP: its columns are n/a in every UDP row; the
+	// proxy CPU and memory rows are n/a for plain and divert too
+	rows := 0
+	for _, l := range strings.Split(table, "\n") {
+		f := strings.Fields(l)
+		switch {
+		case strings.HasPrefix(l, "UDP 1400 B"), strings.HasPrefix(l, "UDP 64 B"):
+			rows++
+			if len(f) != 10 || f[7] == "n/a" || f[8] != "n/a" || f[9] != "n/a" {
+				t.Errorf("traffic row %q", l)
+			}
+		case strings.HasPrefix(l, "RSS per idle UDP session"):
+			rows++
+			if len(f) != 11 || f[6] != "n/a" || f[7] != "n/a" || f[8] != "1.50" || f[9] != "n/a" || f[10] != "n/a" {
+				t.Errorf("memory row %q", l)
+			}
+		case strings.HasPrefix(l, "  loss"):
+			rows++
+			if len(f) != 7 || f[5] != "n/a" || f[6] != "n/a" {
+				t.Errorf("loss row %q", l)
+			}
+		}
+	}
+	if rows != 4 {
+		t.Errorf("%d UDP rows in the table, want 4:\n%s", rows, table)
+	}
+	ratioRows := strings.Split(ratios, "\n")
+	found := 0
+	for _, l := range ratioRows {
+		f := strings.Fields(l)
+		switch {
+		case strings.HasPrefix(l, "UDP 1400 B"):
+			found++
+			// 3.5/5, 3.5/4, no HAProxy
+			if f[4] != "0.70" || f[5] != "0.88" || f[6] != "n/a" || !strings.HasSuffix(l, "PASS") {
+				t.Errorf("udp-1400 ratios %q", l)
+			}
+		case strings.HasPrefix(l, "UDP 64 B"):
+			found++
+			if f[4] != "0.42" || f[5] != "0.62" || f[6] != "n/a" || !strings.HasSuffix(l, "MISS") {
+				t.Errorf("udp-64 ratios %q", l)
+			}
+		case strings.HasPrefix(l, "RSS per idle UDP session"):
+			found++
+			if f[5] != "-" || f[6] != "-" || f[7] != "n/a" || f[len(f)-1] != "PASS" {
+				t.Errorf("udp-rss ratios %q", l)
+			}
+		}
+	}
+	if found != 3 {
+		t.Errorf("UDP ratio rows: %d of 3:\n%s", found, out)
 	}
 }

@@ -1,6 +1,7 @@
 // Command bench measures ghostwire against plain bridging and HAProxy in
 // one lab, modes interleaved round by round, and prints a table plus a JSON
-// file with every figure, ghostwire's ratios and issue 11's targets.
+// file with every figure, ghostwire's ratios and issues 11's and 12's
+// targets.
 //
 //	go run ./cmd/bench -ghostwire bin/ghostwire [-quick] [-rounds N] [-json FILE]
 //
@@ -37,6 +38,10 @@ type options struct {
 	wrkDur    time.Duration
 	keep      bool     // keep going after a failed measurement
 	only      []string // workload keys to run; empty: all
+
+	udpDur      time.Duration // udp-1400 and udp-64 run length
+	udpFlows    int           // udp-64's flows
+	udpSessions int           // udp-rss's idle sessions (0 skips it)
 }
 
 func (o options) runs(key string) bool { return len(o.only) == 0 || contains(o.only, key) }
@@ -47,34 +52,55 @@ func main() {
 		modes     string
 		only      string
 		serveAddr string
+		floodAddr string
+		sinkAddr  string
+		echoAddr  string
+		udpSize   int
 	)
 	flag.StringVar(&o.ghostwire, "ghostwire", "bin/ghostwire", "ghostwire binary: it provisions the box for every mode and is the ghostwire mode's proxy")
 	flag.BoolVar(&o.quick, "quick", false, "one round with short runs (~1 minute), for development")
 	flag.IntVar(&o.rounds, "rounds", 0, "rounds of all modes (default 3, or 1 with -quick)")
 	flag.StringVar(&o.jsonOut, "json", "bin/bench-results.json", "write every sample, the summary and the targets here as JSON")
 	flag.StringVar(&modes, "modes", strings.Join(allModes, ","), "modes to run, in round order")
-	flag.StringVar(&only, "workloads", "", "comma-separated workloads to run (iperf3-1, iperf3-4, http-close, http-keepalive, rss-per-conn; default all)")
+	flag.StringVar(&only, "workloads", "", "comma-separated workloads to run ("+strings.Join(workloadKeys, ", ")+"; default all)")
 	flag.IntVar(&o.conns, "conns", 10000, "idle proxied connections for the memory workload (0 skips it)")
 	flag.DurationVar(&o.iperfDur, "iperf-time", 0, "iperf3 run length (default 10s, or 2s with -quick)")
 	flag.DurationVar(&o.wrkDur, "wrk-time", 0, "wrk run length (default 10s, or 2s with -quick)")
 	flag.BoolVar(&o.keep, "keep-going", true, "record a failed measurement and carry on instead of stopping")
+	flag.DurationVar(&o.udpDur, "udp-time", 0, "udp-1400 and udp-64 run length (default 10s, or 2s with -quick)")
+	flag.IntVar(&o.udpFlows, "udp-flows", 8, "udp-64's flows (client sockets, one session each)")
+	flag.IntVar(&o.udpSessions, "udp-sessions", 10000, "idle UDP sessions for udp-rss (0 skips it)")
 	flag.StringVar(&serveAddr, "serve-http", "", "internal: run the bench's HTTP server on ADDR (the bench starts it in the server namespace)")
+	flag.StringVar(&floodAddr, "udp-flood", "", "internal: send -udp-size datagrams to ADDR from -udp-flows sockets for -udp-time (client namespace)")
+	flag.StringVar(&sinkAddr, "udp-sink", "", "internal: count the datagrams arriving on ADDR until SIGTERM (server namespace)")
+	flag.StringVar(&echoAddr, "udp-echo", "", "internal: echo every datagram arriving on ADDR (server namespace)")
+	flag.IntVar(&udpSize, "udp-size", udpSmallSize, "internal: -udp-flood's datagram size")
 	flag.Parse()
 
-	if serveAddr != "" {
-		if err := serveHTTP(serveAddr); err != nil {
+	helper := func(err error) {
+		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
-		return
+		os.Exit(0)
+	}
+	switch {
+	case serveAddr != "":
+		helper(serveHTTP(serveAddr))
+	case floodAddr != "":
+		helper(runUDPFlood(floodAddr, o.udpFlows, udpSize, o.udpDur))
+	case sinkAddr != "":
+		helper(runUDPSink(sinkAddr))
+	case echoAddr != "":
+		helper(runUDPEcho(echoAddr))
 	}
 
 	o.modes = strings.Split(modes, ",")
 	if only != "" {
 		o.only = strings.Split(only, ",")
 		for _, w := range o.only {
-			if !contains([]string{wlIperf1, wlIperf4, wlHTTPClose, wlKeepAlive, wlMemPer}, w) {
-				fatalf("unknown workload %q", w)
+			if !contains(workloadKeys, w) {
+				fatalf("unknown workload %q (workloads: %s)", w, strings.Join(workloadKeys, ", "))
 			}
 		}
 	}
@@ -98,6 +124,12 @@ func main() {
 	}
 	if o.wrkDur == 0 {
 		o.wrkDur = def
+	}
+	if o.udpDur == 0 {
+		o.udpDur = def
+	}
+	if o.udpFlows < 1 {
+		fatalf("-udp-flows must be at least 1")
 	}
 	if err := run(o); err != nil {
 		fatalf("%v", err)
@@ -143,7 +175,7 @@ func run(o options) error {
 	// 10,000 in this process; children (proxies, servers) inherit this.
 	// Raising the hard limit takes CAP_SYS_RESOURCE: without it, measure
 	// as many connections as fit and say so.
-	limit, err := raiseNoFile(uint64(2*o.conns + 4000))
+	limit, err := raiseNoFile(uint64(max(2*o.conns+4000, 2*o.udpSessions+udpFDHeadroom)))
 	if err != nil {
 		return err
 	}
@@ -152,6 +184,12 @@ func run(o options) error {
 			" measuring memory with %d idle connections instead of %d (a proxy needs 2 descriptors per connection)\n",
 			limit, fit, o.conns)
 		o.conns = fit
+	}
+	if fit := fitUDPSessions(limit); o.udpSessions > fit {
+		fmt.Fprintf(os.Stderr, "bench: the open-files hard limit is %d and cannot be raised here (no CAP_SYS_RESOURCE):"+
+			" measuring UDP memory with %d idle sessions instead of %d (a session is 2 descriptors in the proxy)\n",
+			limit, fit, o.udpSessions)
+		o.udpSessions = fit
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
@@ -169,8 +207,8 @@ func run(o options) error {
 
 	if len(b.samples) > 0 {
 		fmt.Println()
-		fmt.Printf("ghostwire bench: %d round(s), iperf3 %v, wrk %v, %d idle conns, kernel %s, %d CPUs\n",
-			o.rounds, o.iperfDur, o.wrkDur, o.conns, kernelRelease(), runtime.NumCPU())
+		fmt.Printf("ghostwire bench: %d round(s), iperf3 %v, wrk %v, UDP %v, %d idle conns, %d idle UDP sessions, kernel %s, %d CPUs\n",
+			o.rounds, o.iperfDur, o.wrkDur, o.udpDur, o.conns, o.udpSessions, kernelRelease(), runtime.NumCPU())
 		writeReport(os.Stdout, b.samples, o.modes)
 		if err := writeJSON(o, b); err != nil {
 			runErr = errors.Join(runErr, err)
@@ -257,6 +295,20 @@ func fitConns(limit uint64) int {
 	return int((limit-4000)/2) / 1000 * 1000
 }
 
+// udpFDHeadroom is what udp-rss leaves of the open-files limit besides two
+// descriptors per session: the warm-up sessions, listeners, the runtime.
+const udpFDHeadroom = 2000
+
+// fitUDPSessions is how many idle UDP sessions fit in an open-files limit:
+// two descriptors each in the proxy, udpFDHeadroom for the rest, rounded
+// down to a thousand (the bench's own client sockets are one each).
+func fitUDPSessions(limit uint64) int {
+	if limit < 2*udpFDHeadroom {
+		return 0
+	}
+	return int((limit-udpFDHeadroom)/2) / 1000 * 1000
+}
+
 func kernelRelease() string {
 	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
 	if err != nil {
@@ -276,6 +328,9 @@ func writeJSON(o options, b *bench) error {
 		"iperf_time_s": o.iperfDur.Seconds(),
 		"wrk_time_s":   o.wrkDur.Seconds(),
 		"idle_conns":   o.conns,
+		"udp_time_s":   o.udpDur.Seconds(),
+		"udp_flows":    o.udpFlows,
+		"udp_sessions": o.udpSessions,
 		"kernel":       kernelRelease(),
 		"cpus":         runtime.NumCPU(),
 		"tools":        b.versions,

@@ -37,6 +37,10 @@ import (
 //   - haproxy, haproxy-splice: `ghostwire apply` (the static diversion),
 //     then HAProxy listens transparently on the proxy port, so it gets
 //     exactly the flows the ghostwire proxy would.
+//
+// UDP (5201/udp intercepted) runs in plain, divert and ghostwire only:
+// HAProxy has no transparent UDP proxy. checkUDPPath proves those modes
+// for UDP as checkPath does for TCP.
 
 // gwExtraYAML is appended to lab.Appliance's config: the proxy logs only
 // warnings, so that per-connection log lines do not cost it CPU.
@@ -50,8 +54,15 @@ const gwExtraYAML = "log:\n  level: warn\n"
 // is below them. lab.Appliance writes the proxy section itself, so the
 // limit goes in by ghostwire's environment override of the config key,
 // which every ghostwire command the bench runs inherits.
+//
+// The UDP session limit goes in the same way (udp-rss's sessions and a
+// few hundred), and the UDP keys into lab.Appliance's config file: it
+// intercepts 5201/udp (intercept.udp_ports) on proxy.udp_port 9877.
 func (b *bench) provision(ctx context.Context) error {
 	if err := os.Setenv("GHOSTWIRE_PROXY_MAX_CONNECTIONS", fmt.Sprint(b.maxConns())); err != nil {
+		return err
+	}
+	if err := os.Setenv("GHOSTWIRE_PROXY_MAX_UDP_SESSIONS", fmt.Sprint(b.maxUDPSessions())); err != nil {
 		return err
 	}
 	gw, err := lab.NewAppliance(b.lab, b.o.ghostwire, b.dir, []int{httpPort, iperfPort}, gwExtraYAML)
@@ -59,7 +70,60 @@ func (b *bench) provision(ctx context.Context) error {
 		return fmt.Errorf("writing the ghostwire config: %w", err)
 	}
 	b.gw = gw
+	cfg, err := os.ReadFile(gw.Config)
+	if err != nil {
+		return err
+	}
+	withUDP, err := setYAMLKeys(string(cfg), []yamlKey{
+		{"intercept", "udp_ports", fmt.Sprintf("[%d]", udpPort), "tcp_ports"},
+		{"proxy", "udp_port", fmt.Sprint(udpProxyPort), "tcp_port"},
+	})
+	if err != nil {
+		return fmt.Errorf("adding the UDP keys to %s: %w", gw.Config, err)
+	}
+	if err := os.WriteFile(gw.Config, []byte(withUDP), 0o644); err != nil {
+		return err
+	}
 	return b.apply(ctx)
+}
+
+// yamlKey is one key to set in a two-level YAML config: section.key =
+// value, on a line of its own after the line of section.after if absent.
+type yamlKey struct{ section, key, value, after string }
+
+// setYAMLKeys sets keys in a config written like lab.Appliance's (top-level
+// sections, two-space indented keys, one per line): it replaces a key's
+// line or inserts one after its section's `after` key.
+func setYAMLKeys(cfg string, keys []yamlKey) (string, error) {
+	lines := strings.Split(cfg, "\n")
+	for _, k := range keys {
+		section, at, anchor := "", -1, -1
+		for i, l := range lines {
+			if l != "" && !strings.HasPrefix(l, " ") && !strings.HasPrefix(l, "#") {
+				section, _, _ = strings.Cut(l, ":")
+				continue
+			}
+			if section != k.section {
+				continue
+			}
+			switch {
+			case strings.HasPrefix(l, "  "+k.key+":"):
+				at = i
+			case strings.HasPrefix(l, "  "+k.after+":"):
+				anchor = i
+			}
+		}
+		line := fmt.Sprintf("  %s: %s", k.key, k.value)
+		switch {
+		case at >= 0:
+			lines[at] = line
+		case anchor >= 0:
+			lines = append(lines[:anchor+1], append([]string{line}, lines[anchor+1:]...)...)
+		default:
+			return "", fmt.Errorf("no %s.%s line to put %s.%s after", k.section, k.after, k.section, k.key)
+		}
+	}
+	return strings.Join(lines, "\n"), nil
 }
 
 // apply is `ghostwire apply`: the bridge, sysctls, policy routing and the
@@ -189,6 +253,10 @@ func (b *bench) stopProxy() error {
 // maxConns is both proxies' connection limit: the memory workload's
 // connections plus a few.
 func (b *bench) maxConns() int { return max(b.o.conns+200, 2000) }
+
+// maxUDPSessions is ghostwire's UDP session limit: udp-rss's sessions, its
+// warm-up and a few more (the path checks' and traffic workloads').
+func (b *bench) maxUDPSessions() int { return max(b.o.udpSessions+udpWarmup+200, 2000) }
 
 // haproxyConfig is HAProxy forwarding every diverted connection to its
 // original destination from the client's address (docs/kernel.md#reference-numbers).

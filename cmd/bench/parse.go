@@ -199,3 +199,97 @@ func parseSnmpForwarding(snmp []byte) (on bool, forwarded int64, err error) {
 	}
 	return false, 0, errors.New("snmp: no Ip lines")
 }
+
+// iperfUDPResult is what one iperf3 -u -J client run measured, on the
+// receiver's side (the server's figures, which the client's JSON carries
+// in end.sum_received).
+type iperfUDPResult struct {
+	Gbps     float64 // delivered
+	LossPct  float64 // datagrams the receiver found missing, of those sent
+	Bytes    int64   // delivered bytes: the work the proxy's CPU is divided by
+	Packets  int64   // datagrams the receiver expected (sent)
+	SentGbps float64 // the sender's rate, for the note
+}
+
+// parseIperf3UDP reads iperf3 -u -J output (3.12: end.sum_sent and
+// end.sum_received, the latter from the server). A run in which nothing
+// arrived is an error: the path is broken, not slow.
+func parseIperf3UDP(out []byte) (iperfUDPResult, error) {
+	type sum struct {
+		Bytes         float64 `json:"bytes"`
+		BitsPerSecond float64 `json:"bits_per_second"`
+		Packets       int64   `json:"packets"`
+		LostPercent   float64 `json:"lost_percent"`
+	}
+	var doc struct {
+		Error string `json:"error"`
+		End   struct {
+			SumSent     *sum `json:"sum_sent"`
+			SumReceived *sum `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		return iperfUDPResult{}, fmt.Errorf("parsing iperf3 JSON: %w", err)
+	}
+	if doc.Error != "" {
+		return iperfUDPResult{}, fmt.Errorf("iperf3: %s", doc.Error)
+	}
+	rcv := doc.End.SumReceived
+	if rcv == nil {
+		return iperfUDPResult{}, errors.New("iperf3 JSON has no end.sum_received (iperf3 older than 3.10?)")
+	}
+	if rcv.BitsPerSecond <= 0 || rcv.Bytes <= 0 {
+		return iperfUDPResult{}, fmt.Errorf("iperf3: the server received nothing (%d datagrams sent): the path is broken, not slow", rcv.Packets)
+	}
+	r := iperfUDPResult{Gbps: rcv.BitsPerSecond / 1e9, LossPct: rcv.LostPercent, Bytes: int64(rcv.Bytes), Packets: rcv.Packets}
+	if s := doc.End.SumSent; s != nil {
+		r.SentGbps = s.BitsPerSecond / 1e9
+	}
+	return r, nil
+}
+
+// floodResult is what the bench's UDP load generator (-udp-flood) reports
+// on stdout when its time is up.
+type floodResult struct {
+	Sent       int64   `json:"sent"`    // datagrams the kernel accepted
+	Seconds    float64 `json:"seconds"` // how long it sent
+	Flows      int     `json:"flows"`
+	Size       int     `json:"size"`
+	Errors     int64   `json:"errors"` // failed sendmmsg calls (ECONNREFUSED after an ICMP error, ENOBUFS)
+	FirstError string  `json:"first_error,omitempty"`
+}
+
+// sinkResult is what the bench's UDP sink (-udp-sink) reports on stdout
+// when it is stopped.
+type sinkResult struct {
+	Datagrams int64 `json:"datagrams"`
+	Bytes     int64 `json:"bytes"`
+}
+
+// lastJSONLine unmarshals the last line of out that is a JSON object into
+// v: the helpers print "listening" when ready and their figures last.
+func lastJSONLine(out []byte, v any) error {
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		l := strings.TrimSpace(lines[i])
+		if strings.HasPrefix(l, "{") {
+			return json.Unmarshal([]byte(l), v)
+		}
+	}
+	return fmt.Errorf("no JSON line in %q", tail(out, 200))
+}
+
+// udpDelivery is the udp-64 figures from what the flood sent and the sink
+// counted: datagrams delivered per second of sending, and the loss in
+// percent of what was sent (never negative).
+func udpDelivery(f floodResult, s sinkResult) (perSec, lossPct float64, err error) {
+	if f.Seconds <= 0 || f.Sent <= 0 {
+		return 0, 0, fmt.Errorf("the flood sent nothing (%d datagrams in %.2fs, %d errors, first: %s)", f.Sent, f.Seconds, f.Errors, f.FirstError)
+	}
+	if s.Datagrams <= 0 {
+		return 0, 0, fmt.Errorf("the sink counted nothing of %d datagrams sent: the path is broken, not slow", f.Sent)
+	}
+	perSec = float64(s.Datagrams) / f.Seconds
+	lossPct = max(0, 100*(1-float64(s.Datagrams)/float64(f.Sent)))
+	return perSec, lossPct, nil
+}

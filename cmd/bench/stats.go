@@ -22,6 +22,10 @@ var allModes = []string{modePlain, modeDivert, modeGhostwire, modeHAProxy, modeH
 
 func isHAProxy(mode string) bool { return strings.HasPrefix(mode, "haproxy") }
 
+// carriesUDP says whether mode can carry the UDP workloads: HAProxy has no
+// transparent UDP proxy, so its modes are n/a for them.
+func carriesUDP(mode string) bool { return !isHAProxy(mode) }
+
 // hasProxy says whether mode runs a proxy process: plain and divert do not
 // (divert is the diversion with nothing listening: the box routes).
 func hasProxy(mode string) bool { return mode != modePlain && mode != modeDivert }
@@ -34,6 +38,7 @@ type workload struct {
 	HigherBetter bool
 	Proxied      bool   // only meaningful with a proxy (memory, proxy CPU)
 	Short        string // name in the ratio table
+	UDP          bool   // a UDP figure: n/a for the HAProxy modes
 }
 
 const (
@@ -48,32 +53,56 @@ const (
 	wlKeepP99   = "http-keepalive-p99"
 	wlKeepCPU   = "http-keepalive-cpu"
 	wlMemPer    = "rss-per-conn"
+
+	wlUDP1400     = "udp-1400"
+	wlUDP1400Loss = "udp-1400-loss"
+	wlUDP1400CPU  = "udp-1400-cpu"
+	wlUDP64       = "udp-64"
+	wlUDP64Loss   = "udp-64-loss"
+	wlUDP64CPU    = "udp-64-cpu"
+	wlUDPMemPer   = "udp-rss"
 )
 
+// workloadKeys are the workloads -workloads can name (each brings the rows
+// under it: p99, loss, proxy CPU).
+var workloadKeys = []string{wlIperf1, wlIperf4, wlHTTPClose, wlKeepAlive, wlMemPer, wlUDP1400, wlUDP64, wlUDPMemPer}
+
+// isUDPWorkload says whether key is one of the UDP workloads.
+func isUDPWorkload(key string) bool { return key == wlUDP1400 || key == wlUDP64 || key == wlUDPMemPer }
+
 // Units of the proxy-CPU figures: CPU seconds (utime+stime) of the proxy
-// process(es) over the whole workload run, per GiB that iperf3 sent and per
-// 10,000 requests wrk completed.
+// process(es) over the whole workload run, per GiB that iperf3 sent (UDP:
+// that the iperf3 server received), per 10,000 requests wrk completed and
+// per million datagrams the bench's UDP sink counted.
 const (
 	unitCPUPerGiB = "s/GiB"
 	unitCPUPer10k = "s/10k req"
+	unitCPUPerM   = "s/M dgram" // per million datagrams the UDP sink counted
 )
 
 var workloads = []workload{
-	{wlIperf1, "iperf3 1 stream", "Gbit/s", true, false, "iperf3 1 stream"},
-	{wlIperf1CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU"},
-	{wlIperf4, "iperf3 4 streams", "Gbit/s", true, false, "iperf3 4 streams"},
-	{wlIperf4CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU"},
-	{wlHTTPClose, "HTTP new conn/request", "req/s", true, false, "HTTP new conn/request"},
-	{wlCloseP99, "  p99 latency", "ms", false, false, "  its p99 latency"},
-	{wlCloseCPU, "  proxy CPU", unitCPUPer10k, false, true, "  its proxy CPU"},
-	{wlKeepAlive, "HTTP keep-alive", "req/s", true, false, "HTTP keep-alive"},
-	{wlKeepP99, "  p99 latency", "ms", false, false, "  its p99 latency"},
-	{wlKeepCPU, "  proxy CPU", unitCPUPer10k, false, true, "  its proxy CPU"},
-	{wlMemPer, "RSS per idle conn", "KiB", false, true, "RSS per idle conn"},
+	{wlIperf1, "iperf3 1 stream", "Gbit/s", true, false, "iperf3 1 stream", false},
+	{wlIperf1CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU", false},
+	{wlIperf4, "iperf3 4 streams", "Gbit/s", true, false, "iperf3 4 streams", false},
+	{wlIperf4CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU", false},
+	{wlHTTPClose, "HTTP new conn/request", "req/s", true, false, "HTTP new conn/request", false},
+	{wlCloseP99, "  p99 latency", "ms", false, false, "  its p99 latency", false},
+	{wlCloseCPU, "  proxy CPU", unitCPUPer10k, false, true, "  its proxy CPU", false},
+	{wlKeepAlive, "HTTP keep-alive", "req/s", true, false, "HTTP keep-alive", false},
+	{wlKeepP99, "  p99 latency", "ms", false, false, "  its p99 latency", false},
+	{wlKeepCPU, "  proxy CPU", unitCPUPer10k, false, true, "  its proxy CPU", false},
+	{wlMemPer, "RSS per idle conn", "KiB", false, true, "RSS per idle conn", false},
+	{wlUDP1400, "UDP 1400 B datagrams", "Gbit/s", true, false, "UDP 1400 B datagrams", true},
+	{wlUDP1400Loss, "  loss", "%", false, false, "  its loss", true},
+	{wlUDP1400CPU, "  proxy CPU", unitCPUPerGiB, false, true, "  its proxy CPU", true},
+	{wlUDP64, "UDP 64 B datagrams", "dgram/s", true, false, "UDP 64 B datagrams", true},
+	{wlUDP64Loss, "  loss", "%", false, false, "  its loss", true},
+	{wlUDP64CPU, "  proxy CPU", unitCPUPerM, false, true, "  its proxy CPU", true},
+	{wlUDPMemPer, "RSS per idle UDP session", "KiB", false, true, "RSS per idle UDP session", true},
 }
 
 // cpuPerWork is proxy CPU seconds per unit of work: per GiB for bytes, per
-// 10,000 for requests. ok is false without work to divide by.
+// 10,000 for requests, per million for datagrams. ok is false without work to divide by.
 func cpuPerWork(cpuSeconds, work float64, unit string) (v float64, ok bool) {
 	if work <= 0 || cpuSeconds < 0 || math.IsNaN(cpuSeconds) {
 		return 0, false
@@ -83,6 +112,8 @@ func cpuPerWork(cpuSeconds, work float64, unit string) (v float64, ok bool) {
 		return cpuSeconds / (work / (1 << 30)), true
 	case unitCPUPer10k:
 		return cpuSeconds / (work / 10000), true
+	case unitCPUPerM:
+		return cpuSeconds / (work / 1e6), true
 	}
 	return 0, false
 }
@@ -249,14 +280,19 @@ func (t target) String() string {
 
 // issueTargets are issue 11's targets: ratios of medians from the same run
 // (HTTP against the best HAProxy mode, iperf3 against haproxy-splice
-// whichever HAProxy mode is best) and an absolute bound on memory. The
-// plain ratios are information only.
+// whichever HAProxy mode is best) and an absolute bound on memory; and
+// issue 12's for transparent UDP, which HAProxy cannot proxy: ratios to
+// plain and an absolute bound on memory per idle session. The other plain
+// ratios are information only.
 var issueTargets = []target{
 	{Workload: wlIperf1, Against: modeHAProxySplice, Op: ">=", Want: 1.3},
 	{Workload: wlIperf4, Against: modeHAProxySplice, Op: ">=", Want: 1.1},
 	{Workload: wlHTTPClose, Against: "haproxy", Op: ">=", Want: 1.0},
 	{Workload: wlKeepAlive, Against: "haproxy", Op: ">=", Want: 1.0},
 	{Workload: wlMemPer, Against: "absolute", Op: "<=", Want: 4.5},
+	{Workload: wlUDP1400, Against: "plain", Op: ">=", Want: 0.6},
+	{Workload: wlUDP64, Against: "plain", Op: ">=", Want: 0.5},
+	{Workload: wlUDPMemPer, Against: "absolute", Op: "<=", Want: 2},
 }
 
 // evaluate fills Got/Pass for each target from the comparisons.
@@ -300,6 +336,8 @@ func fmtVal(v float64) string {
 		return "<0.001"
 	case math.Abs(v) < 0.1: // proxy CPU per unit can be this small
 		return fmt.Sprintf("%.3f", v)
+	case math.Abs(v) >= 1e6: // datagrams per second
+		return fmt.Sprintf("%.2fM", v/1e6)
 	case math.Abs(v) >= 1000:
 		return fmt.Sprintf("%.1fk", v/1000)
 	case math.Abs(v) >= 100:
@@ -348,7 +386,7 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 		for _, m := range modes {
 			if s, ok := byMode[m]; ok {
 				fmt.Fprintf(tw, "\t%s", fmtSummary(s))
-			} else if wl.Proxied && !hasProxy(m) {
+			} else if wl.Proxied && !hasProxy(m) || wl.UDP && !carriesUDP(m) {
 				fmt.Fprint(tw, "\tn/a")
 			} else {
 				fmt.Fprint(tw, "\t-")
@@ -358,7 +396,8 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "(median (min–max) over rounds; proxy CPU: the proxy's utime+stime over the whole run (HAProxy: all its processes),")
-	fmt.Fprintf(w, " per GiB iperf3 sent or per 10k requests wrk completed; softirq and kworker time it causes is not in it; %s)\n", clkTckNote())
+	fmt.Fprintf(w, " per GiB iperf3 sent (UDP: received), per 10k requests wrk completed or per million datagrams the UDP sink counted;\n")
+	fmt.Fprintf(w, " softirq and kworker time it causes is not in it; %s; HAProxy has no transparent UDP proxy: n/a)\n", clkTckNote())
 
 	cmp := compare(sum)
 	if len(cmp) == 0 {
@@ -379,7 +418,9 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 			vsDivert = fmtRatio(c.VsDivert)
 		}
 		vsHAP := "-"
-		if c.BestHAProxy != "" {
+		if wl.UDP {
+			vsHAP = "n/a"
+		} else if c.BestHAProxy != "" {
 			vsHAP = fmt.Sprintf("%s (%s)", fmtRatio(c.VsHAProxy), c.BestHAProxy)
 		}
 		var goals, results []string
@@ -405,6 +446,6 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", wl.Short, vsPlain, vsDivert, vsHAP, strings.Join(goals, ", "), strings.Join(results, " "))
 	}
 	tw.Flush()
-	fmt.Fprintln(w, "(ratios of medians; for p99, proxy CPU and RSS lower is better, so a ratio below 1 favours ghostwire;")
+	fmt.Fprintln(w, "(ratios of medians; for p99, loss, proxy CPU and RSS lower is better, so a ratio below 1 favours ghostwire;")
 	fmt.Fprintln(w, " divert: the diversion in place, nothing listening, the box routes: the fail-open cost and the ceiling of any proxy on this path)")
 }
