@@ -16,22 +16,30 @@ import (
 // The decompiler's header loads and writes, set references and tproxy.
 
 // headerField is a header field this package loads: its name by header
-// and offset, and its nft datatype.
+// and offset, and its nft datatype (or, for a field only compared, its
+// kind).
 type headerField struct {
 	base   expr.PayloadBase
-	proto  string // "tcp", "ip", "ip6"
+	proto  string // "tcp", "udp", "ip", "ip6"
 	offset uint32
 	len    uint32
 }
 
-var headerFields = map[headerField]struct{ name, typ string }{
-	{expr.PayloadBaseTransportHeader, "tcp", 0, 2}:  {"tcp sport", nftables.TypeInetService.Name},
-	{expr.PayloadBaseTransportHeader, "tcp", 2, 2}:  {"tcp dport", nftables.TypeInetService.Name},
-	{expr.PayloadBaseTransportHeader, "tcp", 13, 1}: {"tcp flags", ""},
-	{expr.PayloadBaseNetworkHeader, "ip", 12, 4}:    {"ip saddr", nftables.TypeIPAddr.Name},
-	{expr.PayloadBaseNetworkHeader, "ip", 16, 4}:    {"ip daddr", nftables.TypeIPAddr.Name},
-	{expr.PayloadBaseNetworkHeader, "ip6", 8, 16}:   {"ip6 saddr", nftables.TypeIP6Addr.Name},
-	{expr.PayloadBaseNetworkHeader, "ip6", 24, 16}:  {"ip6 daddr", nftables.TypeIP6Addr.Name},
+var headerFields = map[headerField]struct {
+	name, typ string
+	kind      valueKind
+}{
+	{expr.PayloadBaseTransportHeader, "tcp", 0, 2}:  {"tcp sport", nftables.TypeInetService.Name, field},
+	{expr.PayloadBaseTransportHeader, "tcp", 2, 2}:  {"tcp dport", nftables.TypeInetService.Name, field},
+	{expr.PayloadBaseTransportHeader, "tcp", 13, 1}: {"tcp flags", "", tcpFlags},
+	{expr.PayloadBaseTransportHeader, "udp", 0, 2}:  {"udp sport", nftables.TypeInetService.Name, field},
+	{expr.PayloadBaseTransportHeader, "udp", 2, 2}:  {"udp dport", nftables.TypeInetService.Name, field},
+	{expr.PayloadBaseNetworkHeader, "ip", 6, 2}:     {"ip frag-off", "", fragOff},
+	{expr.PayloadBaseNetworkHeader, "ip", 12, 4}:    {"ip saddr", nftables.TypeIPAddr.Name, field},
+	{expr.PayloadBaseNetworkHeader, "ip", 16, 4}:    {"ip daddr", nftables.TypeIPAddr.Name, field},
+	{expr.PayloadBaseNetworkHeader, "ip6", 6, 1}:    {"ip6 nexthdr", "", nextHdr},
+	{expr.PayloadBaseNetworkHeader, "ip6", 8, 16}:   {"ip6 saddr", nftables.TypeIP6Addr.Name, field},
+	{expr.PayloadBaseNetworkHeader, "ip6", 24, 16}:  {"ip6 daddr", nftables.TypeIP6Addr.Name, field},
 }
 
 // payloadLoad names a header load from the protocol checked before it (a
@@ -44,8 +52,8 @@ func (d *decompiler) payloadLoad(e *expr.Payload) error {
 	}
 	hf := headerField{base: e.Base, offset: e.Offset, len: e.Len}
 	switch {
-	case e.Base == expr.PayloadBaseTransportHeader && d.tcp:
-		hf.proto = "tcp"
+	case e.Base == expr.PayloadBaseTransportHeader && d.l4 != "":
+		hf.proto = d.l4
 	case e.Base == expr.PayloadBaseNetworkHeader && d.eth != "" && d.family == nftables.TableFamilyBridge:
 		hf.proto = d.eth
 	default:
@@ -58,11 +66,7 @@ func (d *decompiler) payloadLoad(e *expr.Payload) error {
 	if dep, ok := d.deps[e.Base]; ok {
 		d.hidden[dep] = true
 	}
-	kind := field
-	if f.typ == "" {
-		kind = tcpFlags
-	}
-	return d.write(e.DestRegister, value{kind: kind, name: f.name, typ: f.typ, len: e.Len})
+	return d.write(e.DestRegister, value{kind: f.kind, name: f.name, typ: f.typ, len: e.Len})
 }
 
 // payloadWrite is the one write this package emits: the Ethernet
@@ -85,8 +89,9 @@ func (d *decompiler) bitwise(e *expr.Bitwise) error {
 	if err != nil {
 		return err
 	}
-	if v.kind != tcpFlags || v.mask != nil || e.Len != 1 || len(e.Mask) != 1 || !bytes.Equal(e.Xor, []byte{0}) {
-		return errors.New("not a mask of the tcp flags")
+	if v.kind != tcpFlags && v.kind != fragOff || v.mask != nil || e.Len != v.len || len(e.Mask) != int(v.len) ||
+		!bytes.Equal(e.Xor, make([]byte, v.len)) {
+		return errors.New("not a mask of the tcp flags or the ip fragment offset")
 	}
 	v.mask = e.Mask
 	return d.write(e.DestRegister, v)

@@ -24,7 +24,7 @@ type decompiler struct {
 	sets   map[string]*nftables.Set // the table's sets, numbered as in the batch
 	regs   map[int]value            // by 32-bit register index
 	eth    string                   // "ip" or "ip6" once `meta protocol` is checked
-	tcp    bool                     // `meta l4proto tcp` checked
+	l4     string                   // "tcp" or "udp" once `meta l4proto` is checked
 	// deps are the statements (by index in out) a later header load makes
 	// implicit; nft does not list them.
 	deps   map[expr.PayloadBase]int
@@ -47,10 +47,12 @@ type valueKind int
 const (
 	immediate valueKind = iota
 	ifName
-	l4proto
+	l4Proto
 	ethProto
 	field // a header field: an address or port
 	tcpFlags
+	fragOff // the IPv4 flags and fragment offset
+	nextHdr // the IPv6 next header
 	fibType
 	socketFlag
 )
@@ -105,10 +107,14 @@ func (d *decompiler) step(e expr.Any) error {
 	case *expr.TProxy:
 		return d.tproxy(e)
 	case *expr.Reject:
-		if e.Type != unix.NFT_REJECT_TCP_RST || e.Code != 0 {
-			return errors.New("not a tcp reset")
+		switch *e {
+		case expr.Reject{Type: unix.NFT_REJECT_TCP_RST, Code: 0}:
+			d.print("reject with tcp reset")
+		case expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_PORT_UNREACH}:
+			d.print("reject") // the inet family's default: icmpx port-unreachable
+		default:
+			return errors.New("not a tcp reset or an icmpx port unreachable")
 		}
-		d.print("reject with tcp reset")
 	case *expr.Verdict:
 		if e.Kind != expr.VerdictAccept || e.Chain != "" {
 			return errors.New("not accept")
@@ -172,7 +178,7 @@ func (d *decompiler) meta(e *expr.Meta) error {
 	if !e.SourceRegister {
 		v, ok := map[expr.MetaKey]value{
 			expr.MetaKeyIIFNAME:  {kind: ifName, name: "iifname", len: unix.IFNAMSIZ},
-			expr.MetaKeyL4PROTO:  {kind: l4proto, name: "meta l4proto", len: 1},
+			expr.MetaKeyL4PROTO:  {kind: l4Proto, name: "meta l4proto", len: 1},
 			expr.MetaKeyPROTOCOL: {kind: ethProto, name: "meta protocol", len: 2},
 		}[e.Key]
 		if !ok {
@@ -195,14 +201,25 @@ func (d *decompiler) meta(e *expr.Meta) error {
 	return nil
 }
 
-// cmp prints an equality match of a register against a constant.
+// cmp prints an equality match of a register against a constant, or the
+// one inequality this package emits (fragOff).
 func (d *decompiler) cmp(e *expr.Cmp) error {
 	v, err := d.read(e.Register)
 	if err != nil {
 		return err
 	}
-	if e.Op != expr.CmpOpEq || uint32(len(e.Data)) != v.len {
-		return fmt.Errorf("not an equality with %d bytes of %s", v.len, v.name)
+	if uint32(len(e.Data)) != v.len {
+		return fmt.Errorf("not a comparison with %d bytes of %s", v.len, v.name)
+	}
+	if v.kind == fragOff {
+		if e.Op != expr.CmpOpNeq || v.mask == nil || !bytes.Equal(e.Data, []byte{0, 0}) {
+			return errors.New("not ip frag-off & MASK != 0")
+		}
+		d.print(fmt.Sprintf("%s & %d != 0", v.name, binary.BigEndian.Uint16(v.mask)))
+		return nil
+	}
+	if e.Op != expr.CmpOpEq {
+		return fmt.Errorf("not an equality with %s", v.name)
 	}
 	rhs, err := d.constant(v, e.Data)
 	if err != nil {
@@ -222,12 +239,13 @@ func (d *decompiler) constant(v value, data []byte) (string, error) {
 			return "", errors.New("not a zero-padded interface name")
 		}
 		return fmt.Sprintf("%q", name), nil
-	case l4proto:
-		if !bytes.Equal(data, []byte{unix.IPPROTO_TCP}) {
-			return "", errors.New("not tcp")
+	case l4Proto:
+		l4, ok := map[byte]string{unix.IPPROTO_TCP: "tcp", unix.IPPROTO_UDP: "udp"}[data[0]]
+		if !ok {
+			return "", errors.New("not tcp or udp")
 		}
-		d.tcp, d.deps[expr.PayloadBaseTransportHeader] = true, len(d.out)
-		return "tcp", nil
+		d.l4, d.deps[expr.PayloadBaseTransportHeader] = l4, len(d.out)
+		return l4, nil
 	case ethProto:
 		eth, ok := map[uint16]string{unix.ETH_P_IP: "ip", unix.ETH_P_IPV6: "ip6"}[binary.BigEndian.Uint16(data)]
 		if !ok {
@@ -240,6 +258,11 @@ func (d *decompiler) constant(v value, data []byte) (string, error) {
 			return "", errors.New("only ports are compared with constants")
 		}
 		return fmt.Sprint(binary.BigEndian.Uint16(data)), nil
+	case nextHdr:
+		if data[0] != unix.IPPROTO_FRAGMENT {
+			return "", errors.New("only the fragment header is matched")
+		}
+		return "ipv6-frag", nil
 	case tcpFlags:
 		if v.mask == nil {
 			return "", errors.New("flags compared without a mask")

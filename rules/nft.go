@@ -16,12 +16,14 @@ import (
 // if another process owns the tables (see ApplyOwned).
 //
 // A table that exists with the same flags (ordinary over ordinary, or owned
-// by the same connection) and already holds the plan's sets, compatible, is
+// by the same connection) and whose sets are compatible with the plan's is
 // rebuilt in place: its rules, chains and other sets go, the ports sets are
-// refilled, and the bypass sets keep their elements (their timeout follows
-// the plan), so flows bypassed during an overload stay bridged through any
-// later plan. Any other table is deleted and built again, with empty
-// bypass sets.
+// refilled, the plan's sets it lacks (the UDP ones, when UDP ports are
+// added) are made, and the flow sets keep their elements (their timeout
+// follows the plan), so flows bypassed during an overload stay bridged
+// through any later plan, and the UDP flows the proxy relays stay diverted
+// through any switch of variant. Any other table is deleted and built
+// again, with empty flow sets.
 func (p *Plan) Apply(c *nftables.Conn) error {
 	if err := p.replace(c, 0); err != nil {
 		return fmt.Errorf("applying nftables tables %s: %w", p.cfg.Name, err)
@@ -70,17 +72,17 @@ func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
 		return err
 	}
 	for _, tb := range p.tables {
-		inPlace := false
+		var kept map[string]bool
 		if old := existing[tb.family]; old != nil && old.Flags == flags {
-			if inPlace, err = queueClear(c, old, tb.sets); err != nil {
+			if kept, err = queueClear(c, old, tb.sets); err != nil {
 				return fmt.Errorf("reading table %s %s: %w", familyName(tb.family), p.cfg.Name, err)
 			}
 		}
-		if !inPlace {
+		if kept == nil {
 			queueDelete(c, p.cfg.Name, tb.family, existing[tb.family])
 		}
 		t := c.AddTable(&nftables.Table{Name: p.cfg.Name, Family: tb.family, Flags: flags})
-		if err := tb.queue(c, t, inPlace); err != nil {
+		if err := tb.queue(c, t, kept); err != nil {
 			return fmt.Errorf("table %s %s: %w", familyName(tb.family), p.cfg.Name, err)
 		}
 	}
@@ -100,17 +102,19 @@ type batch interface {
 }
 
 // queue queues the sets, chains and rules of tb into t, just added to b.
-// inPlace means t exists and queueClear has emptied it but for its sets:
-// the ports sets are refilled and the bypass sets keep their elements.
-func (tb table) queue(b batch, t *nftables.Table, inPlace bool) error {
+// kept names the sets of tb that t holds when t exists and queueClear has
+// emptied it but for them (nil for a new table): those that are ports sets
+// are refilled, the flow sets keep their elements, and the sets t lacks
+// are made.
+func (tb table) queue(b batch, t *nftables.Table, kept map[string]bool) error {
 	sets := map[string]*nftables.Set{}
 	for _, spec := range tb.sets {
 		s := spec.nftSet(t)
-		if inPlace && !spec.dynamic {
+		if kept[spec.name] && !spec.dynamic {
 			b.FlushSet(s)
 		}
 		// On a set that exists, AddSet updates it (the timeout of a
-		// bypass set) and keeps its elements. It only fails on a
+		// flow set) and keeps its elements. It only fails on a
 		// malformed set or element, which a validated plan cannot
 		// produce; the half-queued batch is then left unflushed.
 		// AddSet numbers the set: the rules refer to it by that ID.
@@ -128,24 +132,32 @@ func (tb table) queue(b batch, t *nftables.Table, inPlace bool) error {
 	return nil
 }
 
-// queueClear empties table t for an in-place rebuild, if t holds every set
-// in specs in a form AddSet can update: it queues the flush of all rules and
-// the deletion of every chain and of every other named set, and reports
-// true. Otherwise it queues nothing and reports false.
-func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (bool, error) {
+// queueClear empties table t for an in-place rebuild, if the sets of specs
+// that t holds are in a form AddSet can update and are the first of specs,
+// in order (those t lacks are then made after them, and nft lists sets in
+// the order they were made, so the table still lists as planned): it queues
+// the flush of all rules and the deletion of every chain and of every other
+// named set, and returns the names of the sets it keeps (not nil).
+// Otherwise it queues nothing and returns nil.
+func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (map[string]bool, error) {
 	have, err := c.GetSets(t)
 	if err != nil {
-		return false, fmt.Errorf("listing sets: %w", err)
+		return nil, fmt.Errorf("listing sets: %w", err)
 	}
-	for _, spec := range specs {
-		i := slices.IndexFunc(have, func(s *nftables.Set) bool { return s.Name == spec.name })
-		if i < 0 || !spec.fits(have[i]) {
-			return false, nil
+	kept := map[string]bool{}
+	for _, s := range have {
+		i := slices.IndexFunc(specs, func(spec setSpec) bool { return spec.name == s.Name })
+		if i < 0 {
+			continue
 		}
+		if i != len(kept) || !specs[i].fits(s) {
+			return nil, nil
+		}
+		kept[s.Name] = true
 	}
 	chains, err := c.ListChainsOfTableFamily(t.Family)
 	if err != nil {
-		return false, fmt.Errorf("listing chains: %w", err)
+		return nil, fmt.Errorf("listing chains: %w", err)
 	}
 	// Rules first: with none left, nothing refers to a chain or set.
 	c.FlushTable(t)
@@ -155,13 +167,12 @@ func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (bool, err
 		}
 	}
 	for _, s := range have {
-		keep := slices.ContainsFunc(specs, func(spec setSpec) bool { return spec.name == s.Name })
 		// Anonymous sets went with the rules that own them.
-		if !keep && !s.Anonymous {
+		if !kept[s.Name] && !s.Anonymous {
 			c.DelSet(&nftables.Set{Name: s.Name, Table: t})
 		}
 	}
-	return true, nil
+	return kept, nil
 }
 
 // RemoveTables deletes both of ghostwire's tables named name in one batch.

@@ -141,6 +141,14 @@ func TestApplyTransitions(t *testing.T) {
 			plans = append(plans, p, p.Draining(), p.Overloaded(OverloadBypass), p.Overloaded(OverloadRefuse))
 		}
 	}
+	// With UDP: adding and dropping UDP ports rebuilds tables in place.
+	for _, ports := range [][]uint16{{53}, {53, 443, 4500}} {
+		cfg := udpConfig()
+		cfg.UDPPorts = ports
+		cfg.UDPSessionTimeout = time.Duration(len(ports)) * time.Minute
+		p := mustPlan(t, cfg)
+		plans = append(plans, p, p.Draining(), p.UDPBypass(true), p.UDPBypass(true).Overloaded(OverloadBypass))
+	}
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	r := rand.New(rand.NewPCG(seed, seed))

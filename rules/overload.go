@@ -56,8 +56,9 @@ func ParseOverload(s string) (Overload, error) {
 // connections are bypassed or refused as mode says (see Overload), while
 // flows already proxied keep being diverted to it. OverloadNone gives the
 // normal plan back. Draining takes precedence: Overloaded of a draining plan
-// is that draining plan, and Draining of an overloaded plan drains. Overloaded
-// panics on a mode that is not one of the three constants.
+// is that draining plan, and Draining of an overloaded plan drains. The
+// UDPBypass switch is kept. Overloaded panics on a mode that is not one of
+// the three constants.
 func (p *Plan) Overloaded(mode Overload) *Plan {
 	switch mode {
 	case OverloadNone, OverloadBypass, OverloadRefuse:
@@ -67,33 +68,33 @@ func (p *Plan) Overloaded(mode Overload) *Plan {
 	if p.draining {
 		return p.Draining()
 	}
-	return newPlan(p.Config(), false, mode)
+	return newPlan(p.Config(), variant{overload: mode, udpBypass: p.udpBypass})
 }
 
 // Overload reports the plan's overload mode (OverloadNone unless it comes
 // from Overloaded).
 func (p *Plan) Overload() Overload { return p.overload }
 
-// Bypass sets: the bridge table's record of flows that cross the bridge
-// untouched. The key is the flow as the client sends it: saddr . daddr .
-// sport . dport.
+// The bridge table's flow sets (see flowSets): bypass4/bypass6 record the
+// TCP flows that cross the bridge untouched, udpflows4/udpflows6 the UDP
+// flows the proxy relays.
 const (
-	bypassSet4 = "bypass4"
-	bypassSet6 = "bypass6"
-	// bypassSetSize bounds each set; once full, further SYNs are not
-	// recorded (the add fails, the rule does not match) and take the
-	// normal path.
-	bypassSetSize = 65536
+	// flowSetSize bounds each flow set; once full, further flows are not
+	// recorded (the add or update fails and the rule stops there): a
+	// bypass SYN then takes the normal path, and a new UDP flow's
+	// datagrams are not redirected (crossing the bridge untouched) until
+	// entries time out.
+	flowSetSize = 65536
 
 	defaultBypassTimeout = 5 * time.Minute
 	minBypassTimeout     = time.Second
 	maxBypassTimeout     = 7 * 24 * time.Hour
 )
 
-// ipFamily is what differs between the IPv4 and the IPv6 bypass rules.
+// ipFamily is what differs between the IPv4 and the IPv6 flow rules.
 type ipFamily struct {
 	nft     string // payload protocol as nft spells it: "ip", "ip6"
-	set     string
+	suffix  string // of its flow sets' names: "4", "6"
 	ethType uint16 // the meta protocol nft checks before an ip/ip6 payload load
 	keyType nftables.SetDatatype
 	// Offsets in the network header, address length, and the registers
@@ -104,21 +105,22 @@ type ipFamily struct {
 
 var ipFamilies = [...]ipFamily{
 	{
-		nft: "ip", set: bypassSet4, ethType: unix.ETH_P_IP,
+		nft: "ip", suffix: "4", ethType: unix.ETH_P_IP,
 		keyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeInetService),
 		saddr:   12, daddr: 16, addrLen: 4,
 		regs: [4]uint32{unix.NFT_REG_1, unix.NFT_REG32_01, unix.NFT_REG32_02, unix.NFT_REG32_03},
 	},
 	{
-		nft: "ip6", set: bypassSet6, ethType: unix.ETH_P_IPV6,
+		nft: "ip6", suffix: "6", ethType: unix.ETH_P_IPV6,
 		keyType: nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeInetService),
 		saddr:   8, daddr: 24, addrLen: 16,
 		regs: [4]uint32{unix.NFT_REG_1, unix.NFT_REG_2, unix.NFT_REG_3, unix.NFT_REG32_09},
 	},
 }
 
-// validBypassTimeout checks Config.BypassTimeout once 0 has become the default.
-func validBypassTimeout(d time.Duration) error {
+// validFlowTimeout checks Config.BypassTimeout or UDPSessionTimeout once 0
+// has become the default.
+func validFlowTimeout(d time.Duration) error {
 	switch {
 	case d < minBypassTimeout || d > maxBypassTimeout:
 		return fmt.Errorf("%v is out of range %v..%v", d, minBypassTimeout, maxBypassTimeout)
@@ -134,12 +136,18 @@ func validBypassTimeout(d time.Duration) error {
 // the table or its sets do not exist. It dumps every element, so it costs in
 // proportion to the count (at most 2 × 65536).
 func BypassedFlows(c *nftables.Conn, name string) (int, error) {
+	return countFlows(c, name, bypassSets, "bypassed flows")
+}
+
+// countFlows counts the elements of the flow sets sets (IPv4 and IPv6
+// together) in the bridge table called name; what names them in errors.
+func countFlows(c *nftables.Conn, name string, sets flowSets, what string) (int, error) {
 	if err := validTableName(name); err != nil {
-		return 0, fmt.Errorf("counting bypassed flows: %w", err)
+		return 0, fmt.Errorf("counting %s: %w", what, err)
 	}
 	existing, err := listOwn(c, name)
 	if err != nil {
-		return 0, fmt.Errorf("counting bypassed flows in table bridge %s: %w", name, err)
+		return 0, fmt.Errorf("counting %s in table bridge %s: %w", what, name, err)
 	}
 	t := existing[nftables.TableFamilyBridge]
 	if t == nil {
@@ -147,16 +155,16 @@ func BypassedFlows(c *nftables.Conn, name string) (int, error) {
 	}
 	n := 0
 	for _, f := range ipFamilies {
-		set, err := c.GetSetByName(t, f.set)
+		set, err := c.GetSetByName(t, sets.name(f))
 		if errors.Is(err, unix.ENOENT) {
 			continue
 		}
 		if err != nil {
-			return 0, fmt.Errorf("counting bypassed flows: reading set %s of table bridge %s: %w", f.set, name, err)
+			return 0, fmt.Errorf("counting %s: reading set %s of table bridge %s: %w", what, sets.name(f), name, err)
 		}
 		els, err := c.GetSetElements(set)
 		if err != nil {
-			return 0, fmt.Errorf("counting bypassed flows: reading elements of set %s of table bridge %s: %w", f.set, name, err)
+			return 0, fmt.Errorf("counting %s: reading elements of set %s of table bridge %s: %w", what, sets.name(f), name, err)
 		}
 		n += len(els)
 	}

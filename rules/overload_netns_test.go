@@ -243,6 +243,16 @@ func (h hop) routed(boxMAC net.HardwareAddr) bool {
 // the frames of the client's connection from local.
 func (ol *overloadLab) capture(t *testing.T, local func() netip.AddrPort, fn func()) hop {
 	t.Helper()
+	var from netip.AddrPort
+	return ol.captureFrames(t, func() { fn(); from = local() }, func(f lab.Frame) bool {
+		return f.Proto == lab.ProtoTCP && f.Src == from.Addr() && f.SrcPort == from.Port() && f.DstPort == labPort
+	})
+}
+
+// captureFrames records what the server receives while fn runs, and
+// summarises the frames that keep selects.
+func (ol *overloadLab) captureFrames(t *testing.T, fn func(), keep func(lab.Frame) bool) hop {
+	t.Helper()
 	capt, err := ol.Server.Capture(ol.ServerIf)
 	if err != nil {
 		t.Fatal(err)
@@ -252,10 +262,9 @@ func (ol *overloadLab) capture(t *testing.T, local func() netip.AddrPort, fn fun
 	if err != nil {
 		t.Fatal(err)
 	}
-	from := local()
 	h := hop{srcMACs: map[string]int{}, ttls: map[int]int{}}
 	for _, f := range frames {
-		if f.Proto != lab.ProtoTCP || f.Src != from.Addr() || f.SrcPort != from.Port() || f.DstPort != labPort {
+		if !keep(f) {
 			continue
 		}
 		ip := f.Ethernet.Payload
@@ -282,9 +291,9 @@ func localAddr(conn *net.Conn) func() netip.AddrPort {
 // bypassSet lists the bypass set of the family of addr in the box.
 func (ol *overloadLab) bypassSet(t *testing.T, addr netip.Addr) string {
 	t.Helper()
-	set := bypassSet4
+	set := bypassSets.name(ipFamilies[0])
 	if addr.Is6() {
-		set = bypassSet6
+		set = bypassSets.name(ipFamilies[1])
 	}
 	out, err := ol.Box.Command(t.Context(), "nft", "list", "set", "bridge", ol.plan.cfg.Name, set).CombinedOutput()
 	if err != nil {

@@ -81,6 +81,76 @@ func TestOverloadedVariants(t *testing.T) {
 	p.Overloaded(Overload(3))
 }
 
+// UDPBypass is a switch of its own: the TCP variants keep it and it keeps
+// theirs; a plan without UDP ports ignores it; it changes only the bridge's
+// UDP rules.
+func TestUDPBypassVariants(t *testing.T) {
+	tcpOnly := mustPlan(t, testConfig())
+	if q := tcpOnly.UDPBypass(true); q.IsUDPBypass() || q.String() != tcpOnly.String() {
+		t.Errorf("UDPBypass(true) of a plan without UDP ports: IsUDPBypass %v\n%s", q.IsUDPBypass(), q)
+	}
+	p := mustPlan(t, udpConfig())
+	normal := p.String()
+	on := p.UDPBypass(true)
+	if p.String() != normal || p.IsUDPBypass() {
+		t.Error("UDPBypass changed the plan it was called on")
+	}
+	for _, tt := range []struct {
+		name      string
+		p         *Plan
+		overload  Overload
+		draining  bool
+		udpBypass bool
+	}{
+		{"normal", p, OverloadNone, false, false},
+		{"udp bypass", on, OverloadNone, false, true},
+		{"udp bypass, then tcp bypass", on.Overloaded(OverloadBypass), OverloadBypass, false, true},
+		{"tcp refuse, then udp bypass", p.Overloaded(OverloadRefuse).UDPBypass(true), OverloadRefuse, false, true},
+		{"udp bypass, then draining", on.Draining(), OverloadNone, true, true},
+		{"draining, then udp bypass", p.Draining().UDPBypass(true), OverloadNone, true, true},
+		{"draining, then overloaded", on.Draining().Overloaded(OverloadRefuse), OverloadNone, true, true},
+		{"udp bypass off again", on.Overloaded(OverloadRefuse).UDPBypass(false), OverloadRefuse, false, false},
+	} {
+		if tt.p.Overload() != tt.overload || tt.p.IsDraining() != tt.draining || tt.p.IsUDPBypass() != tt.udpBypass {
+			t.Errorf("%s: Overload() = %v, IsDraining() = %v, IsUDPBypass() = %v; want %v, %v, %v", tt.name,
+				tt.p.Overload(), tt.p.IsDraining(), tt.p.IsUDPBypass(), tt.overload, tt.draining, tt.udpBypass)
+		}
+	}
+	if got := on.UDPBypass(false).String(); got != normal {
+		t.Errorf("UDPBypass(false) does not render as the normal plan:\n%s", got)
+	}
+	// Only the bridge's UDP rules differ, and both keep every fragment rule.
+	bridgeOn, inetOn, _ := strings.Cut(on.String(), "table inet")
+	bridgeOff, inetOff, _ := strings.Cut(normal, "table inet")
+	if inetOn != inetOff {
+		t.Errorf("UDPBypass changed the inet table:\n%s", inetOn)
+	}
+	for _, tt := range []struct {
+		bridge      string
+		has, hasNot []string
+	}{
+		{bridgeOff, []string{`"eth-client" udp dport @udp_ports update @udpflows4 `, `"eth-server" udp sport @udp_ports ether daddr set`},
+			[]string{"@udpflows4 update", "udp dport @udp_ports accept"}},
+		{bridgeOn, []string{`"eth-client" ip saddr . ip daddr . udp sport . udp dport @udpflows4 update @udpflows4 `,
+			`"eth-client" udp dport @udp_ports accept`, `"eth-server" ip6 daddr . ip6 saddr . udp dport . udp sport @udpflows6 ether daddr set`},
+			[]string{"udp dport @udp_ports update", "udp sport @udp_ports"}},
+	} {
+		for _, s := range tt.has {
+			if !strings.Contains(tt.bridge, s) {
+				t.Errorf("bridge table lacks %q:\n%s", s, tt.bridge)
+			}
+		}
+		for _, s := range tt.hasNot {
+			if strings.Contains(tt.bridge, s) {
+				t.Errorf("bridge table has %q:\n%s", s, tt.bridge)
+			}
+		}
+		if strings.Count(tt.bridge, " frag-off & 16383 != 0 ")+strings.Count(tt.bridge, " nexthdr ipv6-frag ") != 4 {
+			t.Errorf("bridge table lacks the four fragment rules:\n%s", tt.bridge)
+		}
+	}
+}
+
 func TestBypassTimeout(t *testing.T) {
 	cfg := testConfig()
 	if got := mustPlan(t, cfg).Config().BypassTimeout; got != 5*time.Minute {
@@ -130,11 +200,14 @@ func TestNftDuration(t *testing.T) {
 var bypassElements = regexp.MustCompile(`(?m)^\t\telements = \{ [^}]* \. [^}]*\}\n`)
 
 // Each variant is told apart by Tables (from the kernel's rules alone) and
-// by Check (the wrong variant in the kernel is drift).
+// by Check (the wrong variant in the kernel is drift), with and without UDP.
 func TestOverloadTablesAndCheck(t *testing.T) {
 	n := newTestNS(t)
 	p := mustPlan(t, testConfig())
-	variants := []*Plan{p, p.Draining(), p.Overloaded(OverloadBypass), p.Overloaded(OverloadRefuse)}
+	udp := mustPlan(t, udpConfig())
+	variants := []*Plan{p, p.Draining(), p.Overloaded(OverloadBypass), p.Overloaded(OverloadRefuse),
+		udp, udp.Draining(), udp.Overloaded(OverloadRefuse), udp.UDPBypass(true),
+		udp.UDPBypass(true).Overloaded(OverloadBypass), udp.UDPBypass(true).Draining()}
 	for i, applied := range variants {
 		if err := applied.Apply(n.nft); err != nil {
 			t.Fatalf("Apply variant %d: %v", i, err)
@@ -143,7 +216,7 @@ func TestOverloadTablesAndCheck(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := (TablesState{Bridge: true, Inet: true, Overload: applied.Overload()}); st != want {
+		if want := (TablesState{Bridge: true, Inet: true, Overload: applied.Overload(), UDPBypass: applied.IsUDPBypass()}); st != want {
 			t.Errorf("variant %d: Tables = %+v, want %+v", i, st, want)
 		}
 		for j, other := range variants {
@@ -186,8 +259,8 @@ func TestApplyKeepsBypassedFlows(t *testing.T) {
 		t.Helper()
 		table := &nftables.Table{Name: "ghostwire", Family: nftables.TableFamilyBridge}
 		for set, key := range map[string][]byte{
-			bypassSet4: flowKey("192.0.2.1", "192.0.2.2", 40000, 80),
-			bypassSet6: flowKey("2001:db8::1", "2001:db8::2", 40001, 443),
+			bypassSets.name(ipFamilies[0]): flowKey("192.0.2.1", "192.0.2.2", 40000, 80),
+			bypassSets.name(ipFamilies[1]): flowKey("2001:db8::1", "2001:db8::2", 40001, 443),
 		} {
 			if err := c.SetAddElements(&nftables.Set{Table: table, Name: set}, []nftables.SetElement{{Key: key}}); err != nil {
 				t.Fatal(err)

@@ -1,11 +1,13 @@
 package rules
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -55,7 +57,7 @@ func record(t *testing.T, p *Plan, tb table) (*recorder, *nftables.Table) {
 	t.Helper()
 	tbl := &nftables.Table{Name: p.cfg.Name, Family: tb.family}
 	rec := &recorder{nextID: 100, elems: map[*nftables.Set][]nftables.SetElement{}}
-	if err := tb.queue(rec, tbl, false); err != nil {
+	if err := tb.queue(rec, tbl, nil); err != nil {
 		t.Fatal(err)
 	}
 	return rec, tbl
@@ -149,7 +151,8 @@ func (r *recorder) listChain(b *strings.Builder, t *nftables.Table, ch *nftables
 }
 
 // pinnedPlans are the golden plans, the variants of the one with other
-// values, and lingering ports (a bridge set that differs from the inet one).
+// values, lingering ports (a bridge set that differs from the inet one),
+// and that one with UDP in every variant.
 func pinnedPlans(t *testing.T) map[string]*Plan {
 	plans := goldenPlans(t)
 	many := plans["many.nft"]
@@ -159,6 +162,17 @@ func pinnedPlans(t *testing.T) map[string]*Plan {
 	cfg := many.Config()
 	cfg.LingerPorts = []uint16{8, 9, 10, 11, 12, 13, 14, 15}
 	plans["linger"] = mustPlan(t, cfg)
+	cfg.UDPPorts = []uint16{53, 123, 443, 500, 4500, 51820}
+	cfg.ProxyUDPPort = 15002
+	cfg.UDPSessionTimeout = 2*time.Hour + 30*time.Second
+	udp := mustPlan(t, cfg)
+	for _, q := range []*Plan{udp, udp.UDPBypass(true)} {
+		name := map[bool]string{false: "udp", true: "udp bypass"}[q.IsUDPBypass()]
+		plans["many "+name] = q
+		plans["many "+name+" draining"] = q.Draining()
+		plans["many "+name+" overload bypass"] = q.Overloaded(OverloadBypass)
+		plans["many "+name+" overload refuse"] = q.Overloaded(OverloadRefuse)
+	}
 	return plans
 }
 
@@ -235,8 +249,10 @@ func swap(b []byte) { slices.Reverse(b) }
 
 // TestDecompileCatchesWrongExprs: the pin fails when an item emits the
 // wrong bytecode for its text, for each kind of mistake it guards against.
+// The plan has every item: TCP bypass and UDP bypass rules, fragments,
+// both rejects.
 func TestDecompileCatchesWrongExprs(t *testing.T) {
-	p := pinnedPlans(t)["many bypass"]
+	p := pinnedPlans(t)["many udp bypass overload bypass"]
 	proxyPort := binaryutil.BigEndian.PutUint16(p.cfg.ProxyTCPPort)
 	for name, mutate := range map[string]func([]expr.Any) bool{
 		"port compared little-endian": first(func(c *expr.Cmp) bool { return string(c.Data) == string(proxyPort) }, func(c *expr.Cmp) { swap(c.Data) }),
@@ -256,6 +272,19 @@ func TestDecompileCatchesWrongExprs(t *testing.T) {
 		"fib result in network order":   first(func(f *expr.Cmp) bool { return len(f.Data) == 4 }, func(c *expr.Cmp) { swap(c.Data) }),
 		"ether saddr written":           first(func(e *expr.Payload) bool { return e.Base == expr.PayloadBaseLLHeader }, func(e *expr.Payload) { e.Offset = 6 }),
 		"MAC immediate in another form": first(func(i *expr.Immediate) bool { return len(i.Data) == 6 }, func(i *expr.Immediate) { swap(i.Data) }),
+		"udp checked as tcp": first(func(c *expr.Cmp) bool { return bytes.Equal(c.Data, []byte{unix.IPPROTO_UDP}) },
+			func(c *expr.Cmp) { c.Data = []byte{unix.IPPROTO_TCP} }),
+		"frag-off mask without MF":    first(func(b *expr.Bitwise) bool { return b.Len == 2 }, func(b *expr.Bitwise) { b.Mask = []byte{0x1f, 0xff} }),
+		"frag-off mask little-endian": first(func(b *expr.Bitwise) bool { return b.Len == 2 }, func(b *expr.Bitwise) { swap(b.Mask) }),
+		"frag-off compared equal":     first(func(c *expr.Cmp) bool { return c.Op == expr.CmpOpNeq }, func(c *expr.Cmp) { c.Op = expr.CmpOpEq }),
+		"ip6 next header not fragment": first(func(c *expr.Cmp) bool { return bytes.Equal(c.Data, []byte{unix.IPPROTO_FRAGMENT}) },
+			func(c *expr.Cmp) { c.Data = []byte{unix.IPPROTO_UDP} }),
+		"ip6 next header at the wrong offset": first(func(e *expr.Payload) bool { return e.Base == expr.PayloadBaseNetworkHeader && e.Len == 1 },
+			func(e *expr.Payload) { e.Offset = 40 }),
+		"reject with host unreachable": first(func(r *expr.Reject) bool { return r.Type == unix.NFT_REJECT_ICMPX_UNREACH },
+			func(r *expr.Reject) { r.Code = unix.NFT_REJECT_ICMPX_HOST_UNREACH }),
+		"udp flows looked up in the bypass set": first(func(l *expr.Lookup) bool { return strings.HasPrefix(l.SetName, "udpflows") },
+			func(l *expr.Lookup) { l.SetName = "bypass" + strings.TrimPrefix(l.SetName, "udpflows") }),
 	} {
 		t.Run(name, func(t *testing.T) {
 			mismatches, mutated := pinMismatches(t, p, mutate)

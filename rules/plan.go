@@ -5,7 +5,9 @@
 // and the two overloads (Overloaded: new connections are bridged untouched,
 // or refused with a reset). Every variant keeps the bridge table's bypass
 // sets and lets the flows recorded in them through first, so a plan change
-// never pulls a bypassed flow back into the box.
+// never pulls a bypassed flow back into the box. With UDP ports, UDPBypass
+// is a switch orthogonal to those variants: new UDP flows cross the bridge
+// untouched while those the proxy relays stay diverted.
 package rules
 
 import (
@@ -44,6 +46,19 @@ type Config struct {
 	// routed through the box, not bridged). 0 means 5 minutes; otherwise
 	// it must be a whole number of seconds from 1s to 7 days.
 	BypassTimeout time.Duration
+	// UDPPorts are the intercepted UDP ports (NewPlan sorts + dedups). With
+	// none, the tables hold nothing of UDP (and list as a TCP-only plan).
+	UDPPorts []uint16
+	// ProxyUDPPort is the local TPROXY port for UDP: required when
+	// UDPPorts is not empty, and not one of them.
+	ProxyUDPPort uint16
+	// UDPSessionTimeout is how long a UDP flow stays in the bridge table's
+	// udpflows sets without a frame from its client; every client frame
+	// starts it again. The sets are what keeps a relayed flow diverted
+	// under UDPBypass, so it should be at least the proxy's UDP idle
+	// timeout. 0 means 60s; otherwise it must be a whole number of
+	// seconds from 1s to 7 days.
+	UDPSessionTimeout time.Duration
 }
 
 // Plan is a validated Config: the two nftables tables and the policy routing
@@ -51,19 +66,27 @@ type Config struct {
 // A Plan is immutable; its methods are safe for concurrent use.
 type Plan struct {
 	cfg Config
+	variant
+	// tables is the ruleset of this variant, described once (see describe).
+	tables []table
+}
+
+// variant is which of the plan's variants the tables are.
+type variant struct {
 	// draining replaces the TPROXY of new connections with a plain accept
 	// (see Draining).
 	draining bool
 	// overload bypasses or refuses new connections (see Overloaded); it
 	// is OverloadNone when draining.
 	overload Overload
-	// tables is the ruleset of this variant, described once (see describe).
-	tables []table
+	// udpBypass lets new UDP flows cross the bridge untouched (see
+	// UDPBypass); only ever set with UDP ports.
+	udpBypass bool
 }
 
-// newPlan is the plan for a validated cfg in one variant.
-func newPlan(cfg Config, draining bool, overload Overload) *Plan {
-	p := &Plan{cfg: cfg, draining: draining, overload: overload}
+// newPlan is the plan for a validated cfg in variant v.
+func newPlan(cfg Config, v variant) *Plan {
+	p := &Plan{cfg: cfg, variant: v}
 	p.tables = p.describe()
 	return p
 }
@@ -74,6 +97,7 @@ const (
 	maxRouteTable   = 1<<31 - 1
 	maxRulePrio     = 32765 // 32766 is the main table's rule: ours must come first
 	setName         = "tcp_ports"
+	udpSetName      = "udp_ports"
 	chainPrerouting = "prerouting"
 	chainInput      = "input"
 )
@@ -82,8 +106,9 @@ const (
 var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
 
 // NewPlan validates cfg without touching the kernel and returns its Plan.
-// TCPPorts are sorted and deduplicated; BridgeMAC and TCPPorts are copied;
-// a zero BypassTimeout becomes the default (5m).
+// TCPPorts and UDPPorts are sorted and deduplicated; BridgeMAC and the
+// ports are copied; a zero BypassTimeout becomes the default (5m), a zero
+// UDPSessionTimeout its own (60s).
 // Every error names the offending Config field; all problems are reported
 // together.
 func NewPlan(cfg Config) (*Plan, error) {
@@ -91,7 +116,7 @@ func NewPlan(cfg Config) (*Plan, error) {
 	if err := cfg.check(true); err != nil {
 		return nil, err
 	}
-	return newPlan(cfg, false, OverloadNone), nil
+	return newPlan(cfg, variant{}), nil
 }
 
 // Validate checks everything NewPlan checks except BridgeMAC, which comes
@@ -100,13 +125,17 @@ func NewPlan(cfg Config) (*Plan, error) {
 func (cfg Config) Validate() error { return cfg.normalised().check(false) }
 
 // normalised sorts and deduplicates the ports, copies the slices and fills
-// in the default BypassTimeout.
+// in the default timeouts.
 func (cfg Config) normalised() Config {
 	cfg.BridgeMAC = slices.Clone(cfg.BridgeMAC)
 	cfg.TCPPorts = slices.Compact(slices.Sorted(slices.Values(cfg.TCPPorts)))
 	cfg.LingerPorts = minus(slices.Compact(slices.Sorted(slices.Values(cfg.LingerPorts))), cfg.TCPPorts)
+	cfg.UDPPorts = slices.Compact(slices.Sorted(slices.Values(cfg.UDPPorts)))
 	if cfg.BypassTimeout == 0 {
 		cfg.BypassTimeout = defaultBypassTimeout
+	}
+	if cfg.UDPSessionTimeout == 0 {
+		cfg.UDPSessionTimeout = defaultUDPSessionTimeout
 	}
 	return cfg
 }
@@ -176,11 +205,35 @@ func checkNumbers(cfg Config, bad func(field, format string, a ...any)) {
 		// intercepting it too would make the proxy relay to itself.
 		bad("ProxyTCPPort", "%d is also an intercepted port: the proxy would divert to itself", cfg.ProxyTCPPort)
 	}
+	checkUDP(cfg, bad)
 	for _, fe := range Fields(cfg.routing().validate()) {
 		bad(fe.Field, "%w", fe.Err)
 	}
-	if err := validBypassTimeout(cfg.BypassTimeout); err != nil {
+	if err := validFlowTimeout(cfg.BypassTimeout); err != nil {
 		bad("BypassTimeout", "%w", err)
+	}
+	if err := validFlowTimeout(cfg.UDPSessionTimeout); err != nil {
+		bad("UDPSessionTimeout", "%w", err)
+	}
+}
+
+// checkUDP reports, through bad, what is wrong with cfg's UDP ports. UDP
+// and TCP ports are separate spaces: ProxyUDPPort may equal ProxyTCPPort
+// or an intercepted TCP port.
+func checkUDP(cfg Config, bad func(field, format string, a ...any)) {
+	if len(cfg.UDPPorts) == 0 {
+		return // ProxyUDPPort is then unused
+	}
+	if cfg.UDPPorts[0] == 0 {
+		bad("UDPPorts", "port 0 cannot be intercepted")
+	}
+	switch {
+	case cfg.ProxyUDPPort == 0:
+		bad("ProxyUDPPort", "must be set (got 0) when UDP ports are intercepted")
+	case slices.Contains(cfg.UDPPorts, cfg.ProxyUDPPort):
+		// As for TCP: the input chain refuses datagrams to the proxy
+		// port; intercepting it would make the proxy relay to itself.
+		bad("ProxyUDPPort", "%d is also an intercepted UDP port: the proxy would divert to itself", cfg.ProxyUDPPort)
 	}
 }
 
@@ -207,6 +260,7 @@ func (p *Plan) Config() Config {
 	c.BridgeMAC = slices.Clone(c.BridgeMAC)
 	c.TCPPorts = slices.Clone(c.TCPPorts)
 	c.LingerPorts = slices.Clone(c.LingerPorts)
+	c.UDPPorts = slices.Clone(c.UDPPorts)
 	return c
 }
 
@@ -216,7 +270,8 @@ func (p *Plan) redirectPorts() []uint16 {
 	return slices.Sorted(slices.Values(append(slices.Clone(p.cfg.TCPPorts), p.cfg.LingerPorts...)))
 }
 
-// portsFor is the content of the tcp_ports set in the table of family fam.
+// portsFor is the content of the tcp_ports set in the table of family fam
+// (the udp_ports set is UDPPorts in both).
 func (p *Plan) portsFor(fam nftables.TableFamily) []uint16 {
 	if fam == nftables.TableFamilyBridge {
 		return p.redirectPorts()
@@ -229,10 +284,12 @@ func (p *Plan) portsFor(fam nftables.TableFamily) []uint16 {
 // are routed past the proxy, while established proxied flows keep matching
 // the socket rule until they finish. Accepting the SYN explicitly (rather
 // than dropping the rule) keeps it away from the socket rule, which would
-// match the proxy's own TIME_WAIT sockets (see docs/kernel.md#l3-diversion). A draining plan
-// is never overloaded: Draining of an overloaded plan drains.
+// match the proxy's own TIME_WAIT sockets (see docs/kernel.md#l3-diversion).
+// New UDP flows are accepted likewise (routed), while those of the proxy's
+// sessions keep reaching its sockets. A draining plan is never overloaded:
+// Draining of an overloaded plan drains. Its UDPBypass is p's.
 func (p *Plan) Draining() *Plan {
-	return newPlan(p.Config(), true, OverloadNone)
+	return newPlan(p.Config(), variant{draining: true, udpBypass: p.udpBypass})
 }
 
 // IsDraining reports whether p comes from Draining.

@@ -78,6 +78,14 @@ func TestNewPlanValidation(t *testing.T) {
 		{"priority 0", func(c *Config) { c.RulePriority = 0 }, "RulePriority: 0 is out of range"},
 		{"priority main", func(c *Config) { c.RulePriority = 32766 }, "RulePriority: 32766 is out of range"},
 		{"priority negative", func(c *Config) { c.RulePriority = -1 }, "RulePriority: -1 is out of range"},
+		{"udp port 0", func(c *Config) { *c = udpConfig(); c.UDPPorts = []uint16{53, 0} }, "UDPPorts: port 0 cannot be intercepted"},
+		{"udp proxy port 0", func(c *Config) { *c = udpConfig(); c.ProxyUDPPort = 0 }, "ProxyUDPPort: must be set (got 0) when UDP ports are intercepted"},
+		{"udp proxy port intercepted", func(c *Config) { *c = udpConfig(); c.ProxyUDPPort = 4500 },
+			"ProxyUDPPort: 4500 is also an intercepted UDP port: the proxy would divert to itself"},
+		{"udp session timeout negative", func(c *Config) { *c = udpConfig(); c.UDPSessionTimeout = -time.Second }, "UDPSessionTimeout: -1s is out of range 1s..168h0m0s"},
+		{"udp session timeout too long", func(c *Config) { *c = udpConfig(); c.UDPSessionTimeout = 8 * 24 * time.Hour }, "UDPSessionTimeout: 192h0m0s is out of range"},
+		{"udp session timeout fraction", func(c *Config) { *c = udpConfig(); c.UDPSessionTimeout = 1500 * time.Millisecond },
+			"UDPSessionTimeout: 1.5s is not a whole number of seconds"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -117,6 +125,13 @@ func TestNewPlanBoundaries(t *testing.T) {
 		func(c *Config) { c.Bridge = "br0123456789abc" }, // 15 bytes
 		func(c *Config) { c.TCPPorts = []uint16{65535} },
 		func(c *Config) { c.Mark = 0xffffffff },
+		// UDP and TCP ports are separate spaces; without UDP ports the
+		// UDP proxy port is unused.
+		func(c *Config) { *c = udpConfig(); c.ProxyUDPPort = c.ProxyTCPPort },
+		func(c *Config) { *c = udpConfig(); c.ProxyUDPPort = 80 },
+		func(c *Config) { *c = udpConfig(); c.UDPPorts = []uint16{80, 443, 3129} },
+		func(c *Config) { c.ProxyUDPPort = 0 },
+		func(c *Config) { c.ProxyUDPPort = 443; c.UDPSessionTimeout = 7 * 24 * time.Hour },
 	} {
 		cfg := testConfig()
 		mod(&cfg)
@@ -127,19 +142,27 @@ func TestNewPlanBoundaries(t *testing.T) {
 }
 
 func TestNewPlanNormalisesAndCopies(t *testing.T) {
-	cfg := testConfig()
+	cfg := udpConfig()
 	cfg.TCPPorts = []uint16{8080, 443, 80, 443, 8080}
 	p := mustPlan(t, cfg)
 	if got, want := p.Config().TCPPorts, []uint16{80, 443, 8080}; !slices.Equal(got, want) {
 		t.Errorf("TCPPorts = %v, want %v", got, want)
 	}
+	if got, want := p.Config().UDPPorts, []uint16{53, 443, 4500}; !slices.Equal(got, want) {
+		t.Errorf("UDPPorts = %v, want %v", got, want)
+	}
+	if got := p.Config().UDPSessionTimeout; got != 60*time.Second {
+		t.Errorf("default UDPSessionTimeout = %v, want 60s", got)
+	}
 	// The plan must not alias the caller's slices, nor hand out its own.
 	cfg.BridgeMAC[0] = 0xff
 	cfg.TCPPorts[0] = 1
+	cfg.UDPPorts[0] = 1
 	got := p.Config()
 	got.TCPPorts[0] = 2
+	got.UDPPorts[0] = 2
 	got.BridgeMAC[1] = 0xff
-	if c := p.Config(); c.BridgeMAC.String() != "02:42:ac:11:00:02" || c.TCPPorts[0] != 80 {
+	if c := p.Config(); c.BridgeMAC.String() != "02:42:ac:11:00:02" || c.TCPPorts[0] != 80 || c.UDPPorts[0] != 53 {
 		t.Errorf("plan changed through aliasing: %+v", c)
 	}
 	if r := p.Routing(); r != (Routing{Mark: 1, Table: 100, Priority: 1000}) {
@@ -183,13 +206,25 @@ func goldenPlans(t *testing.T) map[string]*Plan {
 	many.Mark = 0xdead0001
 	many.BypassTimeout = 90*time.Minute + 45*time.Second
 	base := mustPlan(t, testConfig())
+	udp := mustPlan(t, udpConfig())
 	return map[string]*Plan{
 		"basic.nft":           base,
 		"draining.nft":        base.Draining(),
 		"many.nft":            mustPlan(t, many),
 		"overload-bypass.nft": base.Overloaded(OverloadBypass),
 		"overload-refuse.nft": base.Overloaded(OverloadRefuse),
+		"udp.nft":             udp,
+		"udp-draining.nft":    udp.Draining(),
+		"udp-bypass.nft":      udp.UDPBypass(true),
 	}
+}
+
+// udpConfig is testConfig intercepting UDP too.
+func udpConfig() Config {
+	cfg := testConfig()
+	cfg.UDPPorts = []uint16{4500, 53, 443, 53}
+	cfg.ProxyUDPPort = 3130
+	return cfg
 }
 
 func TestPlanStringGolden(t *testing.T) {
@@ -255,6 +290,18 @@ func TestNewPlanFieldErrors(t *testing.T) {
 		got = append(got, fe.Field)
 	}
 	if want := []string{"ClientPort", "ProxyTCPPort", "RouteTable"}; !slices.Equal(got, want) {
+		t.Errorf("Fields(%v) = %v, want %v", err, got, want)
+	}
+	cfg = udpConfig()
+	cfg.UDPPorts = append(cfg.UDPPorts, 0)
+	cfg.ProxyUDPPort = 53
+	cfg.UDPSessionTimeout = -time.Minute
+	_, err = NewPlan(cfg)
+	got = nil
+	for _, fe := range Fields(err) {
+		got = append(got, fe.Field)
+	}
+	if want := []string{"UDPPorts", "ProxyUDPPort", "UDPSessionTimeout"}; !slices.Equal(got, want) {
 		t.Errorf("Fields(%v) = %v, want %v", err, got, want)
 	}
 	if Fields(nil) != nil {

@@ -13,9 +13,9 @@ import (
 // when no other table exists. It doubles as ghostwire's dry-run output and
 // parses back with `nft -f`. Owned tables (ApplyOwned) list with an extra
 // "# progname" comment and a "flags owner" line that String does not print,
-// and once traffic has put flows into the bridge table's bypass sets, nft
-// lists them as an "elements = { ... }" line that String does not print
-// either.
+// and once traffic has put flows into the bridge table's flow sets (bypass,
+// udpflows), nft lists them as an "elements = { ... }" line that String
+// does not print either.
 func (p *Plan) String() string {
 	var b strings.Builder
 	for _, t := range p.tables {
@@ -50,7 +50,7 @@ func renderSets(b *strings.Builder, sets []setSpec) {
 	for _, s := range sets {
 		fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.name, s.keyType.Name)
 		if s.dynamic {
-			fmt.Fprintf(b, "\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n", bypassSetSize, nftDuration(s.timeout))
+			fmt.Fprintf(b, "\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n", flowSetSize, nftDuration(s.timeout))
 		}
 		renderPorts(b, s.ports)
 		b.WriteString("\t}\n\n")

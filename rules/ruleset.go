@@ -30,7 +30,7 @@ type table struct {
 type setSpec struct {
 	name    string
 	keyType nftables.SetDatatype // its Name is the type as nft prints it
-	// ports are the elements of a ports set. A dynamic set (a bypass set)
+	// ports are the elements of a ports set. A dynamic set (a flow set)
 	// has none in the plan: the rules fill it, each element lasting
 	// timeout, and nft lists it with size, flags and timeout lines.
 	ports   []uint16
@@ -42,7 +42,7 @@ type setSpec struct {
 func (s setSpec) nftSet(t *nftables.Table) *nftables.Set {
 	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType}
 	if s.dynamic {
-		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, bypassSetSize
+		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, flowSetSize
 	}
 	return set
 }
@@ -120,9 +120,10 @@ type ruleItem interface {
 // emitter collects a rule's expressions. Like nft, it puts the protocol
 // check a header load depends on (`meta protocol ip` before an IPv4 header
 // field in the bridge family, `meta l4proto tcp` before a TCP header
-// field) into the rule once, before the first load that needs it: nft
-// then hides those checks in the listing, and a rule built here compiles
-// to the same bytecode as the same rule loaded with `nft -f`.
+// field, `meta l4proto udp` before a UDP one) into the rule once, before
+// the first load that needs it: nft then hides those checks in the
+// listing, and a rule built here compiles to the same bytecode as the
+// same rule loaded with `nft -f`.
 type emitter struct {
 	family nftables.TableFamily
 	// set resolves a set name to the set the rule refers to (by name and
@@ -130,7 +131,7 @@ type emitter struct {
 	set     func(name string) *nftables.Set
 	exprs   []expr.Any
 	ethType uint16 // the meta protocol checked so far, 0 if none
-	tcp     bool   // meta l4proto tcp checked
+	l4      byte   // the meta l4proto checked so far, 0 if none
 }
 
 func (e *emitter) add(x ...expr.Any) { e.exprs = append(e.exprs, x...) }

@@ -26,10 +26,14 @@ type TablesState struct {
 	// the bridge prerouting chain adds SYNs to a bypass set,
 	// OverloadRefuse if the inet prerouting chain rejects (SYNs).
 	Overload Overload
+	// UDPBypass is true if the rules are a UDPBypass(true) plan's: the
+	// bridge prerouting chain looks flows up in a udpflows set.
+	UDPBypass bool
 }
 
 // Tables reports which of ghostwire's tables named name exist, whether a
-// netlink socket owns them, and which overload mode their rules are in.
+// netlink socket owns them, and which overload mode and UDP bypass switch
+// their rules are in.
 func Tables(c *nftables.Conn, name string) (TablesState, error) {
 	existing, err := listOwn(c, name)
 	if err != nil {
@@ -47,30 +51,39 @@ func Tables(c *nftables.Conn, name string) (TablesState, error) {
 			st.Owned, st.OwnerPortID = true, t.Owner
 		}
 	}
-	if st.Overload, err = overloadOf(c, existing); err != nil {
+	if err := variantOf(c, existing, &st); err != nil {
 		return TablesState{}, fmt.Errorf("reading overload mode of nftables tables %s: %w", name, err)
 	}
 	return st, nil
 }
 
-// overloadOf finds the rules only an overloaded plan has (see bridgeRules
-// and inetPrerouting).
-func overloadOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Table) (Overload, error) {
-	for _, look := range []struct {
-		fam  nftables.TableFamily
-		mode Overload
-		is   func(expr.Any) bool
-	}{
-		{nftables.TableFamilyBridge, OverloadBypass, func(e expr.Any) bool {
-			d, ok := e.(*expr.Dynset)
-			return ok && d.Operation == unix.NFT_DYNSET_OP_ADD
-		}},
-		{nftables.TableFamilyINet, OverloadRefuse, func(e expr.Any) bool {
-			_, ok := e.(*expr.Reject)
-			return ok
-		}},
-	} {
-		t := existing[look.fam]
+// variantOf sets st's Overload and UDPBypass from the rules only those
+// variants have (see bridgeRules, bridgeUDPRules and inetPrerouting).
+func variantOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Table, st *TablesState) error {
+	type look struct {
+		is  func(expr.Any) bool
+		set func()
+	}
+	looks := map[nftables.TableFamily][]look{
+		nftables.TableFamilyBridge: {
+			{func(e expr.Any) bool {
+				d, ok := e.(*expr.Dynset)
+				return ok && d.Operation == unix.NFT_DYNSET_OP_ADD
+			}, func() { st.Overload = OverloadBypass }},
+			{func(e expr.Any) bool {
+				l, ok := e.(*expr.Lookup)
+				return ok && slices.ContainsFunc(ipFamilies[:], func(f ipFamily) bool { return l.SetName == udpFlowSets.name(f) })
+			}, func() { st.UDPBypass = true }},
+		},
+		nftables.TableFamilyINet: {
+			{func(e expr.Any) bool {
+				r, ok := e.(*expr.Reject)
+				return ok && r.Type == unix.NFT_REJECT_TCP_RST
+			}, func() { st.Overload = OverloadRefuse }},
+		},
+	}
+	for _, fam := range families {
+		t := existing[fam]
 		if t == nil {
 			continue
 		}
@@ -79,15 +92,15 @@ func overloadOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Ta
 			continue
 		}
 		if err != nil {
-			return OverloadNone, fmt.Errorf("reading rules of chain %s %s %s: %w", familyName(t.Family), t.Name, chainPrerouting, err)
+			return fmt.Errorf("reading rules of chain %s %s %s: %w", familyName(t.Family), t.Name, chainPrerouting, err)
 		}
-		for _, r := range rules {
-			if slices.ContainsFunc(r.Exprs, look.is) {
-				return look.mode, nil
+		for _, l := range looks[fam] {
+			if slices.ContainsFunc(rules, func(r *nftables.Rule) bool { return slices.ContainsFunc(r.Exprs, l.is) }) {
+				l.set()
 			}
 		}
 	}
-	return OverloadNone, nil
+	return nil
 }
 
 // Check compares the kernel's ghostwire tables with the plan and describes
@@ -182,7 +195,7 @@ func checkChain(c *nftables.Conn, t *nftables.Table, ch chain, have *nftables.Ch
 	return drift, nil
 }
 
-// checkSet compares one set with the plan: a ports set's elements, a bypass
+// checkSet compares one set with the plan: a ports set's elements, a flow
 // set's type, flags, size and timeout (its elements are traffic, not plan).
 func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) ([]string, error) {
 	set, err := c.GetSetByName(t, spec.name)
@@ -193,9 +206,9 @@ func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) (
 		return nil, fmt.Errorf("reading set %s: %w", spec.name, err)
 	}
 	if spec.dynamic {
-		if !spec.fits(set) || set.Size != bypassSetSize || set.Timeout != spec.timeout {
+		if !spec.fits(set) || set.Size != flowSetSize || set.Timeout != spec.timeout {
 			return []string{fmt.Sprintf("%s: set %s differs from plan (type %s; size %d; flags dynamic,timeout; timeout %s)",
-				where, spec.name, spec.keyType.Name, bypassSetSize, nftDuration(spec.timeout))}, nil
+				where, spec.name, spec.keyType.Name, flowSetSize, nftDuration(spec.timeout))}, nil
 		}
 		return nil, nil
 	}

@@ -16,10 +16,11 @@ import (
 // to it. Like the matches, each compiles to what nft generates for its text.
 
 // flowStore is `add @bypass4 { ip saddr . ip daddr . tcp sport . tcp dport }`
-// (update; ip6, bypass6): it records a client frame's flow in its family's
-// bypass set. Add only inserts a new flow; update also restarts the
-// timeout of one already there.
+// (update; ip6, bypass6; udp, udpflows4/6): it records a client frame's
+// flow in its family's set. Add only inserts a new flow; update also
+// restarts the timeout of one already there.
 type flowStore struct {
+	sets   flowSets
 	fam    ipFamily
 	update bool
 }
@@ -29,7 +30,7 @@ func (s flowStore) String() string {
 	if s.update {
 		op = "update"
 	}
-	return fmt.Sprintf("%s @%s { %s }", op, s.fam.set, s.fam.flowKey(false))
+	return fmt.Sprintf("%s @%s { %s }", op, s.sets.name(s.fam), s.fam.flowKey(s.sets.l4, false))
 }
 
 func (s flowStore) emit(e *emitter) {
@@ -37,8 +38,8 @@ func (s flowStore) emit(e *emitter) {
 	if s.update {
 		op = unix.NFT_DYNSET_OP_UPDATE
 	}
-	s.fam.loadFlowKey(e, false)
-	set := e.set(s.fam.set)
+	s.fam.loadFlowKey(e, s.sets.l4, false)
+	set := e.set(s.sets.name(s.fam))
 	e.add(&expr.Dynset{SrcRegKey: s.fam.regs[0], SetName: set.Name, SetID: set.ID, Operation: op})
 }
 
@@ -102,6 +103,16 @@ func (rejectTCPReset) String() string { return "reject with tcp reset" }
 
 func (rejectTCPReset) emit(e *emitter) {
 	e.add(&expr.Reject{Type: unix.NFT_REJECT_TCP_RST, Code: 0})
+}
+
+// rejectPortUnreachable is `reject` in the inet family: an ICMP (ICMPv6)
+// port unreachable, what a host without the port answers to a datagram.
+type rejectPortUnreachable struct{}
+
+func (rejectPortUnreachable) String() string { return "reject" }
+
+func (rejectPortUnreachable) emit(e *emitter) {
+	e.add(&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_PORT_UNREACH})
 }
 
 // accept is the accept verdict.

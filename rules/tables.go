@@ -1,6 +1,10 @@
 package rules
 
-import "github.com/google/nftables"
+import (
+	"time"
+
+	"github.com/google/nftables"
+)
 
 // describe is the plan's ruleset: its bridge table, then its inet table.
 func (p *Plan) describe() []table {
@@ -16,45 +20,120 @@ func (p *Plan) describe() []table {
 }
 
 // sets are the sets of the table of family fam. Every plan variant has the
-// same sets.
+// same sets. The UDP ones come last and only with UDP ports, so a TCP-only
+// plan lists as it did before UDP, and adding or dropping UDP ports
+// rebuilds a table in place (nft lists sets in the order they were made).
 func (p *Plan) sets(fam nftables.TableFamily) []setSpec {
 	specs := []setSpec{{name: setName, keyType: nftables.TypeInetService, ports: p.portsFor(fam)}}
 	if fam == nftables.TableFamilyBridge {
-		for _, f := range ipFamilies {
-			specs = append(specs, setSpec{name: f.set, keyType: f.keyType, dynamic: true, timeout: p.cfg.BypassTimeout})
+		specs = append(specs, flowSetSpecs(bypassSets, p.cfg.BypassTimeout)...)
+	}
+	if len(p.cfg.UDPPorts) > 0 {
+		specs = append(specs, setSpec{name: udpSetName, keyType: nftables.TypeInetService, ports: p.cfg.UDPPorts})
+		if fam == nftables.TableFamilyBridge {
+			specs = append(specs, flowSetSpecs(udpFlowSets, p.cfg.UDPSessionTimeout)...)
 		}
 	}
 	return specs
 }
 
+// flowSetSpecs are the two (IPv4, IPv6) dynamic sets of sets, whose
+// elements last timeout.
+func flowSetSpecs(sets flowSets, timeout time.Duration) []setSpec {
+	var specs []setSpec
+	for _, f := range ipFamilies {
+		specs = append(specs, setSpec{name: sets.name(f), keyType: f.keyType, dynamic: true, timeout: timeout})
+	}
+	return specs
+}
+
+// lift is a rule of items that redirects the frames it matches up to the
+// box's IP stack: destination MAC := br0's, and marked for the host. The
+// rule has no verdict, so later rules still see the frame.
+func (p *Plan) lift(items ...ruleItem) rule {
+	return append(rule(items), etherDaddrSet(p.cfg.BridgeMAC), pktTypeHost{})
+}
+
 // bridgeRules are the rules of the bridge prerouting chain.
 //
-// Bypass first: flows in a bypass set cross the bridge untouched in every
+// With UDP ports, every IP fragment is lifted first (fragmentRules).
+//
+// Bypass next: flows in a bypass set cross the bridge untouched in every
 // plan variant, so an overload's bypassed flows stay bridged after it ends.
 // Each client frame refreshes the entry's timeout. While bypassing, a
 // client's pure SYN to an intercepted port records its flow and is bridged.
 //
 // Then redirect both directions of intercepted flows up to the IP stack:
-// set the destination MAC to br0's and mark the frame for the host.
+// set the destination MAC to br0's and mark the frame for the host. The
+// UDP ones come last (bridgeUDPRules).
 func (p *Plan) bridgeRules() []rule {
 	c := &p.cfg
 	var rules []rule
+	if len(c.UDPPorts) > 0 {
+		rules = append(rules, p.fragmentRules()...)
+	}
 	if p.overload == OverloadBypass {
 		for _, f := range ipFamilies {
-			rules = append(rules, rule{iifname(c.ClientPort), tcpPortIn{tcpDport, setName}, pureSYN{}, flowStore{fam: f}, accept{}})
+			rules = append(rules, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, flowStore{sets: bypassSets, fam: f}, accept{}})
 		}
 	}
 	for _, f := range ipFamilies {
 		rules = append(rules,
-			rule{iifname(c.ClientPort), flowIn{fam: f}, flowStore{fam: f, update: true}, accept{}},
-			rule{iifname(c.ServerPort), flowIn{fam: f, reverse: true}, accept{}},
+			rule{iifname(c.ClientPort), flowIn{sets: bypassSets, fam: f}, flowStore{sets: bypassSets, fam: f, update: true}, accept{}},
+			rule{iifname(c.ServerPort), flowIn{sets: bypassSets, fam: f, reverse: true}, accept{}},
 		)
 	}
 	for _, r := range []struct {
 		port  string
-		field tcpPort
+		field portField
 	}{{c.ClientPort, tcpDport}, {c.ServerPort, tcpSport}} {
-		rules = append(rules, rule{iifname(r.port), tcpPortIn{r.field, setName}, etherDaddrSet(c.BridgeMAC), pktTypeHost{}})
+		rules = append(rules, p.lift(iifname(r.port), portIn{r.field, setName}))
+	}
+	if len(c.UDPPorts) > 0 {
+		rules = append(rules, p.bridgeUDPRules()...)
+	}
+	return rules
+}
+
+// fragmentRules lift every IP fragment arriving on either bridge port to
+// the box. Only a datagram's first fragment carries the UDP header, so the
+// port rules would lift it and bridge the rest past the box: the datagram
+// would be lost on both sides. Lifted, the fragments are reassembled
+// (the defrag the inet table's tproxy and socket expressions turn on)
+// before the inet table sees the datagram, which is then proxied or, not
+// intercepted, routed (TTL-1) instead of bridged. They come first, and
+// have no verdict, so a first fragment that a later rule accepts (a
+// bypassed flow's) still goes up with the rest of its datagram.
+func (p *Plan) fragmentRules() []rule {
+	var rules []rule
+	for _, f := range ipFamilies {
+		for _, port := range []string{p.cfg.ClientPort, p.cfg.ServerPort} {
+			rules = append(rules, p.lift(iifname(port), fragment{f}))
+		}
+	}
+	return rules
+}
+
+// bridgeUDPRules redirect datagrams to and from intercepted UDP ports. A
+// client's datagram records its flow in the udpflows sets. Under
+// UDPBypass only the recorded flows are redirected (both ways; client
+// frames refresh them) and every other datagram to an intercepted port is
+// accepted, i.e. bridged untouched.
+func (p *Plan) bridgeUDPRules() []rule {
+	c := &p.cfg
+	var rules []rule
+	if !p.udpBypass {
+		for _, f := range ipFamilies {
+			rules = append(rules, p.lift(iifname(c.ClientPort), portIn{udpDport, udpSetName}, flowStore{sets: udpFlowSets, fam: f, update: true}))
+		}
+		return append(rules, p.lift(iifname(c.ServerPort), portIn{udpSport, udpSetName}))
+	}
+	for _, f := range ipFamilies {
+		rules = append(rules, p.lift(iifname(c.ClientPort), flowIn{sets: udpFlowSets, fam: f}, flowStore{sets: udpFlowSets, fam: f, update: true}))
+	}
+	rules = append(rules, rule{iifname(c.ClientPort), portIn{udpDport, udpSetName}, accept{}})
+	for _, f := range ipFamilies {
+		rules = append(rules, p.lift(iifname(c.ServerPort), flowIn{sets: udpFlowSets, fam: f, reverse: true}))
 	}
 	return rules
 }
@@ -62,10 +141,12 @@ func (p *Plan) bridgeRules() []rule {
 // inetPrerouting are the rules of the inet prerouting chain. Order matters
 // (KERNEL.md §2): traffic to the box itself first, then pure SYNs to
 // TPROXY, and only then the socket rule, which would otherwise send a
-// reused client port's SYN to a TIME_WAIT socket.
+// reused client port's SYN to a TIME_WAIT socket. UDP comes after TCP:
+// datagrams of the proxy's sessions to their sockets first, then new
+// flows to the UDP listener (routed through while draining).
 func (p *Plan) inetPrerouting() []rule {
 	c := &p.cfg
-	syn := rule{iifname(c.Bridge), tcpPortIn{tcpDport, setName}, pureSYN{}}
+	syn := rule{iifname(c.Bridge), portIn{tcpDport, setName}, pureSYN{}}
 	switch {
 	case p.draining:
 		syn = append(syn, accept{})
@@ -75,15 +156,31 @@ func (p *Plan) inetPrerouting() []rule {
 		// OverloadBypass too: SYNs it lets through never reach this table.
 		syn = append(syn, tproxyTo(c.ProxyTCPPort), markSet(c.Mark), accept{})
 	}
-	return []rule{
+	rules := []rule{
 		{fibLocal{}, accept{}},
 		syn,
-		{l4protoTCP{}, socketTransparent{}, markSet(c.Mark), accept{}},
+		{l4protoIs(l4TCP), socketTransparent{}, markSet(c.Mark), accept{}},
 	}
+	if len(c.UDPPorts) == 0 {
+		return rules
+	}
+	udp := rule{iifname(c.Bridge), portIn{udpDport, udpSetName}}
+	if p.draining {
+		udp = append(udp, accept{})
+	} else {
+		// UDPBypass too: the flows it lets through never reach this table.
+		udp = append(udp, tproxyTo(c.ProxyUDPPort), markSet(c.Mark), accept{})
+	}
+	return append(rules, rule{l4protoIs(l4UDP), socketTransparent{}, markSet(c.Mark), accept{}}, udp)
 }
 
-// inetInput refuses direct connections to the proxy port: diverted SYNs
-// keep their original destination port, so they never match.
+// inetInput refuses direct connections to the proxy port (and datagrams to
+// the UDP proxy port, with ICMP port unreachable): diverted packets keep
+// their original destination port, so they never match.
 func (p *Plan) inetInput() []rule {
-	return []rule{{tcpPortIs{tcpDport, p.cfg.ProxyTCPPort}, fibLocal{}, rejectTCPReset{}}}
+	rules := []rule{{portIs{tcpDport, p.cfg.ProxyTCPPort}, fibLocal{}, rejectTCPReset{}}}
+	if len(p.cfg.UDPPorts) > 0 {
+		rules = append(rules, rule{portIs{udpDport, p.cfg.ProxyUDPPort}, fibLocal{}, rejectPortUnreachable{}})
+	}
+	return rules
 }
