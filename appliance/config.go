@@ -40,6 +40,9 @@ type BridgeConfig struct {
 
 type InterceptConfig struct {
 	TCPPorts []int `mapstructure:"tcp_ports"`
+	// UDPPorts are the UDP destination ports whose datagrams are relayed by
+	// the proxy; empty (the default) intercepts no UDP.
+	UDPPorts []int `mapstructure:"udp_ports"`
 }
 
 type ProxyConfig struct {
@@ -56,6 +59,15 @@ type ProxyConfig struct {
 	// Overload is what happens to new connections at the limit: "bypass"
 	// (bridged untouched) or "refuse" (reset).
 	Overload string `mapstructure:"overload"`
+	// UDPPort is the port of the proxy's transparent UDP listener (TCP and
+	// UDP ports are separate: it may equal TCPPort).
+	UDPPort int `mapstructure:"udp_port"`
+	// UDPIdleTimeout ends a UDP session with no datagram either way for
+	// this long; the bridge remembers a UDP flow as long.
+	UDPIdleTimeout time.Duration `mapstructure:"udp_idle_timeout"`
+	// MaxUDPSessions is how many UDP sessions the proxy keeps at once; at
+	// the limit new UDP flows cross the bridge untouched.
+	MaxUDPSessions int `mapstructure:"max_udp_sessions"`
 }
 
 type RoutingConfig struct {
@@ -71,24 +83,28 @@ type LogConfig struct {
 // defaults are also the list of keys viper knows, which is what makes
 // GHOSTWIRE_* environment variables reach every key.
 var defaults = map[string]any{
-	"bridge.name":           "br0",
-	"bridge.client_nic":     "",
-	"bridge.server_nic":     "",
-	"bridge.addresses":      []string{},
-	"bridge.routes":         []string{},
-	"intercept.tcp_ports":   []int{80, 443},
-	"proxy.tcp_port":        9876,
-	"proxy.connect_timeout": "5s",
-	"proxy.idle_timeout":    "5m",
-	"proxy.shutdown_grace":  "30s",
-	"proxy.max_connections": 0,
-	"proxy.receive_buffer":  "4MiB",
-	"proxy.overload":        "bypass",
-	"routing.mark":          1,
-	"routing.table":         100,
-	"routing.priority":      1000,
-	"log.level":             "info",
-	"state_file":            "/var/lib/ghostwire/state.json",
+	"bridge.name":            "br0",
+	"bridge.client_nic":      "",
+	"bridge.server_nic":      "",
+	"bridge.addresses":       []string{},
+	"bridge.routes":          []string{},
+	"intercept.tcp_ports":    []int{80, 443},
+	"intercept.udp_ports":    []int{},
+	"proxy.tcp_port":         9876,
+	"proxy.connect_timeout":  "5s",
+	"proxy.idle_timeout":     "5m",
+	"proxy.shutdown_grace":   "30s",
+	"proxy.max_connections":  0,
+	"proxy.receive_buffer":   "4MiB",
+	"proxy.overload":         "bypass",
+	"proxy.udp_port":         9877,
+	"proxy.udp_idle_timeout": "60s",
+	"proxy.max_udp_sessions": 65536,
+	"routing.mark":           1,
+	"routing.table":          100,
+	"routing.priority":       1000,
+	"log.level":              "info",
+	"state_file":             "/var/lib/ghostwire/state.json",
 }
 
 // Load reads the config file (if path is not empty), then GHOSTWIRE_* env
@@ -211,10 +227,15 @@ func (c *Config) Validate() error {
 		bad("intercept.tcp_ports is empty: nothing to intercept")
 	}
 	portsOK := true
-	for _, p := range c.Intercept.TCPPorts {
-		if p < 1 || p > 65535 {
-			bad("intercept.tcp_ports: port %d is outside 1-65535", p)
-			portsOK = false
+	for _, ports := range []struct {
+		key   string
+		ports []int
+	}{{"intercept.tcp_ports", c.Intercept.TCPPorts}, {"intercept.udp_ports", c.Intercept.UDPPorts}} {
+		for _, p := range ports.ports {
+			if !validPort(p) {
+				bad("%s: port %d is outside 1-65535", ports.key, p)
+				portsOK = false
+			}
 		}
 	}
 	c.checkProxy(bad)
@@ -222,7 +243,7 @@ func (c *Config) Validate() error {
 	// rules (without the bridge's MAC, which the kernel supplies later),
 	// and said here in config keys. Numbers that do not fit its types
 	// were refused above.
-	if portsOK && c.Proxy.TCPPort >= 1 && c.Proxy.TCPPort <= 65535 {
+	if portsOK && validPort(c.Proxy.TCPPort) && validPort(c.Proxy.UDPPort) {
 		if err := c.RulesConfig(nil).Validate(); err != nil {
 			// The interface names are the bridge spec's to report (the
 			// same rule, bridge.ValidIfName, checked above).
@@ -238,15 +259,26 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// validPort is a port number a config key may hold.
+func validPort(p int) bool { return p >= 1 && p <= 65535 }
+
 // checkProxy reports, through bad, what is wrong with the proxy section.
 func (c *Config) checkProxy(bad func(format string, a ...any)) {
-	if c.Proxy.TCPPort < 1 || c.Proxy.TCPPort > 65535 {
-		bad("proxy.tcp_port: %d is outside 1-65535", c.Proxy.TCPPort)
+	for _, p := range []struct {
+		key  string
+		port int
+	}{{"proxy.tcp_port", c.Proxy.TCPPort}, {"proxy.udp_port", c.Proxy.UDPPort}} {
+		if !validPort(p.port) {
+			bad("%s: %d is outside 1-65535", p.key, p.port)
+		}
 	}
 	for _, d := range []struct {
 		key string
 		v   time.Duration
-	}{{"proxy.connect_timeout", c.Proxy.ConnectTimeout}, {"proxy.idle_timeout", c.Proxy.IdleTimeout}, {"proxy.shutdown_grace", c.Proxy.ShutdownGrace}} {
+	}{
+		{"proxy.connect_timeout", c.Proxy.ConnectTimeout}, {"proxy.idle_timeout", c.Proxy.IdleTimeout},
+		{"proxy.shutdown_grace", c.Proxy.ShutdownGrace}, {"proxy.udp_idle_timeout", c.Proxy.UDPIdleTimeout},
+	} {
 		if d.v <= 0 {
 			bad("%s: %s must be positive", d.key, d.v)
 		}
@@ -256,6 +288,9 @@ func (c *Config) checkProxy(bad func(format string, a ...any)) {
 	}
 	if c.Proxy.MaxConnections < 0 {
 		bad("proxy.max_connections: %d must be 0 (derived from the fd limit) or positive", c.Proxy.MaxConnections)
+	}
+	if c.Proxy.MaxUDPSessions < 1 {
+		bad("proxy.max_udp_sessions: %d must be at least 1", c.Proxy.MaxUDPSessions)
 	}
 	if _, err := rules.ParseOverload(c.Proxy.Overload); err != nil {
 		bad("proxy.overload: %q must be bypass (new connections cross the bridge untouched) or refuse (they are reset)", c.Proxy.Overload)
@@ -301,26 +336,42 @@ func (c *Config) BridgeSpec() (bridge.Spec, error) {
 
 // RulesConfig is the rules package's view; the bridge MAC comes from the kernel.
 func (c *Config) RulesConfig(mac []byte) rules.Config {
-	ports := make([]uint16, 0, len(c.Intercept.TCPPorts))
-	for _, p := range c.Intercept.TCPPorts {
-		ports = append(ports, uint16(p))
-	}
-	slices.Sort(ports)
 	return rules.Config{
 		Name:         "ghostwire",
 		Bridge:       c.Bridge.Name,
 		ClientPort:   c.Bridge.ClientNIC,
 		ServerPort:   c.Bridge.ServerNIC,
 		BridgeMAC:    mac,
-		TCPPorts:     slices.Compact(ports),
+		TCPPorts:     ports16(c.Intercept.TCPPorts),
 		ProxyTCPPort: uint16(c.Proxy.TCPPort),
 		Mark:         c.Routing.Mark,
 		RouteTable:   c.Routing.Table,
 		RulePriority: c.Routing.Priority,
 		// A bypassed flow is remembered as long as a proxied one may idle
 		// (within what rules accepts: whole seconds, at most a week).
-		BypassTimeout: min(max(c.Proxy.IdleTimeout.Round(time.Second), time.Second), 7*24*time.Hour),
+		BypassTimeout: flowTimeout(c.Proxy.IdleTimeout.Round(time.Second)),
+		UDPPorts:      ports16(c.Intercept.UDPPorts),
+		ProxyUDPPort:  uint16(c.Proxy.UDPPort),
+		// The bridge remembers a UDP flow at least as long as the proxy
+		// keeps its session (rounded up to whole seconds), so under
+		// UDPBypass an idle but live session keeps its diversion.
+		UDPSessionTimeout: flowTimeout((c.Proxy.UDPIdleTimeout + time.Second - 1).Truncate(time.Second)),
 	}
+}
+
+// flowTimeout is d, whole seconds, within what rules accepts for a flow
+// set's timeout (1s to a week).
+func flowTimeout(d time.Duration) time.Duration { return min(max(d, time.Second), 7*24*time.Hour) }
+
+// ports16 is ports as rules takes them, sorted and deduplicated; Validate
+// has checked they fit.
+func ports16(ports []int) []uint16 {
+	out := make([]uint16, 0, len(ports))
+	for _, p := range ports {
+		out = append(out, uint16(p))
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // LogLevel parses log.level.

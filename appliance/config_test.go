@@ -3,6 +3,7 @@ package appliance
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -93,6 +94,16 @@ func TestLoadRefusals(t *testing.T) {
 		{"quote in NIC name", "client_nic: lan0", `client_nic: "la\"n0"`, "a quote"},
 		{"long bridge name", "name: br0", "name: averyveryverylongbridge", "longer than 15"},
 		{"log level", "routing:", "log:\n  level: loud\nrouting:", `log.level: "loud"`},
+		{"udp port 0", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_ports: [53, 0]", "intercept.udp_ports: port 0 is outside 1-65535"},
+		{"udp port too big", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_ports: [65536]", "intercept.udp_ports: port 65536 is outside 1-65535"},
+		{"udp proxy port 0", "tcp_port: 9876", "tcp_port: 9876\n  udp_port: 0", "proxy.udp_port: 0 is outside 1-65535"},
+		{"udp proxy port too big", "tcp_port: 9876", "tcp_port: 9876\n  udp_port: 70000", "proxy.udp_port: 70000 is outside 1-65535"},
+		{"udp proxy port intercepted", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_ports: [53, 9877]",
+			"proxy.udp_port: 9877 is also an intercepted UDP port: the proxy would divert to itself"},
+		{"negative udp idle timeout", "idle_timeout: 1m", "idle_timeout: 1m\n  udp_idle_timeout: -1s", "proxy.udp_idle_timeout: -1s must be positive"},
+		{"zero udp idle timeout", "idle_timeout: 1m", "idle_timeout: 1m\n  udp_idle_timeout: 0s", "proxy.udp_idle_timeout: 0s must be positive"},
+		{"zero max udp sessions", "idle_timeout: 1m", "idle_timeout: 1m\n  max_udp_sessions: 0", "proxy.max_udp_sessions: 0 must be at least 1"},
+		{"negative max udp sessions", "idle_timeout: 1m", "idle_timeout: 1m\n  max_udp_sessions: -5", "proxy.max_udp_sessions: -5 must be at least 1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			body := strings.Replace(goodYAML, tc.old, tc.new, 1)
@@ -157,5 +168,65 @@ func TestMaxConnsAgainstFDLimit(t *testing.T) {
 	c.Proxy.MaxConnections = 1 << 29 // more than any fd limit carries
 	if _, err := maxConns(c); err == nil || !strings.Contains(err.Error(), "raise LimitNOFILE or set at most") {
 		t.Errorf("max_connections 2^29: err = %v, want a refusal naming LimitNOFILE", err)
+	}
+}
+
+func TestUDPKeys(t *testing.T) {
+	c, err := Load(writeConfig(t, goodYAML), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Intercept.UDPPorts) != 0 || c.Proxy.UDPPort != 9877 || c.Proxy.UDPIdleTimeout != time.Minute || c.Proxy.MaxUDPSessions != 65536 {
+		t.Errorf("defaults: udp_ports %v, udp_port %d, udp_idle_timeout %v, max_udp_sessions %d; want [], 9877, 1m0s, 65536",
+			c.Intercept.UDPPorts, c.Proxy.UDPPort, c.Proxy.UDPIdleTimeout, c.Proxy.MaxUDPSessions)
+	}
+	if rc := c.RulesConfig(nil); len(rc.UDPPorts) != 0 || rc.ProxyUDPPort != 9877 || rc.UDPSessionTimeout != time.Minute {
+		t.Errorf("RulesConfig without UDP: %+v", rc)
+	}
+
+	// TCP and UDP ports are separate spaces: the UDP proxy port may be
+	// the TCP one, and a port may be intercepted for both.
+	t.Setenv("GHOSTWIRE_PROXY_UDP_PORT", "9876")
+	c, err = Load(writeConfig(t, strings.Replace(goodYAML, "idle_timeout: 1m", "idle_timeout: 1m\n  udp_idle_timeout: 1500ms\n  max_udp_sessions: 10", 1)),
+		map[string]any{"intercept.udp_ports": []int{4500, 53, 80, 53}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := c.RulesConfig(nil)
+	if !slices.Equal(rc.UDPPorts, []uint16{53, 80, 4500}) || rc.ProxyUDPPort != 9876 || c.Proxy.MaxUDPSessions != 10 {
+		t.Errorf("RulesConfig UDP ports %v, proxy port %d, max_udp_sessions %d; want [53 80 4500], 9876, 10", rc.UDPPorts, rc.ProxyUDPPort, c.Proxy.MaxUDPSessions)
+	}
+	// The bridge remembers a flow at least as long as the proxy's session.
+	for idle, want := range map[time.Duration]time.Duration{
+		1500 * time.Millisecond: 2 * time.Second,
+		time.Millisecond:        time.Second,
+		90 * time.Second:        90 * time.Second,
+		30 * 24 * time.Hour:     7 * 24 * time.Hour,
+	} {
+		c.Proxy.UDPIdleTimeout = idle
+		if got := c.RulesConfig(nil).UDPSessionTimeout; got != want {
+			t.Errorf("udp_idle_timeout %v: UDPSessionTimeout %v, want %v", idle, got, want)
+		}
+	}
+}
+
+// Which keys a reload may change: the intercepted UDP ports, the UDP idle
+// timeout and the session limit do; the UDP proxy port (its listener) does
+// not.
+func TestLiveChangeableUDP(t *testing.T) {
+	old, err := Load(writeConfig(t, goodYAML), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := *old
+	c.Intercept.UDPPorts = []int{53, 443}
+	c.Proxy.UDPIdleTimeout = 5 * time.Minute
+	c.Proxy.MaxUDPSessions = 1000
+	if err := liveChangeable(old, &c); err != nil {
+		t.Errorf("UDP ports, idle timeout and session limit refused on reload: %v", err)
+	}
+	c.Proxy.UDPPort = 5000
+	if err := liveChangeable(old, &c); err == nil || !strings.Contains(err.Error(), "proxy.udp_port cannot change on reload (9877 -> 5000): restart ghostwire") {
+		t.Errorf("a new proxy.udp_port on reload: %v; want a refusal naming the key", err)
 	}
 }

@@ -98,6 +98,12 @@ func ruleKey(field string) string {
 		return "routing.priority"
 	case "BypassTimeout":
 		return "proxy.idle_timeout"
+	case "UDPPorts":
+		return "intercept.udp_ports"
+	case "ProxyUDPPort":
+		return "proxy.udp_port"
+	case "UDPSessionTimeout":
+		return "proxy.udp_idle_timeout"
 	}
 	return "rules " + field // Name and LingerPorts are ghostwire's own, not configured
 }

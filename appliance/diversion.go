@@ -64,13 +64,14 @@ func lingering(old *rules.Plan, p *proxy.Proxy) []uint16 {
 }
 
 // overloadPlan is plan as the diversion must be now: while the proxy is
-// overloaded, new connections bypass it or are refused (proxy.overload).
-// plan itself is always the normal variant.
+// overloaded, new connections bypass it or are refused (proxy.overload);
+// while it is at proxy.max_udp_sessions, new UDP flows bypass it (UDP has
+// no refusal). plan itself is always the normal variant.
 func (s *session) overloadPlan(plan *rules.Plan) *rules.Plan {
-	if !s.p.Overloaded() {
-		return plan
+	if s.p.Overloaded() {
+		plan = plan.Overloaded(s.cfg.overload())
 	}
-	return plan.Overloaded(s.cfg.overload())
+	return plan.UDPBypass(s.p.Stats().UDPOverloaded)
 }
 
 // shrinkLinger drops lingering ports whose last proxied connection ended.

@@ -21,6 +21,7 @@ var planFacts = map[string]func() provision.Facts{
 	"v4v6-routes":        freshBox,
 	"minimal":            func() provision.Facts { return withoutBrNetfilter(freshBox()) },
 	"reapply":            provisionedBox,
+	"udp":                freshBox,
 	"refuse-addresses":   addressedNICs,
 	"refuse-missing-nic": freshBox,
 	"refuse-enslaved": func() provision.Facts {

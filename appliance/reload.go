@@ -20,11 +20,13 @@ func (s *session) reload() {
 	}
 	s.cfg, s.plan = cfg, plan
 	s.r.Logger.Info("reloaded", "tcp_ports", cfg.Intercept.TCPPorts, "lingering", plan.Config().LingerPorts,
-		"idle_timeout", cfg.Proxy.IdleTimeout, "log_level", cfg.Log.Level)
+		"udp_ports", cfg.Intercept.UDPPorts, "idle_timeout", cfg.Proxy.IdleTimeout, "udp_idle_timeout", cfg.Proxy.UDPIdleTimeout,
+		"log_level", cfg.Log.Level)
 }
 
-// reloaded applies what can change live (intercepted ports, timeouts, log
-// level) and refuses the rest, returning the new config and its plan.
+// reloaded applies what can change live (intercepted TCP and UDP ports,
+// timeouts, limits, log level) and refuses the rest, returning the new
+// config and its plan.
 func (s *session) reloaded() (*Config, *rules.Plan, error) {
 	cfg, err := Load(s.r.Path, s.r.Overrides)
 	if err != nil {
@@ -45,6 +47,7 @@ func (s *session) reloaded() (*Config, *rules.Plan, error) {
 		return nil, nil, fmt.Errorf("replacing diversion: %w", err)
 	}
 	s.p.SetTimeouts(cfg.Proxy.ConnectTimeout, cfg.Proxy.IdleTimeout)
+	s.p.SetUDP(cfg.Proxy.UDPIdleTimeout, cfg.Proxy.MaxUDPSessions)
 	s.p.SetRefuseOverload(cfg.overload() == rules.OverloadRefuse)
 	s.p.SetMaxConns(n)
 	lvl, _ := cfg.LogLevel()
@@ -62,6 +65,7 @@ func liveChangeable(old, cfg *Config) error {
 	}
 	fixed("bridge", old.Bridge, cfg.Bridge)
 	fixed("proxy.tcp_port", old.Proxy.TCPPort, cfg.Proxy.TCPPort)
+	fixed("proxy.udp_port", old.Proxy.UDPPort, cfg.Proxy.UDPPort)
 	fixed("proxy.receive_buffer", old.Proxy.ReceiveBuffer, cfg.Proxy.ReceiveBuffer)
 	fixed("routing", old.Routing, cfg.Routing)
 	fixed("state_file", old.StateFile, cfg.StateFile)
