@@ -36,6 +36,11 @@ type Status struct {
 	// BypassedFlows are connections an overload sent across the bridge
 	// untouched, remembered so they stay bridged for their whole life.
 	BypassedFlows int
+	// UDP says the config intercepts UDP ports; UDPFlows are then the UDP
+	// flows the bridge has seen a client datagram of within the UDP idle
+	// timeout (its udpflows sets): the sessions the proxy relays.
+	UDP      bool
+	UDPFlows int
 }
 
 func (s *Status) String() string {
@@ -51,6 +56,12 @@ func (s *Status) String() string {
 	}
 	if s.BypassedFlows > 0 {
 		fmt.Fprintf(&b, "bypassed flows: %d (crossing the bridge untouched since an overload)\n", s.BypassedFlows)
+	}
+	if s.UDP {
+		fmt.Fprintf(&b, "udp sessions (seen within udp_idle_timeout): %d\n", s.UDPFlows)
+	}
+	if s.Tables.UDPBypass {
+		b.WriteString("udp: at proxy.max_udp_sessions: new UDP flows cross the bridge untouched\n")
 	}
 	if s.Mode == NotProvisioned {
 		return b.String()
@@ -75,10 +86,15 @@ func (b *Box) Status(d *Desired, f Facts, stateFile string) (*Status, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading nftables state: %w", err)
 	}
-	s := &Status{Tables: ts, Mode: mode(st != nil, ts)}
+	s := &Status{Tables: ts, Mode: mode(st != nil, ts), UDP: d.Rules != nil && len(d.Rules.Config().UDPPorts) > 0}
 	if ts.Bridge {
 		if s.BypassedFlows, err = rules.BypassedFlows(b.NFT, d.Tables); err != nil {
 			return nil, fmt.Errorf("reading bypassed flows: %w", err)
+		}
+		if s.UDP {
+			if s.UDPFlows, err = rules.UDPFlows(b.NFT, d.Tables); err != nil {
+				return nil, fmt.Errorf("reading UDP flows: %w", err)
+			}
 		}
 	}
 	if st == nil {
@@ -114,7 +130,8 @@ func mode(provisioned bool, ts rules.TablesState) Mode {
 
 // drift lists how the kernel differs from d: the bridge, the sysctls, the
 // policy routing the state file recorded, and, when the bridge is in place,
-// the diversion's tables in the variant they are in.
+// the diversion's tables in the variant they are in (overload and UDP
+// bypass).
 func (b *Box) drift(d *Desired, f Facts, st *State, ts rules.TablesState) ([]string, error) {
 	drift, err := d.Bridge.Check(b.Netlink, f.Links)
 	if err != nil {
@@ -133,7 +150,7 @@ func (b *Box) drift(d *Desired, f Facts, st *State, ts rules.TablesState) ([]str
 	}
 	drift = append(drift, rdrift...)
 	if (ts.Bridge || ts.Inet) && bridgeDrift == 0 && d.Rules != nil {
-		tdrift, err := d.Rules.Overloaded(ts.Overload).Check(b.NFT)
+		tdrift, err := d.Rules.Overloaded(ts.Overload).UDPBypass(ts.UDPBypass).Check(b.NFT)
 		if err != nil {
 			return nil, fmt.Errorf("checking nftables diversion: %w", err)
 		}
