@@ -44,4 +44,3 @@ func TestStatusStringUDP(t *testing.T) {
 		})
 	}
 }
-
