@@ -18,6 +18,8 @@ func logStats(log *slog.Logger, p *proxy.Proxy) {
 		"active", st.Active, "accepted", st.Accepted, "refused", st.Refused,
 		"dial_failed", st.DialFailed, "bytes_up", st.BytesUp, "bytes_down", st.BytesDown,
 		"overloaded", st.Overloaded, "overload_refused", st.OverloadRefused,
+		"udp_sessions", st.UDPSessions, "udp_sessions_total", st.UDPSessionsTotal,
+		"udp_port_fallbacks", st.UDPPortFallbacks, "udp_overloaded", st.UDPOverloaded, "udp_dropped", st.UDPDropped,
 		"goroutines", runtime.NumGoroutine())
 }
 
@@ -33,6 +35,11 @@ func proxyConfig(cfg *Config, log *slog.Logger) (proxy.Config, error) {
 		MaxConns:       n,
 		ReceiveBuffer:  int(cfg.Proxy.ReceiveBuffer),
 		RefuseOverload: cfg.overload() == rules.OverloadRefuse,
+		// The UDP listener is open even with no UDP port intercepted, so
+		// a reload can start intercepting some.
+		UDPPort:        uint16(cfg.Proxy.UDPPort),
+		UDPIdleTimeout: cfg.Proxy.UDPIdleTimeout,
+		MaxUDPSessions: cfg.Proxy.MaxUDPSessions,
 		Logger:         log,
 	}, nil
 }

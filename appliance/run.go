@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"runtime"
 	"os/signal"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -73,7 +73,8 @@ func (r *Runner) Run(ctx context.Context) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.p.Serve(ctx) }()
 	r.Logger.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort,
-		"max_connections", pcfg.MaxConns, "overload", cfg.Proxy.Overload, "conn_memory_bound_bytes", connMemoryBound(cfg, r.Logger))
+		"max_connections", pcfg.MaxConns, "overload", cfg.Proxy.Overload, "conn_memory_bound_bytes", connMemoryBound(cfg, r.Logger),
+		"udp_ports", cfg.Intercept.UDPPorts, "udp_port", cfg.Proxy.UDPPort, "max_udp_sessions", cfg.Proxy.MaxUDPSessions)
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	return s.loop(ctx, sigs, serveErr)
 }
