@@ -221,6 +221,7 @@ func (b *bench) checkUDPPath(ctx context.Context, mode string) error {
 		return fmt.Errorf("UDP path check: %s: the datagram arrived with TTL %d, want %d (sent with %d)", mode, ex.ttl, wantTTL, udpCheckTTL)
 	}
 	if mode != modeDivert {
+		fmt.Fprintf(os.Stderr, "  UDP path: no socket of %s:%d in the box, TTL %d at the server (bridged)\n", clientIP4, ex.clientPort, ex.ttl)
 		return nil
 	}
 	var fwd int64
@@ -232,6 +233,8 @@ func (b *bench) checkUDPPath(ctx context.Context, mode string) error {
 	if err != nil {
 		return fmt.Errorf("UDP path check: divert: %w (forwarded %d datagrams)", err, fwd)
 	}
+	fmt.Fprintf(os.Stderr, "  UDP path: no socket of %s:%d in the box, TTL %d at the server, %d datagram(s) forwarded (routed)\n",
+		clientIP4, ex.clientPort, ex.ttl, fwd)
 	return nil
 }
 
@@ -386,7 +389,7 @@ func (b *bench) measureUDPMemory(ctx context.Context, round int, mode string) er
 		return fmt.Errorf("starting the UDP echo server: %w", err)
 	}
 	defer stopProcess(echo, 5*time.Second)
-	warm, err := b.udpSessions(ctx, udpWarmup)
+	warm, _, err := b.udpSessions(ctx, udpWarmup)
 	defer closeFDs(warm)
 	if err != nil {
 		return fmt.Errorf("warm-up: %w", err)
@@ -401,7 +404,7 @@ func (b *bench) measureUDPMemory(ctx context.Context, round int, mode string) er
 	}
 	n := b.o.udpSessions
 	t0 := time.Now()
-	fds, err := b.udpSessions(ctx, n)
+	fds, resent, err := b.udpSessions(ctx, n)
 	defer closeFDs(fds)
 	if err != nil {
 		return fmt.Errorf("opening %d UDP sessions: %w; the proxy's stderr ends: %s", n, err, tail(b.proxy.Stderr(), 600))
@@ -442,8 +445,8 @@ func (b *bench) measureUDPMemory(ctx context.Context, round int, mode string) er
 	}
 	per := float64(rss1-rss0) / float64(n)
 	b.add(sample{Round: round, Mode: mode, Workload: wlUDPMemPer, Unit: "KiB", Value: per,
-		Note: fmt.Sprintf("RSS %d -> %d KiB, %d sessions opened in %.1fs, measured %.0fs after the first",
-			rss0, rss1, n, opened.Seconds(), age.Seconds())})
+		Note: fmt.Sprintf("RSS %d -> %d KiB, %d sessions opened in %.1fs (%d datagrams re-sent after 500 ms without an echo), measured %.0fs after the first",
+			rss0, rss1, n, opened.Seconds(), resent, age.Seconds())})
 	return nil
 }
 
@@ -456,10 +459,11 @@ func closeFDs(fds []int) {
 // udpSessions creates n UDP sockets in the client namespace, then from 64
 // goroutines has each exchange one datagram with the echo server (up to
 // five tries, 500 ms each): every socket that got its echo back is a
-// session in the proxy. The sockets are returned open, idle.
-func (b *bench) udpSessions(ctx context.Context, n int) ([]int, error) {
-	fds := make([]int, 0, n)
-	err := b.lab.Client.Do(func() error {
+// session in the proxy. The sockets are returned open, idle, with how
+// many datagrams had to be sent again.
+func (b *bench) udpSessions(ctx context.Context, n int) (fds []int, resent int64, err error) {
+	fds = make([]int, 0, n)
+	err = b.lab.Client.Do(func() error {
 		for range n {
 			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
 			if err != nil {
@@ -470,11 +474,12 @@ func (b *bench) udpSessions(ctx context.Context, n int) ([]int, error) {
 		return nil
 	})
 	if err != nil {
-		return fds, err
+		return fds, 0, err
 	}
 	dst := &unix.SockaddrInet4{Port: udpPort, Addr: netip.MustParseAddr(serverIP4).As4()}
 	var (
 		next   atomic.Int64
+		again  atomic.Int64
 		wg     sync.WaitGroup
 		mu     sync.Mutex
 		first  error
@@ -494,7 +499,9 @@ func (b *bench) udpSessions(ctx context.Context, n int) ([]int, error) {
 				if i >= len(fds) {
 					return
 				}
-				if err := echoOnce(fds[i], dst, buf); err != nil {
+				tries, err := echoOnce(fds[i], dst, buf)
+				again.Add(int64(tries - 1))
+				if err != nil {
 					mu.Lock()
 					failed++
 					if first == nil {
@@ -507,26 +514,27 @@ func (b *bench) udpSessions(ctx context.Context, n int) ([]int, error) {
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return fds, ctx.Err()
+		return fds, again.Load(), ctx.Err()
 	}
 	if failed > 0 {
-		return fds, fmt.Errorf("%d of %d sockets got no echo, first: %w", failed, n, first)
+		return fds, again.Load(), fmt.Errorf("%d of %d sockets got no echo (%d datagrams re-sent), first: %w", failed, n, again.Load(), first)
 	}
-	return fds, nil
+	return fds, again.Load(), nil
 }
 
-// echoOnce connects fd to dst, sends a datagram and waits for its echo.
-func echoOnce(fd int, dst unix.Sockaddr, buf []byte) error {
+// echoOnce connects fd to dst, sends a datagram and waits for its echo,
+// up to five times; it returns how many datagrams it sent.
+func echoOnce(fd int, dst unix.Sockaddr, buf []byte) (tries int, err error) {
 	tv := unix.NsecToTimeval((500 * time.Millisecond).Nanoseconds())
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return err
+		return 1, err
 	}
 	if err := unix.Connect(fd, dst); err != nil {
-		return fmt.Errorf("connect: %w", err)
+		return 1, fmt.Errorf("connect: %w", err)
 	}
 	msg := []byte("ghostwire bench: idle session")
 	var last error
-	for range 5 {
+	for tries = 1; tries <= 5; tries++ {
 		if _, err := unix.Write(fd, msg); err != nil {
 			last = err
 			continue
@@ -535,7 +543,7 @@ func echoOnce(fd int, dst unix.Sockaddr, buf []byte) error {
 			last = err
 			continue
 		}
-		return nil
+		return tries, nil
 	}
-	return last
+	return 5, last
 }
