@@ -51,6 +51,7 @@ type listener struct {
 	serving  bool          // in the epoll set
 	pausedAt time.Duration // p.now() until which accepting is paused (out of fds)
 	backoff  time.Duration
+	ovfl     uint32 // a UDP listener's SO_RXQ_OVFL count, last seen
 }
 
 // Event masks. Sockets are edge-triggered: epoll reports a change once,

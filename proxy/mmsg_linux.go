@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"net/netip"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -15,8 +16,9 @@ const udpBatch = 16
 // nothing is ever truncated.
 const udpMaxDatagram = 65535
 
-// cmsgSpace fits one IP_ORIGDSTADDR or IPV6_ORIGDSTADDR control message.
-var cmsgSpace = unix.CmsgSpace(unix.SizeofSockaddrInet6)
+// cmsgSpace fits an IP_ORIGDSTADDR or IPV6_ORIGDSTADDR control message and
+// an SO_RXQ_OVFL one.
+var cmsgSpace = unix.CmsgSpace(unix.SizeofSockaddrInet6) + unix.CmsgSpace(4)
 
 // mmsghdr is the kernel's struct mmsghdr.
 type mmsghdr struct {
@@ -107,4 +109,55 @@ func (b *batch) send(fd int, from, to int) (int, error) {
 		return sent, errno
 	}
 	return sent, nil
+}
+
+// source is the i-th datagram's sender.
+func (b *batch) source(i int) netip.AddrPort { return rawAddrPort(&b.names[i]) }
+
+// cmsg returns the data of the i-th datagram's control message of level
+// and typ, if it has one (no allocation: this runs per datagram).
+func (b *batch) cmsg(i int, level, typ int32) ([]byte, bool) {
+	oob := b.oob[i*cmsgSpace : i*cmsgSpace+int(b.msgs[i].hdr.Controllen)]
+	for len(oob) >= unix.SizeofCmsghdr {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		if h.Len < unix.SizeofCmsghdr || int(h.Len) > len(oob) {
+			return nil, false
+		}
+		if h.Level == level && h.Type == typ {
+			return oob[unix.CmsgLen(0):h.Len], true
+		}
+		next := unix.CmsgSpace(int(h.Len) - unix.CmsgLen(0))
+		if next > len(oob) {
+			return nil, false
+		}
+		oob = oob[next:]
+	}
+	return nil, false
+}
+
+// origDst is where the i-th datagram was going (IP_ORIGDSTADDR or
+// IPV6_ORIGDSTADDR).
+func (b *batch) origDst(i int) (netip.AddrPort, bool) {
+	for _, c := range []struct {
+		level, typ int32
+		size       int
+	}{{unix.SOL_IP, unix.IP_ORIGDSTADDR, unix.SizeofSockaddrInet4}, {unix.SOL_IPV6, unix.IPV6_ORIGDSTADDR, unix.SizeofSockaddrInet6}} {
+		if d, ok := b.cmsg(i, c.level, c.typ); ok && len(d) >= c.size {
+			var rsa unix.RawSockaddrAny
+			copy((*[unix.SizeofSockaddrAny]byte)(unsafe.Pointer(&rsa))[:], d)
+			if ap := rawAddrPort(&rsa); ap.IsValid() {
+				return ap, true
+			}
+		}
+	}
+	return netip.AddrPort{}, false
+}
+
+// overflows is the i-th datagram's SO_RXQ_OVFL count, if it carries one.
+func (b *batch) overflows(i int) (uint32, bool) {
+	d, ok := b.cmsg(i, unix.SOL_SOCKET, unix.SO_RXQ_OVFL)
+	if !ok || len(d) < 4 {
+		return 0, false
+	}
+	return *(*uint32)(unsafe.Pointer(&d[0])), true
 }

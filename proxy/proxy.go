@@ -278,7 +278,7 @@ func (p *Proxy) Start() error {
 			if p.udpPort == 0 {
 				break
 			}
-			fd, err := listenUDP(network, p.udpPort)
+			fd, err := listenUDP(network, p.udpPort, p.rcvbuf)
 			if err != nil {
 				undo()
 				return fmt.Errorf("opening %s listener: %w", network, err)

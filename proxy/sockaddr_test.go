@@ -40,3 +40,42 @@ func TestRawAddrPort(t *testing.T) {
 		t.Errorf("AF_UNIX decoded as %v", got)
 	}
 }
+
+// Control messages are found by level and type among several, as the
+// kernel lays them out (IP_ORIGDSTADDR then SO_RXQ_OVFL), and a truncated
+// or absent one is not made up.
+func TestBatchControlMessages(t *testing.T) {
+	b := newBatch()
+	b.prepare(true)
+	put := func(oob []byte, level, typ int32, data []byte) int {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		h.Level, h.Type = level, typ
+		h.SetLen(unix.CmsgLen(len(data)))
+		copy(oob[unix.CmsgLen(0):], data)
+		return unix.CmsgSpace(len(data))
+	}
+	var sa unix.RawSockaddrInet4
+	sa.Family = unix.AF_INET
+	*(*[2]byte)(unsafe.Pointer(&sa.Port)) = [2]byte{0, 53}
+	sa.Addr = [4]byte{192, 0, 2, 2}
+	oob := b.oob[0:cmsgSpace]
+	n := put(oob, unix.SOL_IP, unix.IP_ORIGDSTADDR, (*[unix.SizeofSockaddrInet4]byte)(unsafe.Pointer(&sa))[:])
+	drops := uint32(7)
+	n += put(oob[n:], unix.SOL_SOCKET, unix.SO_RXQ_OVFL, (*[4]byte)(unsafe.Pointer(&drops))[:])
+	b.msgs[0].hdr.SetControllen(n)
+
+	if got, ok := b.origDst(0); !ok || got != netip.MustParseAddrPort("192.0.2.2:53") {
+		t.Errorf("origDst = %v, %v; want 192.0.2.2:53", got, ok)
+	}
+	if got, ok := b.overflows(0); !ok || got != 7 {
+		t.Errorf("overflows = %d, %v; want 7", got, ok)
+	}
+	b.msgs[0].hdr.SetControllen(n - 6) // the second message cut inside its data
+	if _, ok := b.overflows(0); ok {
+		t.Error("a truncated SO_RXQ_OVFL message was read")
+	}
+	b.msgs[1].hdr.SetControllen(0)
+	if _, ok := b.origDst(1); ok {
+		t.Error("an original destination was found where there is none")
+	}
+}

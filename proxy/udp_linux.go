@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -43,7 +42,8 @@ type udpKey struct{ client, dst netip.AddrPort }
 type usock struct {
 	s        *udpSession
 	fd       int
-	toServer bool // the upstream socket
+	toServer bool   // the upstream socket
+	ovfl     uint32 // the kernel's count of datagrams it dropped, last seen
 }
 
 // UDP drop reasons, as Stats.UDPDropped and the log count them.
@@ -55,10 +55,12 @@ const (
 	DropSetupFailed    = "session setup failed"
 	DropTruncated      = "truncated"
 	DropUnreachable    = "peer unreachable (ICMP)"
+	DropNoSession      = "reply for no session"
+	DropQueueFull      = "receive queue full"
 )
 
 // udpDropReasons are every reason; udpDrops counts them in this order.
-var udpDropReasons = [...]string{DropSendBufferFull, DropSessionLimit, DropDirect, DropNoOrigDst, DropSetupFailed, DropTruncated, DropUnreachable}
+var udpDropReasons = [...]string{DropSendBufferFull, DropSessionLimit, DropDirect, DropNoOrigDst, DropSetupFailed, DropTruncated, DropUnreachable, DropNoSession, DropQueueFull}
 
 // defaultUDPIdle is Config.UDPIdleTimeout's default.
 const defaultUDPIdle = 60 * time.Second
@@ -87,13 +89,16 @@ func (p *Proxy) SetUDP(idle time.Duration, maxSessions int) {
 
 // listenUDP opens a transparent UDP listener on port that reports each
 // datagram's original destination.
-func listenUDP(network string, port uint16) (int, error) {
+func listenUDP(network string, port uint16, rcvbuf int) (int, error) {
 	v6 := network == "udp6"
 	return newSocket(v6, unix.SOCK_DGRAM, func(fd int) error {
 		for _, set := range []func(uintptr) error{
 			func(fd uintptr) error { return setV6OnlyIf(fd, v6) },
 			func(fd uintptr) error { return setTransparent(fd, v6) },
 			func(fd uintptr) error { return setRecvOrigDst(int(fd), v6) },
+			func(fd uintptr) error { return setRxqOverflow(int(fd)) },
+			// A burst of new sessions waits here until the loop reads it.
+			func(fd uintptr) error { return setReceiveBuffer(fd, rcvbuf) },
 			setReusePort,
 			// Sessions' client-facing sockets bind original
 			// destinations with SO_REUSEADDR; so may the listener's
@@ -121,10 +126,10 @@ func (l *loop) udpFrom(ln *listener) {
 		if err != nil {
 			return // EAGAIN, or an error the next datagram will show again
 		}
+		p.udpOverflow(&ln.ovfl, b, n)
 		for i := range n {
-			msg := &b.msgs[i].hdr
-			src := rawAddrPort((*unix.RawSockaddrAny)(unsafe.Pointer(msg.Name)))
-			dst, ok := origDstFromCmsg(b.oob[i*cmsgSpace : i*cmsgSpace+int(msg.Controllen)])
+			src := b.source(i)
+			dst, ok := b.origDst(i)
 			switch {
 			case b.truncated(i):
 				p.udpDrop(DropTruncated)
@@ -235,6 +240,9 @@ func udpSocket(local, remote netip.AddrPort, upstream bool) (fd int, kept bool, 
 		if err := setReuseAddr(fd); err != nil {
 			return err
 		}
+		if err := setRxqOverflow(fd); err != nil {
+			return err
+		}
 		kept = true
 		if err := unix.Bind(fd, lsa); err != nil {
 			if !upstream || !errors.Is(err, unix.EADDRINUSE) {
@@ -255,16 +263,21 @@ func udpSocket(local, remote netip.AddrPort, upstream bool) (fd int, kept bool, 
 }
 
 // udpEvent relays what one of a session's sockets has queued to the other.
+// Each datagram's source is checked: a socket is bound a moment before it
+// is connected, and in that moment it may take a datagram of another
+// client to the same server (or of another server to the same client
+// port), which connect does not take back. Such a datagram goes where it
+// belongs, never into this session.
 func (l *loop) udpEvent(u *usock) {
 	p := l.p
 	s := u.s
-	to := &s.down
-	if !u.toServer {
-		to = &s.up
+	to, want := &s.up, s.key.client
+	if u.toServer {
+		to, want = &s.down, p.origDst(s.key.dst)
 	}
 	b := l.udpBatch()
 	for {
-		n, err := b.recv(u.fd, false)
+		n, err := b.recv(u.fd, true)
 		if err == unix.EAGAIN {
 			return
 		}
@@ -275,23 +288,79 @@ func (l *loop) udpEvent(u *usock) {
 			continue
 		}
 		s.lastActive = p.now()
-		sent, err := b.send(to.fd, 0, n)
-		var bytes uint64
-		for i := range sent {
-			bytes += uint64(b.msgs[i].n)
-		}
-		if u.toServer {
-			s.dgDown += uint64(sent)
-			s.bytesDown += bytes
-		} else {
-			s.dgUp += uint64(sent)
-			s.bytesUp += bytes
-		}
-		if sent < n {
-			p.udpDropN(sendDropReason(err), n-sent)
+		p.udpOverflow(&u.ovfl, b, n)
+		start := 0
+		for i := 0; i <= n; i++ {
+			if i < n && b.source(i) == want {
+				continue
+			}
+			l.udpSend(s, !u.toServer, to.fd, b, start, i)
+			if i < n {
+				l.udpStray(u, b.source(i), b.datagram(i))
+			}
+			start = i + 1
 		}
 		if n < udpBatch {
 			return
+		}
+	}
+}
+
+// udpSend sends the batch's datagrams [from, to) on fd for s, upstream
+// (towards the server) or not, and counts them.
+func (l *loop) udpSend(s *udpSession, upstream bool, fd int, b *batch, from, to int) {
+	if from == to {
+		return
+	}
+	sent, err := b.send(fd, from, to)
+	var bytes uint64
+	for i := from; i < from+sent; i++ {
+		bytes += uint64(b.msgs[i].n)
+	}
+	if upstream {
+		s.dgUp += uint64(sent)
+		s.bytesUp += bytes
+	} else {
+		s.dgDown += uint64(sent)
+		s.bytesDown += bytes
+	}
+	if sent < to-from {
+		l.p.udpDropN(sendDropReason(err), to-from-sent)
+	}
+}
+
+// udpStray relays a datagram that reached u but is not its session's: on
+// a client-facing socket, a client's datagram to the same original
+// destination (relayed as the listener would); on an upstream socket, a
+// server's reply to the same client address (relayed by its own session,
+// if there is one).
+func (l *loop) udpStray(u *usock, src netip.AddrPort, dgram []byte) {
+	s := u.s
+	if !u.toServer {
+		l.udpFirst(src, s.key.dst, dgram)
+		return
+	}
+	t := l.sessions[udpKey{s.key.client, src}]
+	if t == nil {
+		l.p.udpDrop(DropNoSession)
+		return
+	}
+	if _, err := writeFD(t.down.fd, dgram); err != nil {
+		l.p.udpDrop(sendDropReason(err))
+		return
+	}
+	t.dgDown++
+	t.bytesDown += uint64(len(dgram))
+}
+
+// udpOverflow counts what the kernel dropped because a socket's receive
+// queue was full: each datagram carries the socket's running count
+// (SO_RXQ_OVFL), last is the count seen before.
+func (p *Proxy) udpOverflow(last *uint32, b *batch, n int) {
+	for i := range n {
+		if v, ok := b.overflows(i); ok && v != *last {
+			p.udpDropN(DropQueueFull, int(v-*last))
+			*last = v
 		}
 	}
 }
@@ -350,27 +419,6 @@ func (l *loop) udpBatch() *batch {
 	return l.batch
 }
 
-// origDstFromCmsg finds IP_ORIGDSTADDR or IPV6_ORIGDSTADDR among a
-// datagram's control messages.
-func origDstFromCmsg(oob []byte) (netip.AddrPort, bool) {
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return netip.AddrPort{}, false
-	}
-	for _, m := range msgs {
-		var rsa unix.RawSockaddrAny
-		switch {
-		case m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_ORIGDSTADDR && len(m.Data) >= unix.SizeofSockaddrInet4,
-			m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_ORIGDSTADDR && len(m.Data) >= unix.SizeofSockaddrInet6:
-			copy((*[unix.SizeofSockaddrAny]byte)(unsafe.Pointer(&rsa))[:], m.Data)
-			if ap := rawAddrPort(&rsa); ap.IsValid() {
-				return ap, true
-			}
-		}
-	}
-	return netip.AddrPort{}, false
-}
-
 // setRecvOrigDst asks for each datagram's original destination (where
 // TPROXY found it going) as a control message.
 func setRecvOrigDst(fd int, v6 bool) error {
@@ -382,6 +430,16 @@ func setRecvOrigDst(fd int, v6 bool) error {
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_RECVORIGDSTADDR, 1); err != nil {
 		return fmt.Errorf("setting IP_RECVORIGDSTADDR: %w", err)
+	}
+	return nil
+}
+
+// setRxqOverflow has the kernel attach to each datagram read the count of
+// datagrams it dropped for a full receive queue, so those drops are
+// counted too.
+func setRxqOverflow(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RXQ_OVFL, 1); err != nil {
+		return fmt.Errorf("setting SO_RXQ_OVFL: %w", err)
 	}
 	return nil
 }

@@ -164,14 +164,22 @@ func (p *Plan) inetPrerouting() []rule {
 	if len(c.UDPPorts) == 0 {
 		return rules
 	}
+	udpSocket := rule{l4protoIs(l4UDP), socketTransparent{}, markSet(c.Mark), accept{}}
 	udp := rule{iifname(c.Bridge), portIn{udpDport, udpSetName}}
 	if p.draining {
-		udp = append(udp, accept{})
-	} else {
-		// UDPBypass too: the flows it lets through never reach this table.
-		udp = append(udp, tproxyTo(c.ProxyUDPPort), markSet(c.Mark), accept{})
+		// Sessions go on (the socket rule first), new flows are routed.
+		return append(rules, udpSocket, append(udp, accept{}))
 	}
-	return append(rules, rule{l4protoIs(l4UDP), socketTransparent{}, markSet(c.Mark), accept{}}, udp)
+	// The tproxy rule before the socket rule: tproxy hands a datagram to
+	// a *connected* session socket (its client-facing one) or else to the
+	// listener, while the socket rule would also pick a session socket in
+	// the moment between its bind and its connect, and deliver another
+	// client's datagram to a socket that is connected to someone else by
+	// the time it arrives (lost). The socket rule still carries the
+	// servers' replies to the upstream sockets. UDPBypass too: the flows
+	// it lets through never reach this table.
+	udp = append(udp, tproxyTo(c.ProxyUDPPort), markSet(c.Mark), accept{})
+	return append(rules, udp, udpSocket)
 }
 
 // inetInput refuses direct connections to the proxy port (and datagrams to
