@@ -36,10 +36,15 @@ type batch struct {
 	names [udpBatch]unix.RawSockaddrAny
 	bufs  [udpBatch][]byte
 	oob   []byte
+	gso   []byte // a UDP_SEGMENT control message
+	noGSO bool   // the kernel refused a GSO send once: use sendmmsg only
 }
 
 func newBatch() *batch {
-	b := &batch{oob: make([]byte, udpBatch*cmsgSpace)}
+	b := &batch{oob: make([]byte, udpBatch*cmsgSpace), gso: make([]byte, unix.CmsgSpace(2))}
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&b.gso[0]))
+	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
 	for i := range b.bufs {
 		b.bufs[i] = make([]byte, udpMaxDatagram)
 	}
@@ -87,17 +92,23 @@ func (b *batch) datagram(i int) []byte { return b.bufs[i][:b.msgs[i].n] }
 // whole-datagram buffers; counted if it does).
 func (b *batch) truncated(i int) bool { return b.msgs[i].hdr.Flags&unix.MSG_TRUNC != 0 }
 
-// sendmmsg sends msgs[from:to] on the connected socket fd and returns how
-// many went; EAGAIN means its send buffer is full.
+// send sends msgs[from:to] on the connected socket fd and returns how
+// many went; EAGAIN means its send buffer is full. Datagrams of one size
+// (the last may be shorter) go as one UDP GSO send: one trip through the
+// box's UDP and IP layers for the lot, the kernel cuts them up on the way
+// out. Otherwise, or if the kernel refuses GSO, one sendmmsg.
 func (b *batch) send(fd int, from, to int) (int, error) {
+	for i := from; i < to; i++ {
+		b.iovs[i].SetLen(int(b.msgs[i].n))
+		h := &b.msgs[i].hdr
+		h.Name, h.Namelen, h.Control = nil, 0, nil
+		h.SetControllen(0)
+	}
+	if sent, err, ok := b.sendGSO(fd, from, to); ok {
+		return sent, err
+	}
 	sent := 0
 	for from+sent < to {
-		for i := from + sent; i < to; i++ {
-			b.iovs[i].SetLen(int(b.msgs[i].n))
-			h := &b.msgs[i].hdr
-			h.Name, h.Namelen, h.Control = nil, 0, nil
-			h.SetControllen(0)
-		}
 		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.msgs[from+sent])), uintptr(to-from-sent), unix.MSG_DONTWAIT, 0, 0)
 		switch errno {
 		case 0:
@@ -109,6 +120,47 @@ func (b *batch) send(fd int, from, to int) (int, error) {
 		return sent, errno
 	}
 	return sent, nil
+}
+
+// gsoMax is the most bytes one GSO send carries (one IP packet's worth).
+const gsoMax = 65000
+
+// sendGSO sends msgs[from:to] as one GSO datagram if they qualify (ok);
+// all of them go or none (EAGAIN: the send buffer is full).
+func (b *batch) sendGSO(fd int, from, to int) (sent int, err error, ok bool) {
+	if b.noGSO || to-from < 2 {
+		return 0, nil, false
+	}
+	size := b.msgs[from].n
+	total := 0
+	for i := from; i < to; i++ {
+		n := b.msgs[i].n
+		if n == 0 || n > size || n < size && i != to-1 {
+			return 0, nil, false
+		}
+		total += int(n)
+	}
+	if total > gsoMax {
+		return 0, nil, false
+	}
+	*(*uint16)(unsafe.Pointer(&b.gso[unix.CmsgLen(0)])) = uint16(size)
+	msg := unix.Msghdr{Iov: &b.iovs[from], Control: &b.gso[0]}
+	msg.SetIovlen(to - from)
+	msg.SetControllen(len(b.gso))
+	for {
+		_, _, errno := unix.Syscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
+		switch errno {
+		case 0:
+			return to - from, nil, true
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN, unix.ENOBUFS, unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH:
+			return 0, errno, true
+		}
+		// EIO, EINVAL, ENOPROTOOPT...: no UDP GSO on this path.
+		b.noGSO = true
+		return 0, nil, false
+	}
 }
 
 // source is the i-th datagram's sender.
