@@ -24,6 +24,26 @@ func proxiedBox(t *testing.T, ports ...int) *lab.Appliance {
 	return proxiedBoxWith(t, nil, ports...)
 }
 
+// applyAndRun applies b's config and starts the proxy; the test's cleanup
+// stops it and tears the box down.
+func applyAndRun(t *testing.T, b *lab.Appliance) {
+	t.Helper()
+	if _, err := b.Ghostwire("apply"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if b.Proxy != nil {
+			b.StopProxy(syscall.SIGTERM)
+		}
+		if out, err := b.Ghostwire("teardown"); err != nil {
+			t.Errorf("teardown: %v\n%s", err, out)
+		}
+	})
+	if err := b.StartProxy(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // proxiedBoxWith is proxiedBox with extra keys in the config's proxy:
 // section (indented two spaces, one per line, e.g. "max_connections: 4").
 // The harness's config already has a proxy: section, so the keys go into
@@ -47,20 +67,7 @@ func proxiedBoxWith(t *testing.T, proxyKeys []string, ports ...int) *lab.Applian
 	if err := writeFile(b.Config, strings.Replace(cfg, anchor, anchor+add.String(), 1)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.Ghostwire("apply"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if b.Proxy != nil {
-			b.StopProxy(syscall.SIGTERM)
-		}
-		if out, err := b.Ghostwire("teardown"); err != nil {
-			t.Errorf("teardown: %v\n%s", err, out)
-		}
-	})
-	if err := b.StartProxy(); err != nil {
-		t.Fatal(err)
-	}
+	applyAndRun(t, b)
 	return b
 }
 

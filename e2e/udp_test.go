@@ -122,20 +122,7 @@ func udpBox(t *testing.T, udpPorts []int, proxyKeys ...string) *lab.Appliance {
 	if err := writeUDPConfig(b, udpPorts, proxyKeys); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.Ghostwire("apply"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if b.Proxy != nil {
-			b.StopProxy(syscall.SIGTERM)
-		}
-		if out, err := b.Ghostwire("teardown"); err != nil {
-			t.Errorf("teardown: %v\n%s", err, out)
-		}
-	})
-	if err := b.StartProxy(); err != nil {
-		t.Fatal(err)
-	}
+	applyAndRun(t, b)
 	// The proxy's replies leave from the box, which resolves IPv6
 	// neighbours only once its new bridge's addresses passed duplicate
 	// address detection; unlike TCP, nothing retransmits a datagram lost

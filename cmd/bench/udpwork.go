@@ -419,20 +419,9 @@ func (b *bench) measureUDPMemory(ctx context.Context, round int, mode string) er
 	if err != nil {
 		return fmt.Errorf("%w: it holds %d", err, held)
 	}
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(idleHold):
-	}
-	var rss1 int64
-	poll(ctx, 10*time.Second, "the proxy's RSS to settle", func() (bool, error) {
-		prev := rss1
-		r, err := vmRSS(pid)
-		rss1 = r
-		return prev > 0 && abs(r-prev) <= prev/200, err
-	})
-	if rss1 == 0 {
-		return errors.New("could not read the proxy's RSS")
+	rss1, err := idleRSS(ctx, pid)
+	if err != nil {
+		return err
 	}
 	age := time.Since(t0)
 	c, err := b.udpSockets(ctx, b.lab.Box, sessionUpFilter)

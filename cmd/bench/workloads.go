@@ -243,28 +243,37 @@ func (b *bench) measureMemory(ctx context.Context, round int, mode string) error
 			err, held, n, tail(b.proxy.Stderr(), 600))
 	}
 	opened := time.Since(t0)
-	// The workload is idle connections: hold them idle for idleHold, the
-	// same for every mode (ghostwire moves a connection idle for 1 s off
-	// its goroutines), then sample once RSS has stopped moving.
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(idleHold):
-	}
-	var rss1 int64
-	poll(ctx, 10*time.Second, "the proxy's RSS to settle", func() (bool, error) {
-		prev := rss1
-		r, err := vmRSS(pid)
-		rss1 = r
-		return prev > 0 && abs(r-prev) <= prev/200, err
-	})
-	if rss1 == 0 {
-		return errors.New("could not read the proxy's RSS")
+	// The workload is idle connections (ghostwire gives back a pipe a
+	// direction has not used for a second).
+	rss1, err := idleRSS(ctx, pid)
+	if err != nil {
+		return err
 	}
 	per := float64(rss1-rss0) / float64(n)
 	b.add(sample{Round: round, Mode: mode, Workload: wlMemPer, Unit: "KiB", Value: per,
 		Note: fmt.Sprintf("RSS %d -> %d KiB, %d conns opened in %.1fs", rss0, rss1, n, opened.Seconds())})
 	return nil
+}
+
+// idleRSS holds what was opened idle for idleHold, the same for every
+// mode, then returns pid's VmRSS once it has stopped moving.
+func idleRSS(ctx context.Context, pid int) (int64, error) {
+	select {
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	case <-time.After(idleHold):
+	}
+	var rss int64
+	poll(ctx, 10*time.Second, "the proxy's RSS to settle", func() (bool, error) {
+		prev := rss
+		r, err := vmRSS(pid)
+		rss = r
+		return prev > 0 && abs(r-prev) <= prev/200, err
+	})
+	if rss == 0 {
+		return 0, errors.New("could not read the proxy's RSS")
+	}
+	return rss, nil
 }
 
 // idleHold is how long the memory workload keeps its connections idle
