@@ -78,6 +78,9 @@ type RoutingConfig struct {
 
 type LogConfig struct {
 	Level string `mapstructure:"level"`
+	// Format is "text" (logfmt-like key=value) or "json" (one object per
+	// line, for log shippers).
+	Format string `mapstructure:"format"`
 }
 
 // defaults are also the list of keys viper knows, which is what makes
@@ -104,6 +107,7 @@ var defaults = map[string]any{
 	"routing.table":          100,
 	"routing.priority":       1000,
 	"log.level":              "info",
+	"log.format":             "text",
 	"state_file":             "/var/lib/ghostwire/state.json",
 }
 
@@ -252,6 +256,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := c.LogLevel(); err != nil {
 		errs = append(errs, err)
+	}
+	if f := c.Log.Format; f != "text" && f != "json" {
+		bad("log.format: %q is not one of text, json", f)
 	}
 	if c.StateFile == "" {
 		bad("state_file is empty")

@@ -94,6 +94,7 @@ func TestLoadRefusals(t *testing.T) {
 		{"quote in NIC name", "client_nic: lan0", `client_nic: "la\"n0"`, "a quote"},
 		{"long bridge name", "name: br0", "name: averyveryverylongbridge", "longer than 15"},
 		{"log level", "routing:", "log:\n  level: loud\nrouting:", `log.level: "loud"`},
+		{"log format", "routing:", "log:\n  format: xml\nrouting:", `log.format: "xml" is not one of text, json`},
 		{"udp port 0", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_ports: [53, 0]", "intercept.udp_ports: port 0 is outside 1-65535"},
 		{"udp port too big", "  tcp_ports: [80, 443]", "  tcp_ports: [80, 443]\n  udp_ports: [65536]", "intercept.udp_ports: port 65536 is outside 1-65535"},
 		{"udp proxy port 0", "tcp_port: 9876", "tcp_port: 9876\n  udp_port: 0", "proxy.udp_port: 0 is outside 1-65535"},

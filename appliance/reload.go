@@ -69,5 +69,6 @@ func liveChangeable(old, cfg *Config) error {
 	fixed("proxy.receive_buffer", old.Proxy.ReceiveBuffer, cfg.Proxy.ReceiveBuffer)
 	fixed("routing", old.Routing, cfg.Routing)
 	fixed("state_file", old.StateFile, cfg.StateFile)
+	fixed("log.format", old.Log.Format, cfg.Log.Format)
 	return errors.Join(errs...)
 }

@@ -3,6 +3,7 @@ package appliance
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -24,7 +25,11 @@ type Runner struct {
 	Path      string         // config file
 	Overrides map[string]any // flag values
 	Level     *slog.LevelVar // changed on reload
-	Logger    *slog.Logger
+	// Out is where the log goes, as log.format says, or as JSON lines
+	// whatever it says when JSON is set (--json).
+	Out    io.Writer
+	JSON   bool
+	Logger *slog.Logger // made by Run from the above
 }
 
 // Run serves until ctx is done or SIGTERM/SIGINT, reloading on SIGHUP.
@@ -41,6 +46,12 @@ func (r *Runner) Run(ctx context.Context) error {
 	}
 	lvl, _ := cfg.LogLevel()
 	r.Level.Set(lvl)
+	opts := &slog.HandlerOptions{Level: r.Level}
+	if r.JSON || cfg.Log.Format == "json" {
+		r.Logger = slog.New(slog.NewJSONHandler(r.Out, opts))
+	} else {
+		r.Logger = slog.New(slog.NewTextHandler(r.Out, opts))
+	}
 	// Catch signals before the diversion exists: a SIGTERM that lands
 	// during start-up must drain, not kill the process with default action.
 	sigs := make(chan os.Signal, 4)

@@ -14,16 +14,10 @@ func runCommand() *cli.Command {
 		Name:  "run",
 		Usage: "run the transparent proxy; it owns the diversion while it lives (SIGHUP reloads, SIGTERM drains)",
 		Flags: commonFlags(
-			&cli.BoolFlag{Name: "json", Usage: "log as JSON lines instead of text"},
+			&cli.BoolFlag{Name: "json", Usage: "log as JSON lines whatever log.format says"},
 		),
 		Action: func(c *cli.Context) error {
-			lvl := new(slog.LevelVar)
-			opts := &slog.HandlerOptions{Level: lvl}
-			var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
-			if c.Bool("json") {
-				h = slog.NewJSONHandler(os.Stderr, opts)
-			}
-			r := &appliance.Runner{Path: c.String(configFlag), Overrides: overrides(c), Level: lvl, Logger: slog.New(h)}
+			r := &appliance.Runner{Path: c.String(configFlag), Overrides: overrides(c), Level: new(slog.LevelVar), Out: os.Stderr, JSON: c.Bool("json")}
 			return r.Run(c.Context)
 		},
 	}
