@@ -135,14 +135,18 @@ func (d *decompiler) lookup(e *expr.Lookup) error {
 	if err != nil {
 		return err
 	}
-	if e.Invert || e.IsDestRegSet || e.DestRegister != 0 {
+	if e.IsDestRegSet || e.DestRegister != 0 {
 		return errors.New("not a plain membership match")
 	}
 	k, err := d.key(e.SourceRegister, s)
 	if err != nil {
 		return err
 	}
-	d.print(k + " @" + s.Name)
+	op := ""
+	if e.Invert {
+		op = "!= "
+	}
+	d.print(k + " " + op + "@" + s.Name)
 	return nil
 }
 

@@ -159,21 +159,27 @@ func (s flowSets) name(f ipFamily) string { return s.prefix + f.suffix }
 
 // flowIn is `ip saddr . ip daddr . tcp sport . tcp dport @bypass4` (ip6,
 // bypass6; udp, udpflows4/6): the frame's flow is in its family's set. A
-// server frame (reverse) is looked up as the flow its client sends.
+// server frame (reverse) is looked up as the flow its client sends. With
+// neg it is `... != @SET`: the flow is not in the set.
 type flowIn struct {
 	sets    flowSets
 	fam     ipFamily
 	reverse bool
+	neg     bool
 }
 
 func (m flowIn) String() string {
-	return fmt.Sprintf("%s @%s", m.fam.flowKey(m.sets.l4, m.reverse), m.sets.name(m.fam))
+	op := ""
+	if m.neg {
+		op = "!= "
+	}
+	return fmt.Sprintf("%s %s@%s", m.fam.flowKey(m.sets.l4, m.reverse), op, m.sets.name(m.fam))
 }
 
 func (m flowIn) emit(e *emitter) {
 	m.fam.loadFlowKey(e, m.sets.l4, m.reverse)
 	s := e.set(m.sets.name(m.fam))
-	e.add(&expr.Lookup{SourceRegister: m.fam.regs[0], SetName: s.Name, SetID: s.ID})
+	e.add(&expr.Lookup{SourceRegister: m.fam.regs[0], SetName: s.Name, SetID: s.ID, Invert: m.neg})
 }
 
 // flowKey is the flow sets' key as nft prints it: the flow as the client

@@ -132,13 +132,16 @@ func (tb table) queue(b batch, t *nftables.Table, kept map[string]bool) error {
 	return nil
 }
 
-// queueClear empties table t for an in-place rebuild, if the sets of specs
-// that t holds are in a form AddSet can update and are the first of specs,
-// in order (those t lacks are then made after them, and nft lists sets in
-// the order they were made, so the table still lists as planned): it queues
-// the flush of all rules and the deletion of every chain and of every other
-// named set, and returns the names of the sets it keeps (not nil).
-// Otherwise it queues nothing and returns nil.
+// queueClear empties table t for an in-place rebuild: it keeps the sets of
+// specs that t holds in a form AddSet can update and that are the first of
+// specs, in order (those after them are then made after them, and nft
+// lists sets in the order they were made, so the table still lists as
+// planned). It queues the flush of all rules and the deletion of every
+// chain and of every other named set, and returns the names of the sets it
+// keeps (not nil). A static set of specs that t holds out of that order
+// (a selection set, when a set before it is new) is deleted too, to be
+// made again in its place; if a flow set would have to be, the table
+// cannot be rebuilt in place: queueClear queues nothing and returns nil.
 func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (map[string]bool, error) {
 	have, err := c.GetSets(t)
 	if err != nil {
@@ -150,10 +153,13 @@ func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (map[strin
 		if i < 0 {
 			continue
 		}
-		if i != len(kept) || !specs[i].fits(s) {
+		if i == len(kept) && specs[i].fits(s) {
+			kept[s.Name] = true
+			continue
+		}
+		if specs[i].dynamic {
 			return nil, nil
 		}
-		kept[s.Name] = true
 	}
 	chains, err := c.ListChainsOfTableFamily(t.Family)
 	if err != nil {

@@ -149,6 +149,16 @@ func TestApplyTransitions(t *testing.T) {
 		p := mustPlan(t, cfg)
 		plans = append(plans, p, p.Draining(), p.UDPBypass(true), p.UDPBypass(true).Overloaded(OverloadBypass))
 	}
+	// With a selection: its sets come and go, in place.
+	for _, udp := range []bool{false, true} {
+		cfg := selectionConfig()
+		if udp {
+			cfg.UDPPorts, cfg.ProxyUDPPort = []uint16{53}, 3130
+			cfg.ServerCIDRs = nil
+		}
+		p := mustPlan(t, cfg)
+		plans = append(plans, p, p.Draining(), p.Overloaded(OverloadBypass), p.UDPBypass(true))
+	}
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	r := rand.New(rand.NewPCG(seed, seed))

@@ -97,6 +97,9 @@ type ipFamily struct {
 	suffix  string // of its flow sets' names: "4", "6"
 	ethType uint16 // the meta protocol nft checks before an ip/ip6 payload load
 	keyType nftables.SetDatatype
+	// addrType is the type of a set of the family's addresses (the
+	// selection's interval sets).
+	addrType nftables.SetDatatype
 	// Offsets in the network header, address length, and the registers
 	// nft loads the concatenation saddr . daddr . sport . dport into.
 	saddr, daddr, addrLen uint32
@@ -106,14 +109,16 @@ type ipFamily struct {
 var ipFamilies = [...]ipFamily{
 	{
 		nft: "ip", suffix: "4", ethType: unix.ETH_P_IP,
-		keyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeInetService),
-		saddr:   12, daddr: 16, addrLen: 4,
+		keyType:  nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeInetService),
+		addrType: nftables.TypeIPAddr,
+		saddr:    12, daddr: 16, addrLen: 4,
 		regs: [4]uint32{unix.NFT_REG_1, unix.NFT_REG32_01, unix.NFT_REG32_02, unix.NFT_REG32_03},
 	},
 	{
 		nft: "ip6", suffix: "6", ethType: unix.ETH_P_IPV6,
-		keyType: nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeInetService),
-		saddr:   8, daddr: 24, addrLen: 16,
+		keyType:  nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeInetService),
+		addrType: nftables.TypeIP6Addr,
+		saddr:    8, daddr: 24, addrLen: 16,
 		regs: [4]uint32{unix.NFT_REG_1, unix.NFT_REG_2, unix.NFT_REG_3, unix.NFT_REG32_09},
 	},
 }

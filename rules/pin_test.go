@@ -109,10 +109,24 @@ func (r *recorder) listing(t *nftables.Table) (string, error) {
 }
 
 func (r *recorder) listSet(b *strings.Builder, t *nftables.Table, s *nftables.Set) error {
-	if s.Table != t || s.Anonymous || s.Constant || s.Interval || s.IsMap {
+	if s.Table != t || s.Anonymous || s.Constant || s.IsMap {
 		return fmt.Errorf("not a plain named set of the table: %+v", s)
 	}
 	fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.Name, s.KeyType.Name)
+	if s.Interval {
+		if s.Dynamic || s.HasTimeout || s.Size != 0 || (s.KeyType.Name != "ipv4_addr" && s.KeyType.Name != "ipv6_addr") {
+			return fmt.Errorf("an interval set the package does not make: %+v", s)
+		}
+		b.WriteString("\t\tflags interval\n")
+		for _, e := range r.elems[s] {
+			if len(e.Key) != int(s.KeyType.Bytes) {
+				return fmt.Errorf("element %x is not a %s", e.Key, s.KeyType.Name)
+			}
+		}
+		renderElements(b, elementsPrefixes(r.elems[s]))
+		b.WriteString("\t}\n\n")
+		return nil
+	}
 	switch {
 	case s.Dynamic && s.HasTimeout:
 		fmt.Fprintf(b, "\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n", s.Size, nftDuration(s.Timeout))
@@ -172,6 +186,19 @@ func pinnedPlans(t *testing.T) map[string]*Plan {
 		plans["many "+name+" draining"] = q.Draining()
 		plans["many "+name+" overload bypass"] = q.Overloaded(OverloadBypass)
 		plans["many "+name+" overload refuse"] = q.Overloaded(OverloadRefuse)
+	}
+	// Selection in every variant, with and without UDP.
+	for name, cfg := range map[string]Config{"selection": selectionConfig(), "selection udp": func() Config {
+		c := selectionConfig()
+		c.UDPPorts, c.ProxyUDPPort = []uint16{53, 443}, 3130
+		return c
+	}()} {
+		q := mustPlan(t, cfg)
+		plans[name] = q
+		plans[name+" draining"] = q.Draining()
+		plans[name+" overload bypass"] = q.Overloaded(OverloadBypass)
+		plans[name+" overload refuse"] = q.Overloaded(OverloadRefuse)
+		plans[name+" udp bypass"] = q.UDPBypass(true)
 	}
 	return plans
 }
@@ -295,6 +322,37 @@ func TestDecompileCatchesWrongExprs(t *testing.T) {
 				t.Fatalf("%d rules mutated, but all still decompile to their text", mutated)
 			}
 			t.Logf("%d rules mutated, %d mismatches; first:\n%s", mutated, len(mismatches), mismatches[0])
+		})
+	}
+}
+
+// TestDecompileCatchesWrongSelectionExprs: as TestDecompileCatchesWrongExprs,
+// for the selection's items (address lookups, negated flow lookups).
+func TestDecompileCatchesWrongSelectionExprs(t *testing.T) {
+	p := pinnedPlans(t)["selection udp"]
+	sel := func(l *expr.Lookup) bool { return isSelectionSet(l.SetName) }
+	for name, mutate := range map[string]func([]expr.Any) bool{
+		"selection lookup not inverted": first(func(l *expr.Lookup) bool { return sel(l) && l.Invert }, func(l *expr.Lookup) { l.Invert = false }),
+		"exclusion lookup inverted":     first(func(l *expr.Lookup) bool { return sel(l) && !l.Invert }, func(l *expr.Lookup) { l.Invert = true }),
+		"udp flow lookup not inverted": first(func(l *expr.Lookup) bool { return strings.HasPrefix(l.SetName, "udpflows") && l.Invert },
+			func(l *expr.Lookup) { l.Invert = false }),
+		"client set looked up by server": first(func(l *expr.Lookup) bool { return l.SetName == "clients4" },
+			func(l *expr.Lookup) { l.SetName = "servers4" }),
+		"daddr loaded for saddr": first(func(e *expr.Payload) bool {
+			return e.Base == expr.PayloadBaseNetworkHeader && e.Offset == 12 && e.DestRegister == 1
+		},
+			func(e *expr.Payload) { e.Offset = 16 }),
+		"ip6 address cut to 4 bytes": first(func(e *expr.Payload) bool { return e.Base == expr.PayloadBaseNetworkHeader && e.Len == 16 },
+			func(e *expr.Payload) { e.Len = 4 }),
+	} {
+		t.Run(name, func(t *testing.T) {
+			mismatches, mutated := pinMismatches(t, p, mutate)
+			if mutated == 0 {
+				t.Fatal("the mutation applies to no rule")
+			}
+			if len(mismatches) == 0 {
+				t.Fatalf("%d rules mutated, but all still decompile to their text", mutated)
+			}
 		})
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -59,6 +60,15 @@ type Config struct {
 	// timeout. 0 means 60s; otherwise it must be a whole number of
 	// seconds from 1s to 7 days.
 	UDPSessionTimeout time.Duration
+	// ClientCIDRs and ServerCIDRs select the flows that are proxied: a new
+	// flow is only if its client (server) address is in one of the
+	// prefixes, or the list is empty. ExcludeClientCIDRs and
+	// ExcludeServerCIDRs take flows out again. Every other flow crosses
+	// the bridge untouched (see selection.go). IPv4 and IPv6 mix freely;
+	// NewPlan masks, sorts and deduplicates them and drops prefixes inside
+	// others. With all four empty the tables hold nothing of selection.
+	ClientCIDRs, ServerCIDRs               []netip.Prefix
+	ExcludeClientCIDRs, ExcludeServerCIDRs []netip.Prefix
 }
 
 // Plan is a validated Config: the two nftables tables and the policy routing
@@ -106,7 +116,8 @@ const (
 var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
 
 // NewPlan validates cfg without touching the kernel and returns its Plan.
-// TCPPorts and UDPPorts are sorted and deduplicated; BridgeMAC and the
+// TCPPorts and UDPPorts are sorted and deduplicated, the selection's
+// prefixes normalised (see Config.ClientCIDRs); BridgeMAC and the
 // ports are copied; a zero BypassTimeout becomes the default (5m), a zero
 // UDPSessionTimeout its own (60s).
 // Every error names the offending Config field; all problems are reported
@@ -136,6 +147,10 @@ func (cfg Config) normalised() Config {
 	}
 	if cfg.UDPSessionTimeout == 0 {
 		cfg.UDPSessionTimeout = defaultUDPSessionTimeout
+	}
+	for _, s := range selections {
+		l := cfg.list(s)
+		*l = normalisePrefixes(*l)
 	}
 	return cfg
 }
@@ -206,6 +221,7 @@ func checkNumbers(cfg Config, bad func(field, format string, a ...any)) {
 		bad("ProxyTCPPort", "%d is also an intercepted port: the proxy would divert to itself", cfg.ProxyTCPPort)
 	}
 	checkUDP(cfg, bad)
+	checkSelection(cfg, bad)
 	for _, fe := range Fields(cfg.routing().validate()) {
 		bad(fe.Field, "%w", fe.Err)
 	}
@@ -261,6 +277,10 @@ func (p *Plan) Config() Config {
 	c.TCPPorts = slices.Clone(c.TCPPorts)
 	c.LingerPorts = slices.Clone(c.LingerPorts)
 	c.UDPPorts = slices.Clone(c.UDPPorts)
+	for _, s := range selections {
+		l := c.list(s)
+		*l = slices.Clone(*l)
+	}
 	return c
 }
 

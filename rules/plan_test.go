@@ -4,6 +4,7 @@ import (
 	"flag"
 	"github.com/google/nftables"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -207,7 +208,13 @@ func goldenPlans(t *testing.T) map[string]*Plan {
 	many.BypassTimeout = 90*time.Minute + 45*time.Second
 	base := mustPlan(t, testConfig())
 	udp := mustPlan(t, udpConfig())
+	sel := selectionConfig()
+	selUDP := udpConfig()
+	selUDP.ClientCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("2001:db8:1::/48")}
+	selUDP.ExcludeServerCIDRs = []netip.Prefix{netip.MustParsePrefix("203.0.113.53/32")}
 	return map[string]*Plan{
+		"selection.nft":       mustPlan(t, sel),
+		"selection-udp.nft":   mustPlan(t, selUDP),
 		"basic.nft":           base,
 		"draining.nft":        base.Draining(),
 		"many.nft":            mustPlan(t, many),
@@ -217,6 +224,26 @@ func goldenPlans(t *testing.T) map[string]*Plan {
 		"udp-draining.nft":    udp.Draining(),
 		"udp-bypass.nft":      udp.UDPBypass(true),
 	}
+}
+
+// selectionConfig is testConfig with all four selection lists: IPv4 and
+// IPv6, bare addresses, host bits set, duplicates, a prefix inside
+// another, adjacent prefixes, and the ends of the address space.
+func selectionConfig() Config {
+	cfg := testConfig()
+	pp := func(ss ...string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, s := range ss {
+			out = append(out, netip.MustParsePrefix(s))
+		}
+		return out
+	}
+	cfg.ClientCIDRs = pp("192.0.2.0/24", "10.0.0.0/8", "10.20.0.0/16", "2001:db8::/32", "198.51.100.7/32", "10.0.0.0/8",
+		"172.16.0.0/13", "172.24.0.0/13", "2001:db8:ffff::1/128", "fd00::/8")
+	cfg.ServerCIDRs = pp("0.0.0.0/1", "128.0.0.0/1", "::/0")
+	cfg.ExcludeClientCIDRs = pp("10.9.9.9/32", "192.0.2.77/24")
+	cfg.ExcludeServerCIDRs = pp("255.255.255.255/32", "2001:db8:dead::/48", "0.0.0.0/32")
+	return cfg
 }
 
 // udpConfig is testConfig intercepting UDP too.

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -36,19 +37,27 @@ type setSpec struct {
 	ports   []uint16
 	dynamic bool
 	timeout time.Duration
+	// interval marks a selection set: type ipv4_addr or ipv6_addr, flags
+	// interval, its elements the prefixes (sorted, disjoint).
+	interval bool
+	prefixes []netip.Prefix
 }
 
 // nftSet is the set as a netlink object in table t.
 func (s setSpec) nftSet(t *nftables.Table) *nftables.Set {
-	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType}
+	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType, Interval: s.interval}
 	if s.dynamic {
 		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, flowSetSize
 	}
 	return set
 }
 
-// elements are the ports as set keys (network byte order).
+// elements are the ports as set keys (network byte order), or an
+// interval set's prefixes as nft sends them.
 func (s setSpec) elements() []nftables.SetElement {
+	if s.interval {
+		return prefixElements(s.prefixes)
+	}
 	els := make([]nftables.SetElement, 0, len(s.ports))
 	for _, port := range s.ports {
 		els = append(els, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(port)})
@@ -62,7 +71,7 @@ func (s setSpec) elements() []nftables.SetElement {
 func (spec setSpec) fits(s *nftables.Set) bool {
 	return s.KeyType.Name == spec.keyType.Name && s.KeyType.Bytes == spec.keyType.Bytes &&
 		s.Dynamic == spec.dynamic && s.HasTimeout == spec.dynamic &&
-		!s.Anonymous && !s.Constant && !s.Interval && !s.IsMap && !s.Concatenation
+		s.Interval == spec.interval && !s.Anonymous && !s.Constant && !s.IsMap && !s.Concatenation
 }
 
 // chain is a base chain: type filter, policy accept.

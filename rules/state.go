@@ -61,25 +61,33 @@ func Tables(c *nftables.Conn, name string) (TablesState, error) {
 // variants have (see bridgeRules, bridgeUDPRules and inetPrerouting).
 func variantOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Table, st *TablesState) error {
 	type look struct {
-		is  func(expr.Any) bool
+		is  func(*nftables.Rule) bool
 		set func()
 	}
 	looks := map[nftables.TableFamily][]look{
 		nftables.TableFamilyBridge: {
-			{func(e expr.Any) bool {
-				d, ok := e.(*expr.Dynset)
-				return ok && d.Operation == unix.NFT_DYNSET_OP_ADD
+			// A selection rule adds SYNs to a bypass set too, after a
+			// lookup in a selection set: that is no overload.
+			{func(r *nftables.Rule) bool {
+				return slices.ContainsFunc(r.Exprs, func(e expr.Any) bool {
+					d, ok := e.(*expr.Dynset)
+					return ok && d.Operation == unix.NFT_DYNSET_OP_ADD
+				}) && !slices.ContainsFunc(r.Exprs, func(e expr.Any) bool {
+					l, ok := e.(*expr.Lookup)
+					return ok && isSelectionSet(l.SetName)
+				})
 			}, func() { st.Overload = OverloadBypass }},
-			{func(e expr.Any) bool {
+			// A selection rule looks flows up in udpflows too, inverted.
+			{anyExpr(func(e expr.Any) bool {
 				l, ok := e.(*expr.Lookup)
-				return ok && slices.ContainsFunc(ipFamilies[:], func(f ipFamily) bool { return l.SetName == udpFlowSets.name(f) })
-			}, func() { st.UDPBypass = true }},
+				return ok && !l.Invert && slices.ContainsFunc(ipFamilies[:], func(f ipFamily) bool { return l.SetName == udpFlowSets.name(f) })
+			}), func() { st.UDPBypass = true }},
 		},
 		nftables.TableFamilyINet: {
-			{func(e expr.Any) bool {
+			{anyExpr(func(e expr.Any) bool {
 				r, ok := e.(*expr.Reject)
 				return ok && r.Type == unix.NFT_REJECT_TCP_RST
-			}, func() { st.Overload = OverloadRefuse }},
+			}), func() { st.Overload = OverloadRefuse }},
 		},
 	}
 	for _, fam := range families {
@@ -95,12 +103,17 @@ func variantOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Tab
 			return fmt.Errorf("reading rules of chain %s %s %s: %w", familyName(t.Family), t.Name, chainPrerouting, err)
 		}
 		for _, l := range looks[fam] {
-			if slices.ContainsFunc(rules, func(r *nftables.Rule) bool { return slices.ContainsFunc(r.Exprs, l.is) }) {
+			if slices.ContainsFunc(rules, l.is) {
 				l.set()
 			}
 		}
 	}
 	return nil
+}
+
+// anyExpr is a rule test: one of the rule's expressions is.
+func anyExpr(is func(expr.Any) bool) func(*nftables.Rule) bool {
+	return func(r *nftables.Rule) bool { return slices.ContainsFunc(r.Exprs, is) }
 }
 
 // Check compares the kernel's ghostwire tables with the plan and describes
@@ -212,9 +225,15 @@ func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) (
 		}
 		return nil, nil
 	}
+	if spec.interval != set.Interval || spec.interval && set.KeyType.Name != spec.keyType.Name {
+		return []string{fmt.Sprintf("%s: set %s differs from plan (type %s; flags interval: %v)", where, spec.name, spec.keyType.Name, spec.interval)}, nil
+	}
 	els, err := c.GetSetElements(set)
 	if err != nil {
 		return nil, fmt.Errorf("reading set %s: %w", spec.name, err)
+	}
+	if spec.interval {
+		return checkPrefixes(spec, elementsPrefixes(els), where), nil
 	}
 	var got []uint16
 	for _, e := range els {
@@ -231,6 +250,23 @@ func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) (
 		drift = append(drift, fmt.Sprintf("%s: set %s has unexpected ports %v", where, spec.name, extra))
 	}
 	return drift, nil
+}
+
+// checkPrefixes compares an interval set's elements, read back as
+// prefixes, with the plan's.
+func checkPrefixes(spec setSpec, got []string, where string) []string {
+	want := make([]string, len(spec.prefixes))
+	for i, p := range spec.prefixes {
+		want[i] = prefixString(p)
+	}
+	var drift []string
+	if missing := slices.DeleteFunc(slices.Clone(want), func(s string) bool { return slices.Contains(got, s) }); len(missing) > 0 {
+		drift = append(drift, fmt.Sprintf("%s: set %s lacks %v", where, spec.name, missing))
+	}
+	if extra := slices.DeleteFunc(slices.Clone(got), func(s string) bool { return slices.Contains(want, s) }); len(extra) > 0 {
+		drift = append(drift, fmt.Sprintf("%s: set %s has unexpected %v", where, spec.name, extra))
+	}
+	return drift
 }
 
 // sameExprs compares a rule read back from the kernel with the planned one.

@@ -34,6 +34,12 @@ func (p *Plan) sets(fam nftables.TableFamily) []setSpec {
 			specs = append(specs, flowSetSpecs(udpFlowSets, p.cfg.UDPSessionTimeout)...)
 		}
 	}
+	// The selection's sets come last, and only with a selection: a
+	// plan without lists as before; Apply recreates them at the end of
+	// the table when others are made before them (queueClear).
+	if fam == nftables.TableFamilyBridge {
+		specs = append(specs, p.selectionSets()...)
+	}
 	return specs
 }
 
@@ -58,6 +64,9 @@ func (p *Plan) lift(items ...ruleItem) rule {
 //
 // With UDP ports, every IP fragment is lifted first (fragmentRules).
 //
+// With a selection, an unselected new TCP flow's SYN is recorded in the
+// bypass sets and bridged (selectionTCPRules), in every variant.
+//
 // Bypass next: flows in a bypass set cross the bridge untouched in every
 // plan variant, so an overload's bypassed flows stay bridged after it ends.
 // Each client frame refreshes the entry's timeout. While bypassing, a
@@ -72,6 +81,7 @@ func (p *Plan) bridgeRules() []rule {
 	if len(c.UDPPorts) > 0 {
 		rules = append(rules, p.fragmentRules()...)
 	}
+	rules = append(rules, p.selectionTCPRules()...)
 	if p.overload == OverloadBypass {
 		for _, f := range ipFamilies {
 			rules = append(rules, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, flowStore{sets: bypassSets, fam: f}, accept{}})
@@ -118,11 +128,14 @@ func (p *Plan) fragmentRules() []rule {
 // client's datagram records its flow in the udpflows sets. Under
 // UDPBypass only the recorded flows are redirected (both ways; client
 // frames refresh them) and every other datagram to an intercepted port is
-// accepted, i.e. bridged untouched.
+// accepted, i.e. bridged untouched. Otherwise, with a selection, the
+// datagrams of unselected flows not in udpflows are bridged first
+// (selectionUDPRules); UDPBypass bridges those anyway.
 func (p *Plan) bridgeUDPRules() []rule {
 	c := &p.cfg
 	var rules []rule
 	if !p.udpBypass {
+		rules = append(rules, p.selectionUDPRules()...)
 		for _, f := range ipFamilies {
 			rules = append(rules, p.lift(iifname(c.ClientPort), portIn{udpDport, udpSetName}, flowStore{sets: udpFlowSets, fam: f, update: true}))
 		}
