@@ -21,16 +21,17 @@ type List struct {
 func NewList(names []string) (List, error) {
 	l := List{exact: map[string]struct{}{}, suffixes: map[string]struct{}{}}
 	for _, e := range names {
-		if rest, ok := strings.CutPrefix(e, "*."); ok {
+		rest, wild := strings.CutPrefix(e, "*.")
+		if strings.Contains(rest, "*") {
+			return List{}, fmt.Errorf("name list entry %q: a wildcard may only be a whole first label, as in *.example.com", e)
+		}
+		if wild {
 			s, err := hostname(rest)
 			if err != nil {
 				return List{}, fmt.Errorf("name list entry %q: %v", e, err)
 			}
 			l.suffixes["."+s] = struct{}{}
 			continue
-		}
-		if strings.Contains(e, "*") {
-			return List{}, fmt.Errorf("name list entry %q: a wildcard may only be a whole first label, as in *.example.com", e)
 		}
 		s, err := hostOrAddr(e)
 		if err != nil {
