@@ -40,9 +40,12 @@ vet:
 	$(GO) vet ./...
 
 # test runs everything: unit tests everywhere, root integration tests in
-# throwaway namespaces (they skip, saying why, without root).
+# throwaway namespaces (they skip, saying why, without root). Then a short
+# run of each fuzz target (one target per invocation: go test refuses more).
 test: deps vet
 	$(GO) test $(TESTFLAGS) ./...
+	$(GO) test -run='^$$' -fuzz='^FuzzName$$' -fuzztime=5s ./proxy/inspect
+	$(GO) test -run='^$$' -fuzz='^FuzzList$$' -fuzztime=5s ./proxy/inspect
 
 unit:
 	$(GO) test -count=1 -short ./...
