@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/ghostwire/ghostwire/bridge"
+	"github.com/ghostwire/ghostwire/proxy/inspect"
 	"github.com/ghostwire/ghostwire/rules"
 )
 
@@ -27,6 +28,8 @@ type Config struct {
 	Proxy     ProxyConfig     `mapstructure:"proxy"`
 	Routing   RoutingConfig   `mapstructure:"routing"`
 	Log       LogConfig       `mapstructure:"log"`
+	Policy    PolicyConfig    `mapstructure:"policy"`
+	Metrics   MetricsConfig   `mapstructure:"metrics"`
 	StateFile string          `mapstructure:"state_file"`
 }
 
@@ -76,6 +79,29 @@ type RoutingConfig struct {
 	Priority int    `mapstructure:"priority"`
 }
 
+// PolicyConfig decides by server name: the proxy peeks at a connection's
+// first bytes (TLS SNI, HTTP Host) before dialing.
+type PolicyConfig struct {
+	SNI      NameLists `mapstructure:"sni"`
+	HTTPHost NameLists `mapstructure:"http_host"`
+	// Default decides when no name is found (or inspection times out):
+	// "allow" or "deny".
+	Default        string        `mapstructure:"default"`
+	InspectTimeout time.Duration `mapstructure:"inspect_timeout"`
+}
+
+// NameLists are names, exact or "*.suffix".
+type NameLists struct {
+	Allow []string `mapstructure:"allow"`
+	Deny  []string `mapstructure:"deny"`
+}
+
+// MetricsConfig is the Prometheus endpoint.
+type MetricsConfig struct {
+	// Listen is IP:PORT for /metrics; empty: no endpoint.
+	Listen string `mapstructure:"listen"`
+}
+
 type LogConfig struct {
 	Level string `mapstructure:"level"`
 	// Format is "text" (logfmt-like key=value) or "json" (one object per
@@ -108,6 +134,13 @@ var defaults = map[string]any{
 	"routing.priority":       1000,
 	"log.level":              "info",
 	"log.format":             "text",
+	"policy.sni.allow":       []string{},
+	"policy.sni.deny":        []string{},
+	"policy.http_host.allow": []string{},
+	"policy.http_host.deny":  []string{},
+	"policy.default":         "allow",
+	"policy.inspect_timeout": "2s",
+	"metrics.listen":         "",
 	"state_file":             "/var/lib/ghostwire/state.json",
 }
 
@@ -260,6 +293,12 @@ func (c *Config) Validate() error {
 	if f := c.Log.Format; f != "text" && f != "json" {
 		bad("log.format: %q is not one of text, json", f)
 	}
+	if _, err := c.NamePolicy(); err != nil {
+		errs = append(errs, err)
+	}
+	if a := c.Metrics.Listen; a != "" {
+		c.checkMetricsListen(a, bad)
+	}
 	if c.StateFile == "" {
 		bad("state_file is empty")
 	}
@@ -379,6 +418,64 @@ func ports16(ports []int) []uint16 {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// checkMetricsListen refuses a metrics address the box would intercept,
+// or one on the bridged segment that is not a br0 address: scrapes would
+// reach the proxy as diverted traffic, or the box would answer for a host
+// on the segment.
+func (c *Config) checkMetricsListen(a string, bad func(format string, a ...any)) {
+	ap, err := netip.ParseAddrPort(a)
+	if err != nil {
+		bad("metrics.listen: %q is not IP:PORT (like 127.0.0.1:9109 or [::1]:9109): %v", a, err)
+		return
+	}
+	if slices.Contains(c.Intercept.TCPPorts, int(ap.Port())) {
+		bad("metrics.listen: port %d is in intercept.tcp_ports: the box would divert scrapes to the proxy", ap.Port())
+	}
+	ip := ap.Addr().Unmap()
+	for _, s := range c.Bridge.Addresses {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			continue // reported by the bridge section
+		}
+		if p.Addr() == ip {
+			return
+		}
+		if p.Masked().Contains(ip) {
+			bad("metrics.listen: %s is on the bridged segment (%s) but is not a br0 address: use one of bridge.addresses, or loopback", ip, p.Masked())
+			return
+		}
+	}
+}
+
+// NamePolicy is the policy section as the proxy takes it.
+func (c *Config) NamePolicy() (inspect.Policy, error) {
+	var errs []error
+	list := func(key string, names []string) inspect.List {
+		l, err := inspect.NewList(names)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", key, err))
+		}
+		return l
+	}
+	p := inspect.Policy{
+		SNIAllow:  list("policy.sni.allow", c.Policy.SNI.Allow),
+		SNIDeny:   list("policy.sni.deny", c.Policy.SNI.Deny),
+		HostAllow: list("policy.http_host.allow", c.Policy.HTTPHost.Allow),
+		HostDeny:  list("policy.http_host.deny", c.Policy.HTTPHost.Deny),
+	}
+	switch c.Policy.Default {
+	case "allow":
+		p.DefaultAllow = true
+	case "deny":
+	default:
+		errs = append(errs, fmt.Errorf("policy.default: %q must be allow or deny", c.Policy.Default))
+	}
+	if c.Policy.InspectTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("policy.inspect_timeout: %s must be positive", c.Policy.InspectTimeout))
+	}
+	return p, errors.Join(errs...)
 }
 
 // LogLevel parses log.level.

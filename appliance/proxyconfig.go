@@ -20,6 +20,7 @@ func logStats(log *slog.Logger, p *proxy.Proxy) {
 		"overloaded", st.Overloaded, "overload_refused", st.OverloadRefused,
 		"udp_sessions", st.UDPSessions, "udp_sessions_total", st.UDPSessionsTotal,
 		"udp_port_fallbacks", st.UDPPortFallbacks, "udp_overloaded", st.UDPOverloaded, "udp_dropped", st.UDPDropped,
+		"policy_allowed", st.PolicyAllowed, "policy_denied", st.PolicyDenied,
 		"goroutines", runtime.NumGoroutine())
 }
 
@@ -28,8 +29,14 @@ func proxyConfig(cfg *Config, log *slog.Logger) (proxy.Config, error) {
 	if err != nil {
 		return proxy.Config{}, err
 	}
+	pol, err := cfg.NamePolicy()
+	if err != nil {
+		return proxy.Config{}, err
+	}
 	return proxy.Config{
 		Port:           uint16(cfg.Proxy.TCPPort),
+		Policy:         &pol,
+		InspectTimeout: cfg.Policy.InspectTimeout,
 		ConnectTimeout: cfg.Proxy.ConnectTimeout,
 		IdleTimeout:    cfg.Proxy.IdleTimeout,
 		MaxConns:       n,

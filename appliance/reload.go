@@ -48,6 +48,8 @@ func (s *session) reloaded() (*Config, *rules.Plan, error) {
 	}
 	s.p.SetTimeouts(cfg.Proxy.ConnectTimeout, cfg.Proxy.IdleTimeout)
 	s.p.SetUDP(cfg.Proxy.UDPIdleTimeout, cfg.Proxy.MaxUDPSessions)
+	pol, _ := cfg.NamePolicy() // Load validated it
+	s.p.SetPolicy(&pol, cfg.Policy.InspectTimeout)
 	s.p.SetRefuseOverload(cfg.overload() == rules.OverloadRefuse)
 	s.p.SetMaxConns(n)
 	lvl, _ := cfg.LogLevel()
@@ -70,5 +72,6 @@ func liveChangeable(old, cfg *Config) error {
 	fixed("routing", old.Routing, cfg.Routing)
 	fixed("state_file", old.StateFile, cfg.StateFile)
 	fixed("log.format", old.Log.Format, cfg.Log.Format)
+	fixed("metrics.listen", old.Metrics.Listen, cfg.Metrics.Listen)
 	return errors.Join(errs...)
 }

@@ -71,6 +71,16 @@ func (r *Runner) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Before the diversion: a metrics address that cannot be served
+	// stops the start while frames are still plainly bridged.
+	if a := cfg.Metrics.Listen; a != "" {
+		_, stop, err := serveMetrics(ctx, a, s.p.Stats, r.Logger)
+		if err != nil {
+			s.p.Shutdown(context.Background())
+			return err
+		}
+		defer stop()
+	}
 	// One lasting socket for the life of the process: it owns the tables.
 	if s.nft, err = nftables.New(nftables.AsLasting()); err != nil {
 		s.p.Shutdown(context.Background())

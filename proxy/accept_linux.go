@@ -89,6 +89,10 @@ func (l *loop) accept(fd int, src netip.AddrPort) {
 	if !l.add(&c.client) {
 		return
 	}
+	if p.policy.Load().enabled() {
+		c.state = inspecting // its first bytes come with the client's events
+		return
+	}
 	l.dial(c)
 }
 

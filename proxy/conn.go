@@ -34,6 +34,7 @@ type conn struct {
 	lastActive time.Duration
 	progress   uint64
 	again      bool               // on the loop's list to move again (budget ran out)
+	insp       inspectState       // what inspecting found and decided
 	cancelDial context.CancelFunc // a Dial hook's, while it runs
 }
 
@@ -71,6 +72,7 @@ func (c *conn) log(level slog.Level, reason string) {
 		slog.Int64("bytes_down", c.down.n),
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("reason", reason),
+		c.insp.attrs(),
 	)
 }
 

@@ -10,11 +10,12 @@ import (
 // state happens on the connection's loop, and each connection is closed,
 // logged and untracked exactly once, by finish.
 //
-//	dialing ──connected──▶ relaying ──both EOFs passed on──▶ closing ──both TCP_CLOSE──▶ closed ("eof")
-//	   │                      │                                │
-//	   └──── abort(reason): both sides reset ──────────────────┴──▶ closed (reason)
+//	[inspecting ──allowed──▶] dialing ──connected──▶ relaying ──both EOFs passed on──▶ closing ──both TCP_CLOSE──▶ closed ("eof")
+//	     │                       │                      │                                │
+//	     └──── abort(reason): both sides reset (a denied name: the client) ──────────────┴──▶ closed (reason)
 //
-// Who moves a connection: accept creates it dialing; connected (the
+// Who moves a connection: accept creates it inspecting when a name
+// policy is on (decide moves it to dialing or aborts it), else dialing; connected (the
 // upstream socket became writable without error) moves it to relaying;
 // relay moves it to closing once both directions passed their EOF on;
 // checkClosed finishes it; abort, from any state, for a peer's reset, a
@@ -23,10 +24,11 @@ import (
 type connState uint8
 
 const (
-	dialing  connState = iota // accepted; the upstream connect is under way
-	relaying                  // bytes flow (or wait) both ways
-	closing                   // both EOFs passed on; waiting for the peers' acks
-	closed                    // sockets closed, logged, untracked
+	inspecting connState = iota // accepted; its first bytes are read for a name (Config.Policy), nothing dialed
+	dialing                     // the upstream connect is under way
+	relaying                    // bytes flow (or wait) both ways
+	closing                     // both EOFs passed on; waiting for the peers' acks
+	closed                      // sockets closed, logged, untracked
 )
 
 // abort resets both sides and finishes c, from any state before closed.
@@ -71,6 +73,7 @@ func (l *loop) finish(c *conn, reason string) {
 		l.putPipe(h)
 	}
 	delete(l.conns, c)
+	l.p.closedBy[closeClass(reason)].Add(1)
 	c.log(slog.LevelInfo, reason)
 	l.p.untrack(c)
 }
@@ -92,5 +95,6 @@ func (l *loop) connected(c *conn) {
 	}
 	c.state = relaying
 	c.lastActive = l.p.now()
+	l.p.dialTime.observe(c.lastActive - c.since)
 	l.relay(c)
 }

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ghostwire/ghostwire/proxy/inspect"
 )
 
 // loop is one event loop: an epoll set on a thread of its own, with one
@@ -208,6 +210,10 @@ func (l *loop) tick(now time.Duration) {
 	idle, dialTimeout := p.idle(), time.Duration(p.connectTimeout.Load())
 	for c := range l.conns {
 		switch c.state {
+		case inspecting:
+			if pol := p.policy.Load(); now-c.since >= pol.timeout {
+				l.decide(c, inspect.Unknown, "", "nothing to go by within "+pol.timeout.String())
+			}
 		case dialing:
 			if now-c.since >= dialTimeout {
 				p.dialFailed.Add(1)

@@ -31,6 +31,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/ghostwire/ghostwire/proxy/inspect"
 )
 
 // Config is what New needs. Timeouts can change later with SetTimeouts.
@@ -56,6 +58,14 @@ type Config struct {
 	// that raced the switch of the diversion (see OnOverload). SetRefuseOverload
 	// changes it live.
 	RefuseOverload bool
+	// Policy allows or denies connections by the server name in their
+	// first bytes (TLS SNI, HTTP Host). When it can deny anything
+	// (Policy.Enabled), every connection waits, before its upstream SYN,
+	// until the name is known, its first bytes say there is none, they
+	// reach inspect.MaxPeek, or InspectTimeout (0 = 2s) runs out.
+	// SetPolicy changes both live. Nil: no policy, nothing inspected.
+	Policy         *inspect.Policy
+	InspectTimeout time.Duration
 	// UDPPort is the UDP TPROXY port, on 0.0.0.0 and [::] (0: no UDP).
 	UDPPort uint16
 	// UDPIdleTimeout ends a UDP session with no datagram either way for
@@ -105,6 +115,14 @@ type Stats struct {
 	// OverloadRefused counts connections reset because the proxy was
 	// overloaded (RefuseOverload, or no fd left to relay them with).
 	OverloadRefused uint64
+
+	// Closed counts ended connections by class of end reason (eof,
+	// client reset, dial failed, ...); DialSeconds times successful
+	// upstream connects.
+	Closed      map[string]uint64
+	DialSeconds Histogram
+	// PolicyAllowed and PolicyDenied count the name policy's decisions.
+	PolicyAllowed, PolicyDenied uint64
 
 	UDPSessions      int64  // UDP sessions open now
 	UDPSessionsTotal uint64 // UDP sessions set up since New
@@ -164,6 +182,10 @@ type Proxy struct {
 
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
+	closedBy                                [len(closeClasses)]atomic.Uint64
+	policy                                  atomic.Pointer[policy]
+	policyAllowed, policyDenied             atomic.Uint64
+	dialTime                                histogram
 }
 
 // New validates cfg and returns a Proxy ready to Start.
@@ -211,6 +233,7 @@ func New(cfg Config) (*Proxy, error) {
 		acceptErr:  make(chan error, 1),
 	}
 	p.bufs.New = func() any { b := make([]byte, bufSize); return &b }
+	p.SetPolicy(cfg.Policy, cfg.InspectTimeout)
 	p.lim = newLimiter(cfg.MaxConns, cfg.RefuseOverload)
 	p.udpLim = newLimiter(cfg.MaxUDPSessions, false)
 	p.udpPort = cfg.UDPPort
@@ -567,6 +590,15 @@ func (p *Proxy) SetTimeouts(connect, idle time.Duration) {
 
 func (p *Proxy) idle() time.Duration { return time.Duration(p.idleTimeout.Load()) }
 
+// SetPolicy changes the name policy live (SIGHUP): connections accepted
+// from now on are inspected by it (or not, if it cannot deny anything).
+func (p *Proxy) SetPolicy(pol *inspect.Policy, timeout time.Duration) {
+	p.policy.Store(&policy{p: pol, timeout: cmp.Or(timeout, defaultInspectTimeout)})
+}
+
+// defaultInspectTimeout is Config.InspectTimeout's default.
+const defaultInspectTimeout = 2 * time.Second
+
 // Stats returns the current counters.
 func (p *Proxy) Stats() Stats {
 	return Stats{
@@ -579,12 +611,25 @@ func (p *Proxy) Stats() Stats {
 		Overloaded:      p.lim.on.Load(),
 		OverloadRefused: p.lim.refused.Load(),
 
+		Closed:        p.closedCounts(),
+		PolicyAllowed: p.policyAllowed.Load(),
+		PolicyDenied:  p.policyDenied.Load(),
+		DialSeconds:   p.dialTime.snapshot(),
+
 		UDPSessions:      p.udpActive.Load(),
 		UDPSessionsTotal: p.udpTotal.Load(),
 		UDPPortFallbacks: p.udpPortFallbacks.Load(),
 		UDPOverloaded:    p.udpLim.on.Load(),
 		UDPDropped:       p.udpDropped(),
 	}
+}
+
+func (p *Proxy) closedCounts() map[string]uint64 {
+	m := make(map[string]uint64, len(closeClasses))
+	for i, c := range closeClasses {
+		m[c] = p.closedBy[i].Load()
+	}
+	return m
 }
 
 func (p *Proxy) udpDropped() map[string]uint64 {

@@ -23,6 +23,12 @@ func (l *loop) event(s *sock, events uint32) {
 	}
 	failed := events&unix.EPOLLERR != 0
 	switch c.state {
+	case inspecting:
+		if failed {
+			l.abort(c, failReason(s.name, sockError(s.fd)))
+			return
+		}
+		l.inspectEvent(c)
 	case dialing:
 		switch {
 		case s == &c.server:

@@ -1,0 +1,104 @@
+package appliance
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ghostwire/ghostwire/proxy"
+)
+
+func fakeStats() proxy.Stats {
+	return proxy.Stats{
+		Active: 3, Accepted: 10, BytesUp: 100, BytesDown: 2000,
+		Closed:      map[string]uint64{"eof": 6, "dial failed": 1},
+		DialSeconds: proxy.Histogram{Bounds: []float64{0.001, 0.01}, Cumulative: []uint64{4, 6}, Count: 7, Sum: 0.5},
+		UDPSessions: 2, UDPSessionsTotal: 5, UDPDropped: map[string]uint64{proxy.DropSendBufferFull: 4},
+		UDPOverloaded: true,
+	}
+}
+
+// The collector reports what Stats says, under lint-clean names.
+func TestProxyCollector(t *testing.T) {
+	c := newProxyCollector(fakeStats)
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %v", problems, err)
+	}
+	want := `
+# HELP ghostwire_bytes_total Bytes relayed, by direction (up: client to server).
+# TYPE ghostwire_bytes_total counter
+ghostwire_bytes_total{direction="down"} 2000
+ghostwire_bytes_total{direction="up"} 100
+# HELP ghostwire_connections_closed_total Relayed TCP connections that ended, by class of end reason.
+# TYPE ghostwire_connections_closed_total counter
+ghostwire_connections_closed_total{reason="dial failed"} 1
+ghostwire_connections_closed_total{reason="eof"} 6
+# HELP ghostwire_overloaded 1 while new flows bypass or are refused because a limit or a resource was reached.
+# TYPE ghostwire_overloaded gauge
+ghostwire_overloaded{proto="tcp"} 0
+ghostwire_overloaded{proto="udp"} 1
+# HELP ghostwire_upstream_dial_duration_seconds Time from the upstream SYN to the server's answer, for connects that succeeded.
+# TYPE ghostwire_upstream_dial_duration_seconds histogram
+ghostwire_upstream_dial_duration_seconds_bucket{le="0.001"} 4
+ghostwire_upstream_dial_duration_seconds_bucket{le="0.01"} 6
+ghostwire_upstream_dial_duration_seconds_bucket{le="+Inf"} 7
+ghostwire_upstream_dial_duration_seconds_sum 0.5
+ghostwire_upstream_dial_duration_seconds_count 7
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want),
+		"ghostwire_bytes_total", "ghostwire_connections_closed_total", "ghostwire_overloaded", "ghostwire_upstream_dial_duration_seconds"); err != nil {
+		t.Error(err)
+	}
+}
+
+// The endpoint serves the exposition over HTTP and stops with its context.
+func TestServeMetrics(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, stop, err := serveMetrics(ctx, "127.0.0.1:0", fakeStats, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get("http://" + addr.String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), "ghostwire_connections_active 3\n") {
+		t.Errorf("/metrics lacks the active count:\n%s", body)
+	}
+	stop()
+	if _, err := http.Get("http://" + addr.String() + "/metrics"); err == nil {
+		t.Error("the endpoint still answers after stop")
+	}
+	if _, _, err := serveMetrics(ctx, "256.0.0.1:1", fakeStats, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "metrics.listen") {
+		t.Errorf("a bad address = %v, want an error naming metrics.listen", err)
+	}
+}
+
+// metrics.listen may be a br0 address or loopback, not another host's
+// address on the bridged segment.
+func TestMetricsListenOnSegment(t *testing.T) {
+	c := &Config{Intercept: InterceptConfig{TCPPorts: []int{80}}, Bridge: BridgeConfig{Addresses: []string{"192.0.2.254/24"}}}
+	for addr, want := range map[string]string{
+		"192.0.2.254:9109": "",
+		"127.0.0.1:9109":   "",
+		"192.0.2.7:9109":   "192.0.2.7 is on the bridged segment (192.0.2.0/24) but is not a br0 address",
+	} {
+		var got []string
+		c.checkMetricsListen(addr, func(f string, a ...any) { got = append(got, fmt.Sprintf(f, a...)) })
+		switch {
+		case want == "" && len(got) > 0:
+			t.Errorf("%s refused: %v", addr, got)
+		case want != "" && (len(got) != 1 || !strings.Contains(got[0], want)):
+			t.Errorf("%s: %v, want %q", addr, got, want)
+		}
+	}
+}
