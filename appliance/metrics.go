@@ -22,7 +22,7 @@ type proxyCollector struct {
 	stats func() proxy.Stats
 
 	active, accepted, refused, closed, bytes, dial           *prometheus.Desc
-	overloaded, overloadRefused                              *prometheus.Desc
+	overloaded, overloadRefused, policy                      *prometheus.Desc
 	udpActive, udpTotal, udpDropped, udpFallbacks, buildInfo *prometheus.Desc
 }
 
@@ -40,6 +40,7 @@ func newProxyCollector(stats func() proxy.Stats) *proxyCollector {
 		dial:            d("upstream_dial_duration_seconds", "Time from the upstream SYN to the server's answer, for connects that succeeded."),
 		overloaded:      d("overloaded", "1 while new flows bypass or are refused because a limit or a resource was reached.", "proto"),
 		overloadRefused: d("overload_refused_total", "TCP connections reset because the proxy was overloaded."),
+		policy:          d("policy_decisions_total", "Connections the name policy (policy.*) allowed or denied.", "action"),
 		udpActive:       d("udp_sessions_active", "UDP sessions open now."),
 		udpTotal:        d("udp_sessions_total", "UDP sessions set up."),
 		udpDropped:      d("udp_datagrams_dropped_total", "Datagrams the proxy could not relay, by reason.", "reason"),
@@ -50,7 +51,7 @@ func newProxyCollector(stats func() proxy.Stats) *proxyCollector {
 
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.active, c.accepted, c.refused, c.closed, c.bytes, c.dial,
-		c.overloaded, c.overloadRefused, c.udpActive, c.udpTotal, c.udpDropped, c.udpFallbacks, c.buildInfo} {
+		c.overloaded, c.overloadRefused, c.policy, c.udpActive, c.udpTotal, c.udpDropped, c.udpFallbacks, c.buildInfo} {
 		ch <- d
 	}
 }
@@ -79,6 +80,8 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.overloaded, b2f(st.Overloaded), "tcp")
 	gauge(c.overloaded, b2f(st.UDPOverloaded), "udp")
 	counter(c.overloadRefused, st.OverloadRefused)
+	counter(c.policy, st.PolicyAllowed, "allow")
+	counter(c.policy, st.PolicyDenied, "deny")
 	gauge(c.udpActive, float64(st.UDPSessions))
 	counter(c.udpTotal, st.UDPSessionsTotal)
 	for reason, n := range st.UDPDropped {

@@ -20,7 +20,7 @@ func fakeStats() proxy.Stats {
 		Closed:      map[string]uint64{"eof": 6, "dial failed": 1},
 		DialSeconds: proxy.Histogram{Bounds: []float64{0.001, 0.01}, Cumulative: []uint64{4, 6}, Count: 7, Sum: 0.5},
 		UDPSessions: 2, UDPSessionsTotal: 5, UDPDropped: map[string]uint64{proxy.DropSendBufferFull: 4},
-		UDPOverloaded: true,
+		UDPOverloaded: true, PolicyDenied: 2,
 	}
 }
 
@@ -43,6 +43,10 @@ ghostwire_connections_closed_total{reason="eof"} 6
 # TYPE ghostwire_overloaded gauge
 ghostwire_overloaded{proto="tcp"} 0
 ghostwire_overloaded{proto="udp"} 1
+# HELP ghostwire_policy_decisions_total Connections the name policy (policy.*) allowed or denied.
+# TYPE ghostwire_policy_decisions_total counter
+ghostwire_policy_decisions_total{action="allow"} 0
+ghostwire_policy_decisions_total{action="deny"} 2
 # HELP ghostwire_upstream_dial_duration_seconds Time from the upstream SYN to the server's answer, for connects that succeeded.
 # TYPE ghostwire_upstream_dial_duration_seconds histogram
 ghostwire_upstream_dial_duration_seconds_bucket{le="0.001"} 4
@@ -52,7 +56,7 @@ ghostwire_upstream_dial_duration_seconds_sum 0.5
 ghostwire_upstream_dial_duration_seconds_count 7
 `
 	if err := testutil.CollectAndCompare(c, strings.NewReader(want),
-		"ghostwire_bytes_total", "ghostwire_connections_closed_total", "ghostwire_overloaded", "ghostwire_upstream_dial_duration_seconds"); err != nil {
+		"ghostwire_bytes_total", "ghostwire_connections_closed_total", "ghostwire_overloaded", "ghostwire_policy_decisions_total", "ghostwire_upstream_dial_duration_seconds"); err != nil {
 		t.Error(err)
 	}
 }
