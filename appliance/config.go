@@ -46,6 +46,15 @@ type InterceptConfig struct {
 	// UDPPorts are the UDP destination ports whose datagrams are relayed by
 	// the proxy; empty (the default) intercepts no UDP.
 	UDPPorts []int `mapstructure:"udp_ports"`
+	// ClientCIDRs and ServerCIDRs select the flows that are proxied, by
+	// client and by server address: prefixes ("192.0.2.0/24") or bare
+	// addresses (a /32 or /128), IPv4 and IPv6 mixed; empty (the default)
+	// selects every address. ExcludeClientCIDRs and ExcludeServerCIDRs
+	// take flows out again. Unselected flows cross the bridge untouched.
+	ClientCIDRs        []string `mapstructure:"client_cidrs"`
+	ServerCIDRs        []string `mapstructure:"server_cidrs"`
+	ExcludeClientCIDRs []string `mapstructure:"exclude_client_cidrs"`
+	ExcludeServerCIDRs []string `mapstructure:"exclude_server_cidrs"`
 }
 
 type ProxyConfig struct {
@@ -142,6 +151,12 @@ var defaults = map[string]any{
 	"policy.inspect_timeout": "2s",
 	"metrics.listen":         "",
 	"state_file":             "/var/lib/ghostwire/state.json",
+
+	// The selection (rules.Config.ClientCIDRs...): empty selects everything.
+	"intercept.client_cidrs":         []string{},
+	"intercept.server_cidrs":         []string{},
+	"intercept.exclude_client_cidrs": []string{},
+	"intercept.exclude_server_cidrs": []string{},
 }
 
 // Load reads the config file (if path is not empty), then GHOSTWIRE_* env
@@ -276,6 +291,11 @@ func (c *Config) Validate() error {
 		}
 	}
 	c.checkProxy(bad)
+	for _, l := range c.selectionLists() {
+		if _, err := parseCIDRs(l.key, l.entries); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	// What the diversion needs of ports and routing is checked once, by
 	// rules (without the bridge's MAC, which the kernel supplies later),
 	// and said here in config keys. Numbers that do not fit its types
@@ -402,7 +422,65 @@ func (c *Config) RulesConfig(mac []byte) rules.Config {
 		// keeps its session (rounded up to whole seconds), so under
 		// UDPBypass an idle but live session keeps its diversion.
 		UDPSessionTimeout: flowTimeout((c.Proxy.UDPIdleTimeout + time.Second - 1).Truncate(time.Second)),
+		// Validate has refused entries that do not parse.
+		ClientCIDRs:        mustCIDRs(c.Intercept.ClientCIDRs),
+		ServerCIDRs:        mustCIDRs(c.Intercept.ServerCIDRs),
+		ExcludeClientCIDRs: mustCIDRs(c.Intercept.ExcludeClientCIDRs),
+		ExcludeServerCIDRs: mustCIDRs(c.Intercept.ExcludeServerCIDRs),
 	}
+}
+
+// selectionLists are the intercept section's four prefix lists by key.
+func (c *Config) selectionLists() []struct {
+	key     string
+	entries []string
+} {
+	return []struct {
+		key     string
+		entries []string
+	}{
+		{"intercept.client_cidrs", c.Intercept.ClientCIDRs},
+		{"intercept.server_cidrs", c.Intercept.ServerCIDRs},
+		{"intercept.exclude_client_cidrs", c.Intercept.ExcludeClientCIDRs},
+		{"intercept.exclude_server_cidrs", c.Intercept.ExcludeServerCIDRs},
+	}
+}
+
+// parseCIDRs reads the entries of the list at key: each a prefix
+// ("192.0.2.0/24", "2001:db8::/32"; host bits are masked off) or a bare
+// address (a /32 or /128). Every bad entry is named in the error.
+func parseCIDRs(key string, entries []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var errs []error
+	for _, e := range entries {
+		s := strings.TrimSpace(e)
+		if strings.Contains(s, "/") {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %q is not an address or prefix (like 192.0.2.0/24, 2001:db8::/32 or 192.0.2.7): %w", key, e, err))
+				continue
+			}
+			out = append(out, p.Masked())
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err == nil && a.Zone() != "" {
+			err = errors.New("a zone is not an address")
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %q is not an address or prefix (like 192.0.2.0/24, 2001:db8::/32 or 192.0.2.7): %w", key, e, err))
+			continue
+		}
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	return out, errors.Join(errs...)
+}
+
+// mustCIDRs is parseCIDRs of entries Validate has checked (any bad one
+// is left out).
+func mustCIDRs(entries []string) []netip.Prefix {
+	ps, _ := parseCIDRs("", entries)
+	return ps
 }
 
 // flowTimeout is d, whole seconds, within what rules accepts for a flow

@@ -1,6 +1,7 @@
 package appliance
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -235,4 +236,69 @@ func TestLiveChangeableUDP(t *testing.T) {
 	if err := liveChangeable(old, &c); err == nil || !strings.Contains(err.Error(), "proxy.udp_port cannot change on reload (9877 -> 5000): restart ghostwire") {
 		t.Errorf("a new proxy.udp_port on reload: %v; want a refusal naming the key", err)
 	}
+}
+
+// The selection keys: prefixes and bare addresses, IPv4 and IPv6 mixed,
+// from YAML, env (comma separated) and overrides; bad entries refused with
+// the key and the entry named; all four reloadable.
+func TestSelectionKeys(t *testing.T) {
+	c, err := Load(writeConfig(t, goodYAML), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rc := c.RulesConfig(nil); rc.ClientCIDRs != nil || rc.ServerCIDRs != nil || rc.ExcludeClientCIDRs != nil || rc.ExcludeServerCIDRs != nil {
+		t.Errorf("default selection not empty: %+v", rc)
+	}
+
+	t.Setenv("GHOSTWIRE_INTERCEPT_EXCLUDE_CLIENT_CIDRS", "192.0.2.9, 2001:db8::9")
+	c, err = Load(writeConfig(t, strings.Replace(goodYAML, "  tcp_ports: [80, 443]",
+		"  tcp_ports: [80, 443]\n  client_cidrs: [192.0.2.0/24, \"2001:db8::/32\", 10.1.2.3/8, 198.51.100.7]", 1)),
+		map[string]any{"intercept.exclude_server_cidrs": []string{"203.0.113.0/24"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := c.RulesConfig(nil)
+	for _, tc := range []struct {
+		key       string
+		got, want []netip.Prefix
+	}{
+		{"client_cidrs", rc.ClientCIDRs, pfxs("192.0.2.0/24", "2001:db8::/32", "10.0.0.0/8", "198.51.100.7/32")},
+		{"server_cidrs", rc.ServerCIDRs, nil},
+		{"exclude_client_cidrs", rc.ExcludeClientCIDRs, pfxs("192.0.2.9/32", "2001:db8::9/128")},
+		{"exclude_server_cidrs", rc.ExcludeServerCIDRs, pfxs("203.0.113.0/24")},
+	} {
+		if !slices.Equal(tc.got, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.key, tc.got, tc.want)
+		}
+	}
+
+	for _, tc := range []struct{ key, entry, want string }{
+		{"client_cidrs", "192.0.2.300/24", `intercept.client_cidrs: "192.0.2.300/24" is not an address or prefix`},
+		{"server_cidrs", "example.com", `intercept.server_cidrs: "example.com" is not an address or prefix`},
+		{"exclude_client_cidrs", "10.0.0.0/33", `intercept.exclude_client_cidrs: "10.0.0.0/33" is not an address or prefix`},
+		{"exclude_server_cidrs", "fe80::1%eth0", `intercept.exclude_server_cidrs: "fe80::1%eth0" is not an address or prefix`},
+	} {
+		_, err := Load(writeConfig(t, goodYAML), map[string]any{"intercept." + tc.key: []string{"192.0.2.1", tc.entry}})
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: [192.0.2.1, %s]: %v; want an error containing %q", tc.key, tc.entry, err, tc.want)
+		}
+	}
+
+	old := c
+	n := *old
+	n.Intercept.ClientCIDRs = []string{"10.0.0.0/8"}
+	n.Intercept.ServerCIDRs = []string{"203.0.113.0/24"}
+	n.Intercept.ExcludeClientCIDRs = nil
+	n.Intercept.ExcludeServerCIDRs = []string{"2001:db8::/32"}
+	if err := liveChangeable(old, &n); err != nil {
+		t.Errorf("selection change refused on reload: %v", err)
+	}
+}
+
+func pfxs(ss ...string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range ss {
+		out = append(out, netip.MustParsePrefix(s))
+	}
+	return out
 }

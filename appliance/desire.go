@@ -104,6 +104,14 @@ func ruleKey(field string) string {
 		return "proxy.udp_port"
 	case "UDPSessionTimeout":
 		return "proxy.udp_idle_timeout"
+	case "ClientCIDRs":
+		return "intercept.client_cidrs"
+	case "ServerCIDRs":
+		return "intercept.server_cidrs"
+	case "ExcludeClientCIDRs":
+		return "intercept.exclude_client_cidrs"
+	case "ExcludeServerCIDRs":
+		return "intercept.exclude_server_cidrs"
 	}
 	return "rules " + field // Name and LingerPorts are ghostwire's own, not configured
 }

@@ -22,6 +22,7 @@ var planFacts = map[string]func() provision.Facts{
 	"minimal":            func() provision.Facts { return withoutBrNetfilter(freshBox()) },
 	"reapply":            provisionedBox,
 	"udp":                freshBox,
+	"selection":          freshBox,
 	"refuse-addresses":   addressedNICs,
 	"refuse-missing-nic": freshBox,
 	"refuse-enslaved": func() provision.Facts {

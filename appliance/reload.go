@@ -20,12 +20,14 @@ func (s *session) reload() {
 	}
 	s.cfg, s.plan = cfg, plan
 	s.r.Logger.Info("reloaded", "tcp_ports", cfg.Intercept.TCPPorts, "lingering", plan.Config().LingerPorts,
-		"udp_ports", cfg.Intercept.UDPPorts, "idle_timeout", cfg.Proxy.IdleTimeout, "udp_idle_timeout", cfg.Proxy.UDPIdleTimeout,
+		"udp_ports", cfg.Intercept.UDPPorts, "client_cidrs", cfg.Intercept.ClientCIDRs, "server_cidrs", cfg.Intercept.ServerCIDRs,
+		"exclude_client_cidrs", cfg.Intercept.ExcludeClientCIDRs, "exclude_server_cidrs", cfg.Intercept.ExcludeServerCIDRs,
+		"idle_timeout", cfg.Proxy.IdleTimeout, "udp_idle_timeout", cfg.Proxy.UDPIdleTimeout,
 		"log_level", cfg.Log.Level)
 }
 
 // reloaded applies what can change live (intercepted TCP and UDP ports,
-// timeouts, limits, log level) and refuses the rest, returning the new
+// the selection of hosts, timeouts, limits, log level) and refuses the rest, returning the new
 // config and its plan.
 func (s *session) reloaded() (*Config, *rules.Plan, error) {
 	cfg, err := Load(s.r.Path, s.r.Overrides)
