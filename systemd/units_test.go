@@ -307,7 +307,7 @@ func configKeys(t *testing.T, path string) []string {
 
 // exampleKeys reads the example YAML's uncommented keys as dotted paths
 // with their scalar values (nested by two-space indentation; enough for a
-// file whose only nesting is one level of sections).
+// file whose only nesting is sections and their subsections).
 func exampleKeys(t *testing.T) map[string]string {
 	t.Helper()
 	b, err := os.ReadFile(exampleConfig)
@@ -316,7 +316,7 @@ func exampleKeys(t *testing.T) map[string]string {
 	}
 	keys := map[string]string{}
 	keyRE := regexp.MustCompile(`^( *)([a-z_]+):(.*)$`)
-	section := ""
+	section, sub := "", ""
 	for i, line := range strings.Split(string(b), "\n") {
 		if strings.TrimSpace(line) == "" || strings.HasPrefix(strings.TrimSpace(line), "#") {
 			continue
@@ -332,6 +332,7 @@ func exampleKeys(t *testing.T) map[string]string {
 		val = strings.TrimSpace(val)
 		switch len(m[1]) {
 		case 0:
+			sub = ""
 			if val == "" {
 				section = m[2]
 				continue
@@ -342,7 +343,17 @@ func exampleKeys(t *testing.T) map[string]string {
 			if section == "" {
 				t.Fatalf("%s:%d: indented key outside a section", exampleConfig, i+1)
 			}
+			sub = ""
+			if val == "" {
+				sub = m[2] // a subsection, like policy.sni
+				continue
+			}
 			keys[section+"."+m[2]] = val
+		case 4:
+			if sub == "" {
+				t.Fatalf("%s:%d: doubly indented key outside a subsection", exampleConfig, i+1)
+			}
+			keys[section+"."+sub+"."+m[2]] = val
 		default:
 			t.Fatalf("%s:%d: unexpected indentation", exampleConfig, i+1)
 		}
