@@ -20,14 +20,16 @@ build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/ghostwire
 
 # deps installs what the tests, demo and bench read state back with, and
-# the UDP tests' real peers (dig, dnsmasq, iperf3), on a fresh Debian
+# the UDP tests' real peers (dig, dnsmasq, iperf3), the name-policy
+# tests' curl and openssl, and promtool (package prometheus) to lint
+# /metrics, on a fresh Debian
 # machine. It is a no-op when everything is present. dnsmasq comes from
 # dnsmasq-base, the binary alone: the `dnsmasq` package would also start a
 # system service on port 53 wired into the host's resolver; the tests run
 # their own instance in a lab namespace.
 deps:
 	@missing=""; \
-	for p in nft:nftables ip:iproute2 systemd-analyze:systemd dig:bind9-dnsutils dnsmasq:dnsmasq-base iperf3:iperf3; do \
+	for p in nft:nftables ip:iproute2 systemd-analyze:systemd dig:bind9-dnsutils dnsmasq:dnsmasq-base iperf3:iperf3 curl:curl openssl:openssl promtool:prometheus; do \
 	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
