@@ -110,7 +110,7 @@ func (tb table) queue(b batch, t *nftables.Table, kept map[string]bool) error {
 	sets := map[string]*nftables.Set{}
 	for _, spec := range tb.sets {
 		s := spec.nftSet(t)
-		if kept[spec.name] && !spec.dynamic {
+		if kept[spec.name] && !spec.dynamic && !spec.live {
 			b.FlushSet(s)
 		}
 		// On a set that exists, AddSet updates it (the timeout of a

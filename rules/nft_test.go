@@ -223,7 +223,7 @@ func TestCheckReportsDrift(t *testing.T) {
 	want := []string{
 		"table bridge ghostwire: set tcp_ports has unexpected ports [25]",
 		"table bridge ghostwire: set bypass6 differs from plan (type ipv6_addr . ipv6_addr . inet_service . inet_service; size 65536; flags dynamic,timeout; timeout 5m)",
-		"chain bridge ghostwire prerouting has 7 rules, plan has 6",
+		"chain bridge ghostwire prerouting has 11 rules, plan has 10",
 		"table inet ghostwire: set tcp_ports lacks ports [443]",
 		"chain inet ghostwire prerouting: rule 2 differs from plan",
 		"chain inet ghostwire input is missing",

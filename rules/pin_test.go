@@ -114,10 +114,15 @@ func (r *recorder) listSet(b *strings.Builder, t *nftables.Table, s *nftables.Se
 	}
 	fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.Name, s.KeyType.Name)
 	if s.Interval {
-		if s.Dynamic || s.HasTimeout || s.Size != 0 || (s.KeyType.Name != "ipv4_addr" && s.KeyType.Name != "ipv6_addr") {
+		if s.Dynamic || s.Timeout != 0 || s.Size != 0 || (s.KeyType.Name != "ipv4_addr" && s.KeyType.Name != "ipv6_addr") ||
+			s.HasTimeout != strings.HasPrefix(s.Name, "bypass_hosts") {
 			return fmt.Errorf("an interval set the package does not make: %+v", s)
 		}
-		b.WriteString("\t\tflags interval\n")
+		if s.HasTimeout {
+			b.WriteString("\t\tflags interval,timeout\n")
+		} else {
+			b.WriteString("\t\tflags interval\n")
+		}
 		for _, e := range r.elems[s] {
 			if len(e.Key) != int(s.KeyType.Bytes) {
 				return fmt.Errorf("element %x is not a %s", e.Key, s.KeyType.Name)
@@ -344,6 +349,30 @@ func TestDecompileCatchesWrongSelectionExprs(t *testing.T) {
 			func(e *expr.Payload) { e.Offset = 16 }),
 		"ip6 address cut to 4 bytes": first(func(e *expr.Payload) bool { return e.Base == expr.PayloadBaseNetworkHeader && e.Len == 16 },
 			func(e *expr.Payload) { e.Len = 4 }),
+	} {
+		t.Run(name, func(t *testing.T) {
+			mismatches, mutated := pinMismatches(t, p, mutate)
+			if mutated == 0 {
+				t.Fatal("the mutation applies to no rule")
+			}
+			if len(mismatches) == 0 {
+				t.Fatalf("%d rules mutated, but all still decompile to their text", mutated)
+			}
+		})
+	}
+}
+
+// TestDecompileCatchesWrongHostBypassExprs: as TestDecompileCatchesWrongExprs,
+// for the live bypass list's items (address lookups in bypass_hosts4/6).
+func TestDecompileCatchesWrongHostBypassExprs(t *testing.T) {
+	p := pinnedPlans(t)["many udp"]
+	for name, mutate := range map[string]func([]expr.Any) bool{
+		"host lookup inverted": first(func(l *expr.Lookup) bool { return isHostSet(l.SetName) }, func(l *expr.Lookup) { l.Invert = true }),
+		"host set of the other family": first(func(l *expr.Lookup) bool { return l.SetName == "bypass_hosts4" },
+			func(l *expr.Lookup) { l.SetName = "bypass_hosts6" }),
+		"saddr loaded for daddr": first(func(e *expr.Payload) bool {
+			return e.Base == expr.PayloadBaseNetworkHeader && e.Offset == 16 && e.DestRegister == 1 && e.Len == 4
+		}, func(e *expr.Payload) { e.Offset = 12 }),
 	} {
 		t.Run(name, func(t *testing.T) {
 			mismatches, mutated := pinMismatches(t, p, mutate)

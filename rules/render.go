@@ -52,7 +52,9 @@ func renderSets(b *strings.Builder, sets []setSpec) {
 		if s.dynamic {
 			fmt.Fprintf(b, "\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n", flowSetSize, nftDuration(s.timeout))
 		}
-		if s.interval {
+		if s.live {
+			b.WriteString("\t\tflags interval,timeout\n")
+		} else if s.interval {
 			b.WriteString("\t\tflags interval\n")
 			renderPrefixes(b, s.prefixes)
 		}

@@ -41,11 +41,15 @@ type setSpec struct {
 	// interval, its elements the prefixes (sorted, disjoint).
 	interval bool
 	prefixes []netip.Prefix
+	// live marks a live bypass set (hostbypass.go): an interval set
+	// with flags interval,timeout whose elements are not the plan's but
+	// changed at run time; a rebuild keeps them.
+	live bool
 }
 
 // nftSet is the set as a netlink object in table t.
 func (s setSpec) nftSet(t *nftables.Table) *nftables.Set {
-	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType, Interval: s.interval}
+	set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType, Interval: s.interval, HasTimeout: s.live}
 	if s.dynamic {
 		set.Dynamic, set.HasTimeout, set.Timeout, set.Size = true, true, s.timeout, flowSetSize
 	}
@@ -70,7 +74,7 @@ func (s setSpec) elements() []nftables.SetElement {
 // flags with EEXIST); the timeout and size may differ.
 func (spec setSpec) fits(s *nftables.Set) bool {
 	return s.KeyType.Name == spec.keyType.Name && s.KeyType.Bytes == spec.keyType.Bytes &&
-		s.Dynamic == spec.dynamic && s.HasTimeout == spec.dynamic &&
+		s.Dynamic == spec.dynamic && s.HasTimeout == (spec.dynamic || spec.live) &&
 		s.Interval == spec.interval && !s.Anonymous && !s.Constant && !s.IsMap && !s.Concatenation
 }
 

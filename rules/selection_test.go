@@ -48,12 +48,12 @@ func TestSelectionNormalised(t *testing.T) {
 	for _, s := range p.sets(nftables.TableFamilyBridge) {
 		names = append(names, s.name)
 	}
-	if want := []string{"tcp_ports", "bypass4", "bypass6", "clients4", "clients6", "xservers4"}; !slices.Equal(names, want) {
+	if want := []string{"tcp_ports", "bypass4", "bypass6", "bypass_hosts4", "bypass_hosts6", "clients4", "clients6", "xservers4"}; !slices.Equal(names, want) {
 		t.Errorf("bridge sets = %v, want %v", names, want)
 	}
 	for _, s := range p.sets(nftables.TableFamilyINet) {
 		if s.interval {
-			t.Errorf("inet table has selection set %s", s.name)
+			t.Errorf("inet table has interval set %s", s.name)
 		}
 	}
 }

@@ -67,14 +67,15 @@ func variantOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Tab
 	looks := map[nftables.TableFamily][]look{
 		nftables.TableFamilyBridge: {
 			// A selection rule adds SYNs to a bypass set too, after a
-			// lookup in a selection set: that is no overload.
+			// lookup in a selection set, and so does a live bypass
+			// rule, after one in a live bypass set: that is no overload.
 			{func(r *nftables.Rule) bool {
 				return slices.ContainsFunc(r.Exprs, func(e expr.Any) bool {
 					d, ok := e.(*expr.Dynset)
 					return ok && d.Operation == unix.NFT_DYNSET_OP_ADD
 				}) && !slices.ContainsFunc(r.Exprs, func(e expr.Any) bool {
 					l, ok := e.(*expr.Lookup)
-					return ok && isSelectionSet(l.SetName)
+					return ok && (isSelectionSet(l.SetName) || isHostSet(l.SetName))
 				})
 			}, func() { st.Overload = OverloadBypass }},
 			// A selection rule looks flows up in udpflows too, inverted.
@@ -209,7 +210,8 @@ func checkChain(c *nftables.Conn, t *nftables.Table, ch chain, have *nftables.Ch
 }
 
 // checkSet compares one set with the plan: a ports set's elements, a flow
-// set's type, flags, size and timeout (its elements are traffic, not plan).
+// set's type, flags, size and timeout (its elements are traffic, not plan),
+// a live bypass set's type and flags (its elements are not plan either).
 func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) ([]string, error) {
 	set, err := c.GetSetByName(t, spec.name)
 	switch {
@@ -222,6 +224,13 @@ func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) (
 		if !spec.fits(set) || set.Size != flowSetSize || set.Timeout != spec.timeout {
 			return []string{fmt.Sprintf("%s: set %s differs from plan (type %s; size %d; flags dynamic,timeout; timeout %s)",
 				where, spec.name, spec.keyType.Name, flowSetSize, nftDuration(spec.timeout))}, nil
+		}
+		return nil, nil
+	}
+	if spec.live {
+		// Its elements are the live bypass list, not plan.
+		if !spec.fits(set) {
+			return []string{fmt.Sprintf("%s: set %s differs from plan (type %s; flags interval,timeout)", where, spec.name, spec.keyType.Name)}, nil
 		}
 		return nil, nil
 	}

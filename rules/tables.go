@@ -27,6 +27,9 @@ func (p *Plan) sets(fam nftables.TableFamily) []setSpec {
 	specs := []setSpec{{name: setName, keyType: nftables.TypeInetService, ports: p.portsFor(fam)}}
 	if fam == nftables.TableFamilyBridge {
 		specs = append(specs, flowSetSpecs(bypassSets, p.cfg.BypassTimeout)...)
+		// The live bypass list's, in every plan: right after the flow
+		// sets, so every in-place rebuild keeps them and their elements.
+		specs = append(specs, hostSetSpecs()...)
 	}
 	if len(p.cfg.UDPPorts) > 0 {
 		specs = append(specs, setSpec{name: udpSetName, keyType: nftables.TypeInetService, ports: p.cfg.UDPPorts})
@@ -65,7 +68,8 @@ func (p *Plan) lift(items ...ruleItem) rule {
 // With UDP ports, every IP fragment is lifted first (fragmentRules).
 //
 // With a selection, an unselected new TCP flow's SYN is recorded in the
-// bypass sets and bridged (selectionTCPRules), in every variant.
+// bypass sets and bridged (selectionTCPRules), in every variant; so is
+// one from or to a host in the live bypass list (hostBypassTCPRules).
 //
 // Bypass next: flows in a bypass set cross the bridge untouched in every
 // plan variant, so an overload's bypassed flows stay bridged after it ends.
@@ -82,6 +86,7 @@ func (p *Plan) bridgeRules() []rule {
 		rules = append(rules, p.fragmentRules()...)
 	}
 	rules = append(rules, p.selectionTCPRules()...)
+	rules = append(rules, p.hostBypassTCPRules()...)
 	if p.overload == OverloadBypass {
 		for _, f := range ipFamilies {
 			rules = append(rules, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, flowStore{sets: bypassSets, fam: f}, accept{}})
@@ -130,12 +135,14 @@ func (p *Plan) fragmentRules() []rule {
 // frames refresh them) and every other datagram to an intercepted port is
 // accepted, i.e. bridged untouched. Otherwise, with a selection, the
 // datagrams of unselected flows not in udpflows are bridged first
-// (selectionUDPRules); UDPBypass bridges those anyway.
+// (selectionUDPRules), then those from or to a host in the live bypass
+// list (hostBypassUDPRules); UDPBypass bridges those anyway.
 func (p *Plan) bridgeUDPRules() []rule {
 	c := &p.cfg
 	var rules []rule
 	if !p.udpBypass {
 		rules = append(rules, p.selectionUDPRules()...)
+		rules = append(rules, p.hostBypassUDPRules()...)
 		for _, f := range ipFamilies {
 			rules = append(rules, p.lift(iifname(c.ClientPort), portIn{udpDport, udpSetName}, flowStore{sets: udpFlowSets, fam: f, update: true}))
 		}
