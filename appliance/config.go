@@ -31,6 +31,9 @@ type Config struct {
 	Policy    PolicyConfig    `mapstructure:"policy"`
 	Metrics   MetricsConfig   `mapstructure:"metrics"`
 	StateFile string          `mapstructure:"state_file"`
+	// ControlSocket is the unix socket `ghostwire run` answers `ghostwire
+	// bypass` and `status --json` on (see control.go).
+	ControlSocket string `mapstructure:"control_socket"`
 }
 
 type BridgeConfig struct {
@@ -151,6 +154,7 @@ var defaults = map[string]any{
 	"policy.inspect_timeout": "2s",
 	"metrics.listen":         "",
 	"state_file":             "/var/lib/ghostwire/state.json",
+	"control_socket":         "/run/ghostwire/control.sock",
 
 	// The selection (rules.Config.ClientCIDRs...): empty selects everything.
 	"intercept.client_cidrs":         []string{},
@@ -321,6 +325,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StateFile == "" {
 		bad("state_file is empty")
+	}
+	if c.ControlSocket == "" {
+		bad("control_socket is empty")
 	}
 	return errors.Join(errs...)
 }

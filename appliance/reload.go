@@ -73,6 +73,7 @@ func liveChangeable(old, cfg *Config) error {
 	fixed("proxy.receive_buffer", old.Proxy.ReceiveBuffer, cfg.Proxy.ReceiveBuffer)
 	fixed("routing", old.Routing, cfg.Routing)
 	fixed("state_file", old.StateFile, cfg.StateFile)
+	fixed("control_socket", old.ControlSocket, cfg.ControlSocket)
 	fixed("log.format", old.Log.Format, cfg.Log.Format)
 	fixed("metrics.listen", old.Metrics.Listen, cfg.Metrics.Listen)
 	return errors.Join(errs...)

@@ -63,7 +63,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		return fmt.Errorf("opening netlink: %w", err)
 	}
 	defer h.Close()
-	s := &session{r: r, cfg: cfg, box: &provision.Box{Netlink: h}, overloadc: make(chan struct{}, 1)}
+	s := &session{r: r, cfg: cfg, box: &provision.Box{Netlink: h}, overloadc: make(chan struct{}, 1), nftc: make(chan func())}
 	if s.plan, err = diversion(s.box, cfg, nil); err != nil {
 		return err
 	}
@@ -81,6 +81,13 @@ func (r *Runner) Run(ctx context.Context) error {
 		}
 		defer stop()
 	}
+	// The control socket too (served once the bypass list is restored).
+	ctlL, err := listenControl(cfg.ControlSocket)
+	if err != nil {
+		s.p.Shutdown(context.Background())
+		return err
+	}
+	defer ctlL.Close()
 	// One lasting socket for the life of the process: it owns the tables.
 	if s.nft, err = nftables.New(nftables.AsLasting()); err != nil {
 		s.p.Shutdown(context.Background())
@@ -91,6 +98,11 @@ func (r *Runner) Run(ctx context.Context) error {
 		s.p.Shutdown(context.Background())
 		return fmt.Errorf("installing owned diversion: %w", err)
 	}
+	ctl := &controller{file: bypassFile(cfg.StateFile), kernel: loopKernel{s}, stats: s.p.Stats, now: time.Now}
+	if err := ctl.restore(r.Logger, directKernel{s}); err != nil {
+		r.Logger.Error("restoring the bypass list", "err", err)
+	}
+	defer serveControl(ctx, ctlL, ctl, r.Logger)()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.p.Serve(ctx) }()
 	r.Logger.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort,
@@ -112,6 +124,9 @@ type session struct {
 	// overloadc is where the proxy reports overload changes; the loop,
 	// which owns the plan and the netlink socket, switches the diversion.
 	overloadc chan struct{}
+	// nftc carries the control socket's bypass changes to the loop, the
+	// one user of nft.
+	nftc chan func()
 }
 
 // startProxy opens the listeners; the diversion comes after them.
@@ -158,6 +173,8 @@ func (s *session) loop(ctx context.Context, sigs <-chan os.Signal, serveErr <-ch
 		select {
 		case <-tick:
 			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+		case f := <-s.nftc:
+			f()
 		case <-s.overloadc:
 			if err := s.overloadPlan(s.plan).ApplyOwned(s.nft); err != nil {
 				log.Error("switching the diversion for overload", "overloaded", s.p.Overloaded(), "err", err)

@@ -23,7 +23,7 @@ func app() *cli.App {
 		Description: "Bridges two NICs as one invisible bump in the wire and diverts selected\n" +
 			"TCP flows to a transparent proxy that connects onward as the client.",
 		HideHelpCommand: true,
-		Commands:        []*cli.Command{planCommand(), applyCommand(), teardownCommand(), statusCommand(), runCommand()},
+		Commands:        []*cli.Command{planCommand(), applyCommand(), teardownCommand(), statusCommand(), runCommand(), bypassCommand()},
 	}
 }
 
@@ -76,11 +76,14 @@ func statusCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
 		Usage: "say whether the box is intercepting, bypassing or not provisioned, and what drifted",
-		Flags: commonFlags(),
+		Flags: commonFlags(&cli.BoolFlag{Name: "json", Usage: "print a JSON document, with the running proxy's counters"}),
 		Action: withBox(func(c *cli.Context, cfg *appliance.Config, b *provision.Box) error {
 			s, err := appliance.Status(b, cfg)
 			if err != nil {
 				return err
+			}
+			if c.Bool("json") {
+				return printStatusJSON(c, cfg, s)
 			}
 			fmt.Fprint(c.App.Writer, s)
 			return nil

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -12,8 +13,9 @@ func TestCommandsAndFlags(t *testing.T) {
 		"plan":     {"config", "state-file"},
 		"apply":    {"config", "state-file", "dry-run", "no-diversion"},
 		"teardown": {"config", "state-file"},
-		"status":   {"config", "state-file"},
+		"status":   {"config", "state-file", "json"},
 		"run":      {"config", "state-file", "json"},
+		"bypass":   nil,
 	}
 	a := app()
 	if len(a.Commands) != len(want) {
@@ -30,6 +32,35 @@ func TestCommandsAndFlags(t *testing.T) {
 		if got != exp {
 			t.Errorf("%s flags = %s, want %s", c.Name, got, exp)
 		}
+	}
+	// bypass add|del|list take the common flags; add --for.
+	for _, c := range a.Command("bypass").Subcommands {
+		var names []string
+		for _, f := range c.Flags {
+			names = append(names, f.Names()...)
+		}
+		exp := map[string]string{"add": "config,c,state-file,for", "del": "config,c,state-file", "list": "config,c,state-file"}[c.Name]
+		if got := strings.Join(names, ","); got != exp {
+			t.Errorf("bypass %s flags = %s, want %s", c.Name, got, exp)
+		}
+	}
+}
+
+// With no daemon, bypass commands say so and fail.
+func TestBypassNotRunning(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	t.Setenv("GHOSTWIRE_CONTROL_SOCKET", sock)
+	t.Setenv("GHOSTWIRE_BRIDGE_CLIENT_NIC", "eth1")
+	t.Setenv("GHOSTWIRE_BRIDGE_SERVER_NIC", "eth2")
+	for _, args := range [][]string{{"add", "192.0.2.9"}, {"del", "192.0.2.9"}, {"list"}} {
+		err := app().Run(append([]string{"ghostwire", "bypass"}, args...))
+		want := "ghostwire run is not running (no control socket at " + sock + "): nothing changed"
+		if err == nil || err.Error() != want {
+			t.Errorf("bypass %v: %v, want %q", args, err, want)
+		}
+	}
+	if err := app().Run([]string{"ghostwire", "bypass", "add"}); err == nil || !strings.Contains(err.Error(), "want one ADDR[/LEN]") {
+		t.Errorf("bypass add without an address: %v", err)
 	}
 }
 
