@@ -67,10 +67,15 @@ proxy:
   idle_timeout: 1m
   shutdown_grace: 10s
 state_file: %s
+control_socket: %s
 %s`, b.Bridge, b.Lab.ClientNIC, b.Lab.ServerNIC, b.Lab.BoxIP4, b.Lab.BoxIP6,
-		strings.Join(ps, ", "), ProxyPort, filepath.Join(b.Dir, "state.json"), extraYAML)
+		strings.Join(ps, ", "), ProxyPort, filepath.Join(b.Dir, "state.json"), b.ControlSocket(), extraYAML)
 	return os.WriteFile(b.Config, []byte(cfg), 0o644)
 }
+
+// ControlSocket is the control socket of the box's `ghostwire run`: in
+// Dir, so labs running at once do not share one.
+func (b *Appliance) ControlSocket() string { return filepath.Join(b.Dir, "control.sock") }
 
 // Ghostwire runs `ghostwire ARGS -c CONFIG` in the box namespace and returns
 // its combined output.
