@@ -177,8 +177,21 @@ func TestStatusStates(t *testing.T) {
 		t.Fatal(err)
 	}
 	want("proxy running", "ghostwire: intercepting")
+	// One proxied connection, ended: the running proxy's own view joins
+	// the status, with the client and server among the busiest.
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
+	_, local, err := probe(b, addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.WaitFor(5*time.Second, func() (bool, error) { return len(b.ConnLogFor(local)) > 0, nil }); err != nil {
+		t.Fatalf("the proxied connection's end was not logged: %v", err)
+	}
 	out, _ := b.Ghostwire("status")
-	if !strings.Contains(out, "owned by the running proxy") || !strings.Contains(out, "provisioning: in place") {
+	if !strings.Contains(out, "owned by the running proxy") || !strings.Contains(out, "provisioning: in place") ||
+		!strings.Contains(out, "since start: 1 connections accepted") ||
+		!strings.Contains(out, "busiest clients: "+b.Lab.ClientIP4.String()+" (") ||
+		!strings.Contains(out, "busiest servers: "+b.Lab.ServerIP4.String()+" (") {
 		t.Errorf("status while intercepting:\n%s", out)
 	}
 	if _, err := b.Ghostwire("teardown"); err == nil {

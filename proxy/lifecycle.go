@@ -74,6 +74,7 @@ func (l *loop) finish(c *conn, reason string) {
 	}
 	delete(l.conns, c)
 	l.p.closedBy[closeClass(reason)].Add(1)
+	l.p.talkers.add(c.src.Addr(), c.dst.Addr(), uint64(c.up.n+c.down.n))
 	c.log(slog.LevelInfo, reason)
 	l.p.untrack(c)
 }

@@ -123,6 +123,9 @@ type Stats struct {
 	DialSeconds Histogram
 	// PolicyAllowed and PolicyDenied count the name policy's decisions.
 	PolicyAllowed, PolicyDenied uint64
+	// TopClients and TopServers are the five addresses with the most bytes
+	// relayed (both ways) by connections and UDP sessions that ended.
+	TopClients, TopServers []Talker
 
 	UDPSessions      int64  // UDP sessions open now
 	UDPSessionsTotal uint64 // UDP sessions set up since New
@@ -183,6 +186,7 @@ type Proxy struct {
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
 	closedBy                                [len(closeClasses)]atomic.Uint64
+	talkers                                 talkers
 	policy                                  atomic.Pointer[policy]
 	policyAllowed, policyDenied             atomic.Uint64
 	dialTime                                histogram
@@ -601,6 +605,7 @@ const defaultInspectTimeout = 2 * time.Second
 
 // Stats returns the current counters.
 func (p *Proxy) Stats() Stats {
+	top5c, top5s := p.talkers.top(5)
 	return Stats{
 		Active:          p.active.Load(),
 		Accepted:        p.accepted.Load(),
@@ -613,6 +618,8 @@ func (p *Proxy) Stats() Stats {
 
 		Closed:        p.closedCounts(),
 		PolicyAllowed: p.policyAllowed.Load(),
+		TopClients:    top5c,
+		TopServers:    top5s,
 		PolicyDenied:  p.policyDenied.Load(),
 		DialSeconds:   p.dialTime.snapshot(),
 

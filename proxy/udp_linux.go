@@ -401,6 +401,7 @@ func (l *loop) closeSession(s *udpSession, reason string) {
 	}
 	delete(l.sessions, s.key)
 	l.p.udpActive.Add(-1)
+	l.p.talkers.add(s.key.client.Addr(), l.p.origDst(s.key.dst).Addr(), s.bytesUp+s.bytesDown)
 	l.p.log.LogAttrs(context.Background(), slog.LevelInfo, "udp session closed",
 		slog.String("client", s.key.client.String()),
 		slog.String("server", l.p.origDst(s.key.dst).String()),

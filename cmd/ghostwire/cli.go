@@ -86,6 +86,7 @@ func statusCommand() *cli.Command {
 				return printStatusJSON(c, cfg, s)
 			}
 			fmt.Fprint(c.App.Writer, s)
+			printProxyStatus(c.App.Writer, cfg)
 			return nil
 		}),
 	}

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/ghostwire/ghostwire/appliance"
+	"github.com/ghostwire/ghostwire/proxy"
+)
+
+// printProxyStatus adds what the running proxy says of itself to the
+// text status; nothing when no `ghostwire run` answers (the status above
+// already says whether the diversion is owned).
+func printProxyStatus(w io.Writer, cfg *appliance.Config) {
+	r, err := appliance.Control(cfg.ControlSocket, appliance.ControlRequest{Cmd: "stats"})
+	if err != nil || !r.OK || r.Stats == nil {
+		return
+	}
+	fmt.Fprint(w, proxyStatus(*r.Stats))
+}
+
+// proxyStatus is the running proxy's counters as status lines.
+func proxyStatus(st proxy.Stats) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "proxy: %d connections open, %d udp sessions\n", st.Active, st.UDPSessions)
+	fmt.Fprintf(&b, "since start: %d connections accepted, %d udp sessions, %s up, %s down", st.Accepted, st.UDPSessionsTotal, size(st.BytesUp), size(st.BytesDown))
+	if st.DialFailed > 0 {
+		fmt.Fprintf(&b, ", %d dials failed", st.DialFailed)
+	}
+	if st.PolicyDenied > 0 {
+		fmt.Fprintf(&b, ", %d denied by name", st.PolicyDenied)
+	}
+	if st.OverloadRefused > 0 {
+		fmt.Fprintf(&b, ", %d refused in overload", st.OverloadRefused)
+	}
+	b.WriteString("\n")
+	for _, side := range []struct {
+		name string
+		top  []proxy.Talker
+	}{{"clients", st.TopClients}, {"servers", st.TopServers}} {
+		if len(side.top) == 0 {
+			continue
+		}
+		parts := make([]string, len(side.top))
+		for i, t := range side.top {
+			parts[i] = fmt.Sprintf("%s (%s)", t.Addr, size(t.Bytes))
+		}
+		fmt.Fprintf(&b, "busiest %s: %s\n", side.name, strings.Join(parts, ", "))
+	}
+	return b.String()
+}
+
+// size is n bytes for a person: 1.5 MiB.
+func size(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

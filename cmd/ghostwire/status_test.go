@@ -1,0 +1,23 @@
+package main
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/ghostwire/ghostwire/proxy"
+)
+
+func TestProxyStatus(t *testing.T) {
+	st := proxy.Stats{
+		Active: 2, UDPSessions: 1, Accepted: 40, UDPSessionsTotal: 3, BytesUp: 1536, BytesDown: 3 << 20, PolicyDenied: 4,
+		TopClients: []proxy.Talker{{Addr: netip.MustParseAddr("192.0.2.1"), Bytes: 2 << 20}, {Addr: netip.MustParseAddr("192.0.2.3"), Bytes: 900}},
+		TopServers: []proxy.Talker{{Addr: netip.MustParseAddr("2001:db8::2"), Bytes: 5 << 30}},
+	}
+	want := "proxy: 2 connections open, 1 udp sessions\n" +
+		"since start: 40 connections accepted, 3 udp sessions, 1.5 KiB up, 3.0 MiB down, 4 denied by name\n" +
+		"busiest clients: 192.0.2.1 (2.0 MiB), 192.0.2.3 (900 B)\n" +
+		"busiest servers: 2001:db8::2 (5.0 GiB)\n"
+	if got := proxyStatus(st); got != want {
+		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
