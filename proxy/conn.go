@@ -34,7 +34,8 @@ type conn struct {
 	lastActive time.Duration
 	progress   uint64
 	again      bool               // on the loop's list to move again (budget ran out)
-	insp       inspectState       // what inspecting found and decided
+	insp       inspectState       // what inspecting (or the first read) found, and decided
+	named      bool               // the first client bytes were looked at for a name
 	cancelDial context.CancelFunc // a Dial hook's, while it runs
 }
 

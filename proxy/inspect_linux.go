@@ -25,9 +25,10 @@ type inspectState struct {
 }
 
 // attrs are the log's fields for it: the name under its kind's key, the
-// decision and why; nothing when the connection was not inspected.
+// decision and why (without a policy, the name alone, if the first read
+// carried one whole).
 func (s inspectState) attrs() slog.Attr {
-	if s.decision == "" {
+	if s.decision == "" && s.name == "" {
 		return slog.Attr{}
 	}
 	key := "name"
@@ -36,6 +37,9 @@ func (s inspectState) attrs() slog.Attr {
 		key = "sni"
 	case inspect.HTTP:
 		key = "host"
+	}
+	if s.decision == "" { // named by the first read; no policy
+		return slog.String(key, s.name)
 	}
 	return slog.Group("", slog.String(key, s.name), slog.String("decision", s.decision), slog.String("policy", s.why))
 }

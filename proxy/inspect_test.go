@@ -94,15 +94,19 @@ func TestPolicyByName(t *testing.T) {
 			t.Errorf("reason = %q", field(r, "reason"))
 		}
 	})
-	t.Run("no policy: nothing inspected, no policy fields", func(t *testing.T) {
+	t.Run("no policy: nothing inspected, the name still logged", func(t *testing.T) {
 		checkGoroutines(t)
 		h := startProxy(t, echo, nil)
 		c := h.dial()
-		c.Write([]byte("x"))
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: named.example\r\n\r\n"))
 		c.CloseWrite()
 		io.ReadAll(c)
-		if r := h.logs.closed(t, 1)[0]; r["decision"] != nil || r["policy"] != nil {
+		r := h.logs.closed(t, 1)[0]
+		if r["decision"] != nil || r["policy"] != nil {
 			t.Errorf("log has policy fields without a policy: %v", r)
+		}
+		if field(r, "host") != "named.example" {
+			t.Errorf("log names host %q, want named.example from the first read", field(r, "host"))
 		}
 	})
 }

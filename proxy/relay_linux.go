@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"golang.org/x/sys/unix"
+
+	"github.com/ghostwire/ghostwire/proxy/inspect"
 )
 
 // moveBudget bounds what one connection moves per event before the loop
@@ -174,6 +176,14 @@ func (l *loop) move(c *conn, h *half) bool {
 		if piped {
 			h.pipe.n = n
 			continue
+		}
+		if h == &c.up && !c.named {
+			c.named = true
+			if c.insp.decision == "" {
+				// No policy peeked: name the connection from its first
+				// read, for the log, at no cost to the path.
+				c.insp.kind, c.insp.name, _ = inspect.Name(l.buf[:n])
+			}
 		}
 		if n == room {
 			h.pipe = l.getPipe() // nil if none can be had: go on copying
