@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
 )
 
@@ -75,6 +76,20 @@ func decompile(fam nftables.TableFamily, sets map[string]*nftables.Set, exprs []
 	return strings.Join(shown, " "), nil
 }
 
+// decompileRule is the text of rule r: its expressions, then its comment
+// (user data) as nft lists it, last.
+func decompileRule(fam nftables.TableFamily, sets map[string]*nftables.Set, r *nftables.Rule) (string, error) {
+	text, err := decompile(fam, sets, r.Exprs)
+	if err != nil || r.UserData == nil {
+		return text, err
+	}
+	c, ok := userdata.GetString(r.UserData, userdata.TypeComment)
+	if !ok || !bytes.Equal(userdata.AppendString(nil, userdata.TypeComment, c), r.UserData) {
+		return "", fmt.Errorf("user data %x is not a comment alone", r.UserData)
+	}
+	return text + fmt.Sprintf(" comment %q", c), nil
+}
+
 func (d *decompiler) step(e expr.Any) error {
 	switch e := e.(type) {
 	case *expr.Meta:
@@ -115,6 +130,9 @@ func (d *decompiler) step(e expr.Any) error {
 		default:
 			return errors.New("not a tcp reset or an icmpx port unreachable")
 		}
+	case *expr.Counter:
+		// As nft lists it: with its counts.
+		d.print(fmt.Sprintf("counter packets %d bytes %d", e.Packets, e.Bytes))
 	case *expr.Verdict:
 		if e.Kind != expr.VerdictAccept || e.Chain != "" {
 			return errors.New("not accept")

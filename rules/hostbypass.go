@@ -50,8 +50,8 @@ func (p *Plan) hostBypassTCPRules() []rule {
 	var rules []rule
 	for _, f := range ipFamilies {
 		for _, daddr := range []bool{false, true} {
-			rules = append(rules, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{},
-				addrIn{fam: f, daddr: daddr, set: hostSets.name(f)}, flowStore{sets: bypassSets, fam: f}, accept{}})
+			rules = append(rules, counted("bypass host tcp "+addrField(daddr)+f.suffix, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{},
+				addrIn{fam: f, daddr: daddr, set: hostSets.name(f)}, flowStore{sets: bypassSets, fam: f}, accept{}}))
 		}
 	}
 	return rules
@@ -63,19 +63,28 @@ func (p *Plan) hostBypassUDPRules() []rule {
 	c := &p.cfg
 	var rules []rule
 	for _, side := range []struct {
+		name       string
 		port       string
 		field      portField
 		fromServer bool
-	}{{c.ClientPort, udpDport, false}, {c.ServerPort, udpSport, true}} {
+	}{{"client", c.ClientPort, udpDport, false}, {"server", c.ServerPort, udpSport, true}} {
 		for _, f := range ipFamilies {
 			for _, daddr := range []bool{false, true} {
-				rules = append(rules, rule{iifname(side.port), portIn{side.field, udpSetName},
+				rules = append(rules, counted("bypass host udp "+side.name+" "+addrField(daddr)+f.suffix, rule{iifname(side.port), portIn{side.field, udpSetName},
 					addrIn{fam: f, daddr: daddr, set: hostSets.name(f)},
-					flowIn{sets: udpFlowSets, fam: f, reverse: side.fromServer, neg: true}, accept{}})
+					flowIn{sets: udpFlowSets, fam: f, reverse: side.fromServer, neg: true}, accept{}}))
 			}
 		}
 	}
 	return rules
+}
+
+// addrField is "saddr" or (daddr) "daddr", for rule names.
+func addrField(daddr bool) string {
+	if daddr {
+		return "daddr"
+	}
+	return "saddr"
 }
 
 // HostBypass is one entry of the live bypass list as the kernel holds it.

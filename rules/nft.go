@@ -126,7 +126,8 @@ func (tb table) queue(b batch, t *nftables.Table, kept map[string]bool) error {
 	for _, ch := range tb.chains {
 		nch := b.AddChain(ch.nftChain(t))
 		for _, r := range ch.rules {
-			b.AddRule(&nftables.Rule{Table: t, Chain: nch, Exprs: r.exprs(tb.family, func(name string) *nftables.Set { return sets[name] })})
+			b.AddRule(&nftables.Rule{Table: t, Chain: nch, Exprs: r.exprs(tb.family, func(name string) *nftables.Set { return sets[name] }),
+				UserData: r.userData()})
 		}
 	}
 	return nil

@@ -213,9 +213,11 @@ func TestCheckReportsDrift(t *testing.T) {
 	// Re-declaring an existing set updates it: same type, other timeout.
 	n.run(t, "nft", "add set bridge ghostwire bypass6 { type ipv6_addr . ipv6_addr . inet_service . inet_service; "+
 		"size 65536; flags dynamic,timeout; timeout 10m; }")
-	n.run(t, "nft", "flush chain inet ghostwire prerouting; add rule inet ghostwire prerouting fib daddr type local accept; "+
-		"add rule inet ghostwire prerouting iifname br0 tcp dport @tcp_ports tcp flags & (fin|syn|rst|ack) == syn tproxy to :3130 meta mark set 1 accept; "+
-		"add rule inet ghostwire prerouting meta l4proto tcp socket transparent 1 meta mark set 1 accept")
+	// Rule 1 as planned but for its counts, rule 2 with another port,
+	// rule 3 with another name (comment).
+	n.run(t, "nft", "flush chain inet ghostwire prerouting; add rule inet ghostwire prerouting fib daddr type local counter packets 7 bytes 700 accept comment \"local\"; "+
+		"add rule inet ghostwire prerouting iifname br0 tcp dport @tcp_ports tcp flags & (fin|syn|rst|ack) == syn counter tproxy to :3130 meta mark set 1 accept comment \"tcp syn\"; "+
+		"add rule inet ghostwire prerouting meta l4proto tcp socket transparent 1 counter meta mark set 1 accept comment \"tcp sockets\"")
 	drift, err := p.Check(n.nft)
 	if err != nil {
 		t.Fatal(err)
@@ -226,6 +228,7 @@ func TestCheckReportsDrift(t *testing.T) {
 		"chain bridge ghostwire prerouting has 11 rules, plan has 10",
 		"table inet ghostwire: set tcp_ports lacks ports [443]",
 		"chain inet ghostwire prerouting: rule 2 differs from plan",
+		"chain inet ghostwire prerouting: rule 3 differs from plan",
 		"chain inet ghostwire input is missing",
 		"table inet ghostwire: unexpected chain extra",
 	}

@@ -65,13 +65,13 @@ func TestOverloadedVariants(t *testing.T) {
 	// host's, after a lookup).
 	for _, q := range []*Plan{p, p.Draining(), bypass, refuse} {
 		s := q.String()
-		if strings.Count(s, "\tset bypass") != 4 || strings.Count(s, " @bypass4 update @bypass4 ") != 1 {
+		if strings.Count(s, "\tset bypass") != 4 || strings.Count(s, " @bypass4 counter packets 0 bytes 0 update @bypass4 ") != 1 {
 			t.Errorf("%v plan lacks the bypass sets or lookups:\n%s", q.Overload(), s)
 		}
-		if got := strings.Contains(s, "fin,syn,rst,ack add @bypass"); got != (q == bypass) {
+		if got := strings.Contains(s, "fin,syn,rst,ack counter packets 0 bytes 0 add @bypass"); got != (q == bypass) {
 			t.Errorf("%v plan: add to bypass set present = %v", q.Overload(), got)
 		}
-		if got := strings.Contains(s, "fin,syn,rst,ack reject with tcp reset\n"); got != (q == refuse) {
+		if got := strings.Contains(s, "fin,syn,rst,ack counter packets 0 bytes 0 reject with tcp reset comment"); got != (q == refuse) {
 			t.Errorf("%v plan: SYN reject present = %v", q.Overload(), got)
 		}
 	}
@@ -131,11 +131,11 @@ func TestUDPBypassVariants(t *testing.T) {
 		bridge      string
 		has, hasNot []string
 	}{
-		{bridgeOff, []string{`"eth-client" udp dport @udp_ports update @udpflows4 `, `"eth-server" udp sport @udp_ports ether daddr set`},
-			[]string{"@udpflows4 update", "udp dport @udp_ports accept"}},
-		{bridgeOn, []string{`"eth-client" ip saddr . ip daddr . udp sport . udp dport @udpflows4 update @udpflows4 `,
-			`"eth-client" udp dport @udp_ports accept`, `"eth-server" ip6 daddr . ip6 saddr . udp dport . udp sport @udpflows6 ether daddr set`},
-			[]string{"udp dport @udp_ports update", "udp sport @udp_ports"}},
+		{bridgeOff, []string{`"eth-client" udp dport @udp_ports counter packets 0 bytes 0 update @udpflows4 `, `"eth-server" udp sport @udp_ports counter packets 0 bytes 0 ether daddr set`},
+			[]string{"@udpflows4 counter packets 0 bytes 0 update", "udp dport @udp_ports counter packets 0 bytes 0 accept"}},
+		{bridgeOn, []string{`"eth-client" ip saddr . ip daddr . udp sport . udp dport @udpflows4 counter packets 0 bytes 0 update @udpflows4 `,
+			`"eth-client" udp dport @udp_ports counter packets 0 bytes 0 accept`, `"eth-server" ip6 daddr . ip6 saddr . udp dport . udp sport @udpflows6 counter packets 0 bytes 0 ether daddr set`},
+			[]string{"udp dport @udp_ports counter packets 0 bytes 0 update", "udp sport @udp_ports"}},
 	} {
 		for _, s := range tt.has {
 			if !strings.Contains(tt.bridge, s) {

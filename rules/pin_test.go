@@ -159,7 +159,7 @@ func (r *recorder) listChain(b *strings.Builder, t *nftables.Table, ch *nftables
 	}
 	fmt.Fprintf(b, "\tchain %s {\n\t\ttype filter hook %s priority %s; policy accept;\n", ch.Name, hook, prio)
 	for i, rule := range r.rulesOf(ch) {
-		text, err := decompile(t.Family, r.setsByName(), rule.Exprs)
+		text, err := decompileRule(t.Family, r.setsByName(), rule)
 		if err != nil || rule.Table != t {
 			return fmt.Errorf("rule %d: %v (table %v)", i+1, err, rule.Table)
 		}
@@ -227,7 +227,7 @@ func pinMismatches(t *testing.T, p *Plan, mutate func([]expr.Any) bool) (mismatc
 				if mutate != nil && mutate(queued[j].Exprs) {
 					mutated++
 				}
-				got, err := decompile(tbl.Family, rec.setsByName(), queued[j].Exprs)
+				got, err := decompileRule(tbl.Family, rec.setsByName(), queued[j])
 				if want := r.String(); err != nil || got != want {
 					mismatches = append(mismatches, fmt.Sprintf("%s %s rule %d:\n  text  %s\n  exprs %s (%v)",
 						tableFamilies[tb.family], ch.name, j+1, want, got, err))

@@ -145,6 +145,8 @@ type emitter struct {
 	exprs   []expr.Any
 	ethType uint16 // the meta protocol checked so far, 0 if none
 	l4      byte   // the meta l4proto checked so far, 0 if none
+	// userData is the rule's user data: its comment, if any.
+	userData []byte
 }
 
 func (e *emitter) add(x ...expr.Any) { e.exprs = append(e.exprs, x...) }
@@ -166,6 +168,18 @@ func (r rule) exprs(fam nftables.TableFamily, set func(name string) *nftables.Se
 		it.emit(e)
 	}
 	return e.exprs
+}
+
+// userData is the rule's user data as nft writes it: its comment TLV, or
+// nil for a rule without comment.
+func (r rule) userData() []byte {
+	e := &emitter{}
+	for _, it := range r {
+		if c, ok := it.(comment); ok {
+			c.emit(e)
+		}
+	}
+	return e.userData
 }
 
 // familyName is the family as nft spells it.

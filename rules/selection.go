@@ -173,7 +173,8 @@ func (p *Plan) selectionTCPRules() []rule {
 	var rules []rule
 	for _, f := range ipFamilies {
 		for _, m := range p.unselected(f, false) {
-			rules = append(rules, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, m, flowStore{sets: bypassSets, fam: f}, accept{}})
+			rules = append(rules, counted("unselected tcp "+m.(addrIn).set,
+				rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, m, flowStore{sets: bypassSets, fam: f}, accept{}}))
 		}
 	}
 	return rules
@@ -185,14 +186,15 @@ func (p *Plan) selectionUDPRules() []rule {
 	c := &p.cfg
 	var rules []rule
 	for _, side := range []struct {
+		name       string
 		port       string
 		field      portField
 		fromServer bool
-	}{{c.ClientPort, udpDport, false}, {c.ServerPort, udpSport, true}} {
+	}{{"client", c.ClientPort, udpDport, false}, {"server", c.ServerPort, udpSport, true}} {
 		for _, f := range ipFamilies {
 			for _, m := range p.unselected(f, side.fromServer) {
-				rules = append(rules, rule{iifname(side.port), portIn{side.field, udpSetName}, m,
-					flowIn{sets: udpFlowSets, fam: f, reverse: side.fromServer, neg: true}, accept{}})
+				rules = append(rules, counted("unselected udp "+side.name+" "+m.(addrIn).set, rule{iifname(side.port), portIn{side.field, udpSetName}, m,
+					flowIn{sets: udpFlowSets, fam: f, reverse: side.fromServer, neg: true}, accept{}}))
 			}
 		}
 	}

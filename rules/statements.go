@@ -9,6 +9,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
 )
 
@@ -121,3 +122,50 @@ type accept struct{}
 func (accept) String() string { return "accept" }
 
 func (accept) emit(e *emitter) { e.add(&expr.Verdict{Kind: expr.VerdictAccept}) }
+
+// counter is `counter packets 0 bytes 0`, as nft lists a fresh rule's
+// counter: the kernel counts the packets (and their bytes) that reach it,
+// i.e. that matched every match before it. Check ignores the counts
+// (sameExprs); Counters reads them (counters.go).
+type counter struct{}
+
+func (counter) String() string { return "counter packets 0 bytes 0" }
+
+func (counter) emit(e *emitter) { e.add(&expr.Counter{}) }
+
+// comment is `comment "NAME"`, which nft lists last: not an expression but
+// the rule's user data (a comment TLV, as nft writes it). It names the
+// rule in the metrics (Counters).
+type comment string
+
+func (c comment) String() string { return fmt.Sprintf("comment %q", string(c)) }
+
+func (c comment) emit(e *emitter) {
+	e.userData = userdata.AppendString(nil, userdata.TypeComment, string(c))
+}
+
+// isStatement reports whether it acts on the packet (or is a verdict),
+// as opposed to matching it.
+func isStatement(it ruleItem) bool {
+	switch it.(type) {
+	case flowStore, etherDaddrSet, pktTypeHost, tproxyTo, markSet, rejectTCPReset, rejectPortUnreachable, accept:
+		return true
+	}
+	return false
+}
+
+// counted is r with a counter after its matches (before its first
+// statement: it counts the packets the rule acts on) and named by a
+// comment, the rule's identity in the metrics. Every rule of the plan's
+// chains is counted: uniform, and cheap next to the lookups, so each
+// rule's share of the traffic can be read, and a rule that matches nothing
+// any more (or too much) shows. Names are short, unique per table and the
+// same in every plan variant for the rule of the same role.
+func counted(name string, r rule) rule {
+	i := slices.IndexFunc(r, isStatement)
+	if i < 0 {
+		i = len(r)
+	}
+	out := slices.Concat(r[:i:i], rule{counter{}}, r[i:], rule{comment(name)})
+	return out
+}

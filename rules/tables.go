@@ -89,20 +89,23 @@ func (p *Plan) bridgeRules() []rule {
 	rules = append(rules, p.hostBypassTCPRules()...)
 	if p.overload == OverloadBypass {
 		for _, f := range ipFamilies {
-			rules = append(rules, rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, flowStore{sets: bypassSets, fam: f}, accept{}})
+			rules = append(rules, counted("overload bypass syn"+f.suffix,
+				rule{iifname(c.ClientPort), portIn{tcpDport, setName}, pureSYN{}, flowStore{sets: bypassSets, fam: f}, accept{}}))
 		}
 	}
 	for _, f := range ipFamilies {
 		rules = append(rules,
-			rule{iifname(c.ClientPort), flowIn{sets: bypassSets, fam: f}, flowStore{sets: bypassSets, fam: f, update: true}, accept{}},
-			rule{iifname(c.ServerPort), flowIn{sets: bypassSets, fam: f, reverse: true}, accept{}},
+			counted("bypass flow client"+f.suffix,
+				rule{iifname(c.ClientPort), flowIn{sets: bypassSets, fam: f}, flowStore{sets: bypassSets, fam: f, update: true}, accept{}}),
+			counted("bypass flow server"+f.suffix, rule{iifname(c.ServerPort), flowIn{sets: bypassSets, fam: f, reverse: true}, accept{}}),
 		)
 	}
 	for _, r := range []struct {
+		side  string
 		port  string
 		field portField
-	}{{c.ClientPort, tcpDport}, {c.ServerPort, tcpSport}} {
-		rules = append(rules, p.lift(iifname(r.port), portIn{r.field, setName}))
+	}{{"client", c.ClientPort, tcpDport}, {"server", c.ServerPort, tcpSport}} {
+		rules = append(rules, counted("lift tcp "+r.side, p.lift(iifname(r.port), portIn{r.field, setName})))
 	}
 	if len(c.UDPPorts) > 0 {
 		rules = append(rules, p.bridgeUDPRules()...)
@@ -122,8 +125,8 @@ func (p *Plan) bridgeRules() []rule {
 func (p *Plan) fragmentRules() []rule {
 	var rules []rule
 	for _, f := range ipFamilies {
-		for _, port := range []string{p.cfg.ClientPort, p.cfg.ServerPort} {
-			rules = append(rules, p.lift(iifname(port), fragment{f}))
+		for _, side := range []struct{ name, port string }{{"client", p.cfg.ClientPort}, {"server", p.cfg.ServerPort}} {
+			rules = append(rules, counted("lift fragment "+side.name+f.suffix, p.lift(iifname(side.port), fragment{f})))
 		}
 	}
 	return rules
@@ -144,16 +147,18 @@ func (p *Plan) bridgeUDPRules() []rule {
 		rules = append(rules, p.selectionUDPRules()...)
 		rules = append(rules, p.hostBypassUDPRules()...)
 		for _, f := range ipFamilies {
-			rules = append(rules, p.lift(iifname(c.ClientPort), portIn{udpDport, udpSetName}, flowStore{sets: udpFlowSets, fam: f, update: true}))
+			rules = append(rules, counted("lift udp client"+f.suffix,
+				p.lift(iifname(c.ClientPort), portIn{udpDport, udpSetName}, flowStore{sets: udpFlowSets, fam: f, update: true})))
 		}
-		return append(rules, p.lift(iifname(c.ServerPort), portIn{udpSport, udpSetName}))
+		return append(rules, counted("lift udp server", p.lift(iifname(c.ServerPort), portIn{udpSport, udpSetName})))
 	}
 	for _, f := range ipFamilies {
-		rules = append(rules, p.lift(iifname(c.ClientPort), flowIn{sets: udpFlowSets, fam: f}, flowStore{sets: udpFlowSets, fam: f, update: true}))
+		rules = append(rules, counted("lift udp flow client"+f.suffix,
+			p.lift(iifname(c.ClientPort), flowIn{sets: udpFlowSets, fam: f}, flowStore{sets: udpFlowSets, fam: f, update: true})))
 	}
-	rules = append(rules, rule{iifname(c.ClientPort), portIn{udpDport, udpSetName}, accept{}})
+	rules = append(rules, counted("bridge udp client", rule{iifname(c.ClientPort), portIn{udpDport, udpSetName}, accept{}}))
 	for _, f := range ipFamilies {
-		rules = append(rules, p.lift(iifname(c.ServerPort), flowIn{sets: udpFlowSets, fam: f, reverse: true}))
+		rules = append(rules, counted("lift udp flow server"+f.suffix, p.lift(iifname(c.ServerPort), flowIn{sets: udpFlowSets, fam: f, reverse: true})))
 	}
 	return rules
 }
@@ -177,18 +182,18 @@ func (p *Plan) inetPrerouting() []rule {
 		syn = append(syn, tproxyTo(c.ProxyTCPPort), markSet(c.Mark), accept{})
 	}
 	rules := []rule{
-		{fibLocal{}, accept{}},
-		syn,
-		{l4protoIs(l4TCP), socketTransparent{}, markSet(c.Mark), accept{}},
+		counted("local", rule{fibLocal{}, accept{}}),
+		counted("tcp syn", syn),
+		counted("tcp socket", rule{l4protoIs(l4TCP), socketTransparent{}, markSet(c.Mark), accept{}}),
 	}
 	if len(c.UDPPorts) == 0 {
 		return rules
 	}
-	udpSocket := rule{l4protoIs(l4UDP), socketTransparent{}, markSet(c.Mark), accept{}}
+	udpSocket := counted("udp socket", rule{l4protoIs(l4UDP), socketTransparent{}, markSet(c.Mark), accept{}})
 	udp := rule{iifname(c.Bridge), portIn{udpDport, udpSetName}}
 	if p.draining {
 		// Sessions go on (the socket rule first), new flows are routed.
-		return append(rules, udpSocket, append(udp, accept{}))
+		return append(rules, udpSocket, counted("udp port", append(udp, accept{})))
 	}
 	// The tproxy rule before the socket rule: tproxy hands a datagram to
 	// a *connected* session socket (its client-facing one) or else to the
@@ -198,7 +203,7 @@ func (p *Plan) inetPrerouting() []rule {
 	// the time it arrives (lost). The socket rule still carries the
 	// servers' replies to the upstream sockets. UDPBypass too: the flows
 	// it lets through never reach this table.
-	udp = append(udp, tproxyTo(c.ProxyUDPPort), markSet(c.Mark), accept{})
+	udp = counted("udp port", append(udp, tproxyTo(c.ProxyUDPPort), markSet(c.Mark), accept{}))
 	return append(rules, udp, udpSocket)
 }
 
@@ -206,9 +211,9 @@ func (p *Plan) inetPrerouting() []rule {
 // the UDP proxy port, with ICMP port unreachable): diverted packets keep
 // their original destination port, so they never match.
 func (p *Plan) inetInput() []rule {
-	rules := []rule{{portIs{tcpDport, p.cfg.ProxyTCPPort}, fibLocal{}, rejectTCPReset{}}}
+	rules := []rule{counted("refuse tcp proxy port", rule{portIs{tcpDport, p.cfg.ProxyTCPPort}, fibLocal{}, rejectTCPReset{}})}
 	if len(p.cfg.UDPPorts) > 0 {
-		rules = append(rules, rule{portIs{udpDport, p.cfg.ProxyUDPPort}, fibLocal{}, rejectPortUnreachable{}})
+		rules = append(rules, counted("refuse udp proxy port", rule{portIs{udpDport, p.cfg.ProxyUDPPort}, fibLocal{}, rejectPortUnreachable{}}))
 	}
 	return rules
 }
