@@ -13,7 +13,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/google/nftables"
+
 	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
 )
 
 // proxyCollector exposes the proxy's own counters at scrape time, so the
@@ -109,11 +112,82 @@ func goVersion() string {
 	return ""
 }
 
+// ruleCollector exposes the counters of the diversion's rules, read from
+// the kernel at scrape time (rules.Counters): how many packets (bytes) each
+// rule acted on, by table and rule name. A failed read leaves the rule
+// metrics out of that scrape, counts the failure and logs it at debug: the
+// rest of the scrape still succeeds.
+type ruleCollector struct {
+	read func() ([]rules.RuleCounter, error)
+	log  *slog.Logger
+
+	errs           prometheus.Counter
+	packets, bytes *prometheus.Desc
+}
+
+func newRuleCollector(read func() ([]rules.RuleCounter, error), log *slog.Logger) *ruleCollector {
+	return &ruleCollector{
+		read: read,
+		log:  log,
+		errs: prometheus.NewCounter(prometheus.CounterOpts{Name: "ghostwire_rule_read_errors_total",
+			Help: "Scrapes whose reading of the nftables rule counters failed (the rule metrics are then left out)."}),
+		packets: prometheus.NewDesc("ghostwire_rule_packets_total",
+			"Packets an nftables rule of the diversion acted on, by table and rule (its comment).", []string{"table", "rule"}, nil),
+		bytes: prometheus.NewDesc("ghostwire_rule_bytes_total",
+			"Bytes of the packets an nftables rule of the diversion acted on, by table and rule (its comment).", []string{"table", "rule"}, nil),
+	}
+}
+
+// nftRuleCounters reads the counters of ghostwire's tables named name over
+// a fresh non-lasting connection: the daemon's lasting one belongs to its
+// loop goroutine, and reading owned tables from another socket is allowed.
+func nftRuleCounters(name string) func() ([]rules.RuleCounter, error) {
+	return func() ([]rules.RuleCounter, error) {
+		c, err := nftables.New()
+		if err != nil {
+			return nil, err
+		}
+		return rules.Counters(c, name)
+	}
+}
+
+func (c *ruleCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.packets
+	ch <- c.bytes
+	c.errs.Describe(ch)
+}
+
+func (c *ruleCollector) Collect(ch chan<- prometheus.Metric) {
+	defer c.errs.Collect(ch)
+	counters, err := c.read()
+	if err != nil {
+		c.errs.Inc()
+		c.log.Debug("reading nftables rule counters", "err", err)
+		return
+	}
+	// The plan's names are unique per table; a rule added by hand with
+	// one of them must not fail the scrape with a duplicate series.
+	seen := make(map[[2]string]bool, len(counters))
+	for _, rc := range counters {
+		if k := [2]string{rc.Table, rc.Rule}; !seen[k] {
+			seen[k] = true
+			ch <- prometheus.MustNewConstMetric(c.packets, prometheus.CounterValue, float64(rc.Packets), rc.Table, rc.Rule)
+			ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(rc.Bytes), rc.Table, rc.Rule)
+		}
+	}
+}
+
 // serveMetrics serves /metrics on addr until ctx is done. The listener is
 // opened before it returns, so a taken or bad address fails the start.
-func serveMetrics(ctx context.Context, addr string, stats func() proxy.Stats, log *slog.Logger) (bound net.Addr, stop func(), err error) {
+// ruleCounters, if not nil, reads the diversion's rule counters at each
+// scrape (nftRuleCounters).
+func serveMetrics(ctx context.Context, addr string, stats func() proxy.Stats, ruleCounters func() ([]rules.RuleCounter, error),
+	log *slog.Logger) (bound net.Addr, stop func(), err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newProxyCollector(stats))
+	if ruleCounters != nil {
+		reg.MustRegister(newRuleCollector(ruleCounters, log))
+	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	ln, err := net.Listen("tcp", addr)

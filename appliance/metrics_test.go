@@ -2,6 +2,7 @@ package appliance
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
 )
 
 func fakeStats() proxy.Stats {
@@ -65,7 +67,7 @@ ghostwire_upstream_dial_duration_seconds_count 7
 func TestServeMetrics(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	addr, stop, err := serveMetrics(ctx, "127.0.0.1:0", fakeStats, slog.New(slog.DiscardHandler))
+	addr, stop, err := serveMetrics(ctx, "127.0.0.1:0", fakeStats, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +84,7 @@ func TestServeMetrics(t *testing.T) {
 	if _, err := http.Get("http://" + addr.String() + "/metrics"); err == nil {
 		t.Error("the endpoint still answers after stop")
 	}
-	if _, _, err := serveMetrics(ctx, "256.0.0.1:1", fakeStats, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "metrics.listen") {
+	if _, _, err := serveMetrics(ctx, "256.0.0.1:1", fakeStats, nil, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "metrics.listen") {
 		t.Errorf("a bad address = %v, want an error naming metrics.listen", err)
 	}
 }
@@ -104,5 +106,72 @@ func TestMetricsListenOnSegment(t *testing.T) {
 		case want != "" && (len(got) != 1 || !strings.Contains(got[0], want)):
 			t.Errorf("%s: %v, want %q", addr, got, want)
 		}
+	}
+}
+
+// The rule collector reports the counters read at scrape time, by table and
+// rule name; a failed read leaves them out, counts the failure and does not
+// fail the scrape.
+func TestRuleCollector(t *testing.T) {
+	var fail error
+	read := func() ([]rules.RuleCounter, error) {
+		if fail != nil {
+			return nil, fail
+		}
+		return []rules.RuleCounter{
+			{Table: "bridge", Rule: "lift tcp client", Packets: 12, Bytes: 3400},
+			{Table: "bridge", Rule: "lift tcp server", Packets: 10, Bytes: 9000},
+			{Table: "inet", Rule: "tcp syn", Packets: 2, Bytes: 120},
+			{Table: "inet", Rule: "tcp syn", Packets: 99, Bytes: 99}, // a duplicate is dropped
+		}, nil
+	}
+	c := newRuleCollector(read, slog.New(slog.DiscardHandler))
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %v", problems, err)
+	}
+	want := `
+# HELP ghostwire_rule_bytes_total Bytes of the packets an nftables rule of the diversion acted on, by table and rule (its comment).
+# TYPE ghostwire_rule_bytes_total counter
+ghostwire_rule_bytes_total{rule="lift tcp client",table="bridge"} 3400
+ghostwire_rule_bytes_total{rule="lift tcp server",table="bridge"} 9000
+ghostwire_rule_bytes_total{rule="tcp syn",table="inet"} 120
+# HELP ghostwire_rule_read_errors_total Scrapes whose reading of the nftables rule counters failed (the rule metrics are then left out).
+# TYPE ghostwire_rule_read_errors_total counter
+ghostwire_rule_read_errors_total 0
+# HELP ghostwire_rule_packets_total Packets an nftables rule of the diversion acted on, by table and rule (its comment).
+# TYPE ghostwire_rule_packets_total counter
+ghostwire_rule_packets_total{rule="lift tcp client",table="bridge"} 12
+ghostwire_rule_packets_total{rule="lift tcp server",table="bridge"} 10
+ghostwire_rule_packets_total{rule="tcp syn",table="inet"} 2
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	fail = errors.New("netlink: no permission")
+	want = `
+# HELP ghostwire_rule_read_errors_total Scrapes whose reading of the nftables rule counters failed (the rule metrics are then left out).
+# TYPE ghostwire_rule_read_errors_total counter
+ghostwire_rule_read_errors_total 1
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	// Over HTTP: the scrape still succeeds, with the proxy's metrics.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, stop, err := serveMetrics(ctx, "127.0.0.1:0", fakeStats, read, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	resp, err := http.Get("http://" + addr.String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "ghostwire_connections_active 3\n") ||
+		!strings.Contains(string(body), "ghostwire_rule_read_errors_total 1\n") || strings.Contains(string(body), "ghostwire_rule_packets_total{") {
+		t.Errorf("scrape with a failing counter read: %s\n%s", resp.Status, body)
 	}
 }

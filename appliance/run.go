@@ -74,7 +74,7 @@ func (r *Runner) Run(ctx context.Context) error {
 	// Before the diversion: a metrics address that cannot be served
 	// stops the start while frames are still plainly bridged.
 	if a := cfg.Metrics.Listen; a != "" {
-		_, stop, err := serveMetrics(ctx, a, s.p.Stats, r.Logger)
+		_, stop, err := serveMetrics(ctx, a, s.p.Stats, nftRuleCounters(s.plan.Config().Name), r.Logger)
 		if err != nil {
 			s.p.Shutdown(context.Background())
 			return err
