@@ -136,6 +136,17 @@ func TestMetricsAfterKnownTraffic(t *testing.T) {
 		{`ghostwire_upstream_dial_duration_seconds_bucket{le="+Inf"}`, func(v float64) bool { return v >= ok }, fmt.Sprintf("≥ %d", ok)},
 		{"ghostwire_connections_active", func(v float64) bool { return v == 0 }, "0"},
 		{`ghostwire_overloaded{proto="tcp"}`, func(v float64) bool { return v == 0 }, "0"},
+		// The rules' own counters (nftables): every connection's SYN
+		// went through the inet table's tproxy rule, and its frames both
+		// ways through the bridge's lift rules.
+		{`ghostwire_rule_packets_total{rule="tcp syn",table="inet"}`, func(v float64) bool { return v >= ok+denied }, fmt.Sprintf("≥ %d", ok+denied)},
+		{`ghostwire_rule_bytes_total{rule="tcp syn",table="inet"}`, func(v float64) bool { return v >= 40*(ok+denied) }, fmt.Sprintf("≥ %d", 40*(ok+denied))},
+		{`ghostwire_rule_packets_total{rule="lift tcp client",table="bridge"}`, func(v float64) bool { return v >= 3*(ok+denied) }, fmt.Sprintf("≥ %d", 3*(ok+denied))},
+		{`ghostwire_rule_packets_total{rule="lift tcp server",table="bridge"}`, func(v float64) bool { return v >= 2*(ok+denied) }, fmt.Sprintf("≥ %d", 2*(ok+denied))},
+		{`ghostwire_rule_bytes_total{rule="lift tcp server",table="bridge"}`, func(v float64) bool { return v >= float64(srv.sent.Load()) }, fmt.Sprintf("≥ %d (server sent)", srv.sent.Load())},
+		{`ghostwire_rule_packets_total{rule="tcp socket",table="inet"}`, func(v float64) bool { return v > 0 }, "> 0"},
+		{`ghostwire_rule_packets_total{rule="bypass flow client4",table="bridge"}`, func(v float64) bool { return v == 0 }, "0"},
+		{"ghostwire_rule_read_errors_total", func(v float64) bool { return v == 0 }, "0"},
 	}
 	for _, c := range checks {
 		if v := at(c.series); !c.ok(v) {
