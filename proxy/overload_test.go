@@ -130,6 +130,9 @@ func TestOverloadRefuseResetsAtOnce(t *testing.T) {
 	})
 	first := h.dial()
 	waitFor(t, "1 active connection", func() bool { return h.p.Stats().Active == 1 })
+	// The Dial hook runs on a goroutine of its own: wait for it, so the
+	// count below is about the refused ones only.
+	waitFor(t, "the first connection's dial", func() bool { return h.dials.Load() == 1 })
 	for range 5 {
 		wantReset(t, h.dialAndRead())
 	}
