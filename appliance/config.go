@@ -407,10 +407,13 @@ func (c *Config) BridgeSpec() (bridge.Spec, error) {
 	return s, nil
 }
 
+// TableName is the name of ghostwire's nftables tables (one per family).
+const TableName = "ghostwire"
+
 // RulesConfig is the rules package's view; the bridge MAC comes from the kernel.
 func (c *Config) RulesConfig(mac []byte) rules.Config {
 	return rules.Config{
-		Name:         "ghostwire",
+		Name:         TableName,
 		Bridge:       c.Bridge.Name,
 		ClientPort:   c.Bridge.ClientNIC,
 		ServerPort:   c.Bridge.ServerNIC,

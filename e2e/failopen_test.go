@@ -191,7 +191,8 @@ func TestStatusStates(t *testing.T) {
 	if !strings.Contains(out, "owned by the running proxy") || !strings.Contains(out, "provisioning: in place") ||
 		!strings.Contains(out, "since start: 1 connections accepted") ||
 		!strings.Contains(out, "busiest clients: "+b.Lab.ClientIP4.String()+" (") ||
-		!strings.Contains(out, "busiest servers: "+b.Lab.ServerIP4.String()+" (") {
+		!strings.Contains(out, "busiest servers: "+b.Lab.ServerIP4.String()+" (") ||
+		!strings.Contains(out, "rules that matched") || !strings.Contains(out, "inet   tcp syn") {
 		t.Errorf("status while intercepting:\n%s", out)
 	}
 	if _, err := b.Ghostwire("teardown"); err == nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/ghostwire/ghostwire/appliance"
 	"github.com/ghostwire/ghostwire/provision"
 	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
 )
 
 // bypassCommand is `ghostwire bypass add|del|list`: the live bypass list
@@ -127,6 +128,7 @@ type statusJSON struct {
 	UDPFlows      int                     `json:"udp_flows"`
 	Proxy         *proxy.Stats            `json:"proxy"`  // null: no control socket answers
 	Bypass        []appliance.BypassEntry `json:"bypass"` // the live bypass list (null with no proxy)
+	Rules         []rules.RuleCounter     `json:"rules"`  // every rule's counters (null with no tables)
 }
 
 func printStatusJSON(c *cli.Context, cfg *appliance.Config, s *provision.Status) error {
@@ -143,6 +145,7 @@ func printStatusJSON(c *cli.Context, cfg *appliance.Config, s *provision.Status)
 			}
 		}
 	}
+	doc.Rules = ruleCounters()
 	enc := json.NewEncoder(c.App.Writer)
 	enc.SetIndent("", "  ")
 	return enc.Encode(doc)

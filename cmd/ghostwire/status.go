@@ -5,8 +5,11 @@ import (
 	"io"
 	"strings"
 
+	"github.com/google/nftables"
+
 	"github.com/ghostwire/ghostwire/appliance"
 	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
 )
 
 // printProxyStatus adds what the running proxy says of itself to the
@@ -18,6 +21,38 @@ func printProxyStatus(w io.Writer, cfg *appliance.Config) {
 		return
 	}
 	fmt.Fprint(w, proxyStatus(*r.Stats))
+	fmt.Fprint(w, ruleStatus(ruleCounters()))
+}
+
+// ruleCounters reads the diversion rules' own counters (nil if there are
+// no tables or they cannot be read: status says so above). A netlink
+// socket of its own: reading the proxy's owned tables is allowed.
+func ruleCounters() []rules.RuleCounter {
+	c, err := nftables.New()
+	if err != nil {
+		return nil
+	}
+	rc, err := rules.Counters(c, appliance.TableName)
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// ruleStatus lists the rules that matched anything since they were
+// installed: what the diversion is doing, by rule.
+func ruleStatus(rc []rules.RuleCounter) string {
+	var b strings.Builder
+	for _, r := range rc {
+		if r.Packets == 0 {
+			continue
+		}
+		if b.Len() == 0 {
+			b.WriteString("rules that matched (packets, bytes):\n")
+		}
+		fmt.Fprintf(&b, "  %-6s %-28s %10d %10s\n", r.Table, r.Rule, r.Packets, size(r.Bytes))
+	}
+	return b.String()
 }
 
 // proxyStatus is the running proxy's counters as status lines.

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/ghostwire/ghostwire/proxy"
+	"github.com/ghostwire/ghostwire/rules"
 )
 
 func TestProxyStatus(t *testing.T) {
@@ -19,5 +20,22 @@ func TestProxyStatus(t *testing.T) {
 		"busiest servers: 2001:db8::2 (5.0 GiB)\n"
 	if got := proxyStatus(st); got != want {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
+
+func TestRuleStatus(t *testing.T) {
+	got := ruleStatus([]rules.RuleCounter{
+		{Table: "bridge", Rule: "lift tcp client", Packets: 109, Bytes: 9000},
+		{Table: "bridge", Rule: "bypass flow client4"},
+		{Table: "inet", Rule: "tcp syn", Packets: 23, Bytes: 1380},
+	})
+	want := "rules that matched (packets, bytes):\n" +
+		"  bridge lift tcp client                     109    8.8 KiB\n" +
+		"  inet   tcp syn                              23    1.3 KiB\n"
+	if got != want {
+		t.Errorf("got\n%q\nwant\n%q", got, want)
+	}
+	if ruleStatus(nil) != "" {
+		t.Error("no counters should print nothing")
 	}
 }
