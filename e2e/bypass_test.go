@@ -2,9 +2,7 @@ package e2e
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/json"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,28 +38,8 @@ func mustBypass(t *testing.T, b *lab.Appliance, sub string, args ...string) stri
 func TestBypassLive(t *testing.T) {
 	b, servers := selectionBox(t)
 	c1 := b.Lab.ClientIP4
-	inflight, err := dialFrom(b, c1, servers[0], 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inflight.Close()
-	inflight.SetDeadline(time.Now().Add(60 * time.Second))
-	rd := newLineReader(inflight)
-	if peer := strings.TrimPrefix(rd.line(t), "peer="); peer == inflight.LocalAddr().String() {
-		t.Fatalf("the transfer is not proxied: the server saw %s", peer)
-	}
-	sent, recv := sha256.New(), sha256.New()
-	pump := func(seed uint64) {
-		t.Helper()
-		done := make(chan error, 1)
-		go func() { _, err := io.CopyN(recv, rd, 4<<20); done <- err }()
-		if _, err := stream(io.MultiWriter(inflight, sent), 4<<20, seed); err != nil {
-			t.Fatalf("in-flight write: %v", err)
-		}
-		if err := <-done; err != nil {
-			t.Fatalf("in-flight read: %v", err)
-		}
-	}
+	f := startInflight(t, b, c1, servers[0])
+	pump := f.pump
 	pump(1)
 
 	if out := mustBypass(t, b, "add", c1.String()); !strings.Contains(out, "added 192.0.2.1/32 permanent") {
@@ -77,14 +55,8 @@ func TestBypassLive(t *testing.T) {
 	if out := sh(t, b.Lab.Box, "nft", "list", "set", "bridge", "ghostwire", "bypass_hosts4"); !strings.Contains(out, "192.0.2.1") {
 		t.Errorf("bypass_hosts4:\n%s", out)
 	}
-	inflight.CloseWrite()
-	if rest, err := io.ReadAll(rd); err != nil || len(rest) != 0 {
-		t.Fatalf("in-flight transfer did not end cleanly: %d stray bytes, %v", len(rest), err)
-	}
-	if string(sent.Sum(nil)) != string(recv.Sum(nil)) {
-		t.Error("in-flight transfer corrupted across bypass add")
-	}
-	waitConnLog(t, b, inflight.LocalAddr())
+	f.finish("bypass add")
+	waitConnLog(t, b, f.c.LocalAddr())
 
 	// A server address works too.
 	mustBypass(t, b, "add", server2.String()+"/32")

@@ -3,6 +3,7 @@ package e2e
 import (
 	"crypto/sha256"
 	"fmt"
+	"hash"
 	"io"
 	"net"
 	"net/netip"
@@ -166,28 +167,8 @@ func TestSelection(t *testing.T) {
 func TestSelectionReloadKeepsProxiedFlows(t *testing.T) {
 	b, servers := selectionBox(t)
 	c1 := b.Lab.ClientIP4
-	inflight, err := dialFrom(b, c1, servers[0], 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inflight.Close()
-	inflight.SetDeadline(time.Now().Add(60 * time.Second))
-	rd := newLineReader(inflight)
-	if peer := strings.TrimPrefix(rd.line(t), "peer="); peer == inflight.LocalAddr().String() {
-		t.Fatalf("the transfer is not proxied: the server saw %s", peer)
-	}
-	sent, recv := sha256.New(), sha256.New()
-	pump := func(seed uint64) {
-		t.Helper()
-		done := make(chan error, 1)
-		go func() { _, err := io.CopyN(recv, rd, 4<<20); done <- err }()
-		if _, err := stream(io.MultiWriter(inflight, sent), 4<<20, seed); err != nil {
-			t.Fatalf("in-flight write: %v", err)
-		}
-		if err := <-done; err != nil {
-			t.Fatalf("in-flight read: %v", err)
-		}
-	}
+	f := startInflight(t, b, c1, servers[0])
+	pump := f.pump
 	pump(1)
 
 	reloadSelection(t, b, "exclude_client_cidrs: [192.0.2.1]")
@@ -196,13 +177,55 @@ func TestSelectionReloadKeepsProxiedFlows(t *testing.T) {
 	wantPath(t, b, "other client", client2, servers[0], true)
 	pump(3)
 
-	inflight.CloseWrite()
-	if rest, err := io.ReadAll(rd); err != nil || len(rest) != 0 {
-		t.Fatalf("in-flight transfer did not end cleanly: %d stray bytes, %v", len(rest), err)
-	}
-	if string(sent.Sum(nil)) != string(recv.Sum(nil)) {
-		t.Error("in-flight transfer corrupted across the reload")
-	}
+	f.finish("the reload")
 	// It stayed in the proxy to its end.
-	waitConnLog(t, b, inflight.LocalAddr())
+	waitConnLog(t, b, f.c.LocalAddr())
+}
+
+// inflight is a proxied transfer held open across a change of the box,
+// pumped in rounds of 4 MiB each way; finish ends it and checks that every
+// byte came back intact.
+type inflight struct {
+	t          *testing.T
+	c          *net.TCPConn
+	rd         *lineReader
+	sent, recv hash.Hash
+}
+
+func startInflight(t *testing.T, b *lab.Appliance, from netip.Addr, server string) *inflight {
+	t.Helper()
+	c, err := dialFrom(b, from, server, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	f := &inflight{t: t, c: c, rd: newLineReader(c), sent: sha256.New(), recv: sha256.New()}
+	if peer := strings.TrimPrefix(f.rd.line(t), "peer="); peer == c.LocalAddr().String() {
+		t.Fatalf("the transfer is not proxied: the server saw %s", peer)
+	}
+	return f
+}
+
+func (f *inflight) pump(seed uint64) {
+	f.t.Helper()
+	done := make(chan error, 1)
+	go func() { _, err := io.CopyN(f.recv, f.rd, 4<<20); done <- err }()
+	if _, err := stream(io.MultiWriter(f.c, f.sent), 4<<20, seed); err != nil {
+		f.t.Fatalf("in-flight write: %v", err)
+	}
+	if err := <-done; err != nil {
+		f.t.Fatalf("in-flight read: %v", err)
+	}
+}
+
+func (f *inflight) finish(across string) {
+	f.t.Helper()
+	f.c.CloseWrite()
+	if rest, err := io.ReadAll(f.rd); err != nil || len(rest) != 0 {
+		f.t.Fatalf("in-flight transfer did not end cleanly: %d stray bytes, %v", len(rest), err)
+	}
+	if string(f.sent.Sum(nil)) != string(f.recv.Sum(nil)) {
+		f.t.Errorf("in-flight transfer corrupted across %s", across)
+	}
 }
