@@ -86,7 +86,7 @@ func TestBypassLive(t *testing.T) {
 		t.Errorf("bypass list after expiry = %q", out)
 	}
 
-	out, err := b.Ghostwire("status", "--json")
+	out, _, err := b.StatusOutput("--json")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -155,14 +155,14 @@ func TestRestartResumesInterceptionOldFlowsSurvive(t *testing.T) {
 func TestStatusStates(t *testing.T) {
 	needRoot(t)
 	b := newBox(t, 80)
-	want := func(stage, prefix string) {
+	want := func(stage, prefix string, code int) {
 		t.Helper()
-		st, err := b.Status()
-		if err != nil || !strings.HasPrefix(st, prefix) {
-			t.Errorf("%s: status = %q (%v), want %q", stage, st, err, prefix)
+		out, got, err := b.StatusOutput()
+		if st, _, _ := strings.Cut(out, "\n"); err != nil || !strings.HasPrefix(st, prefix) || got != code {
+			t.Errorf("%s: status = %q, exit %d (%v), want %q, exit %d", stage, st, got, err, prefix, code)
 		}
 	}
-	want("before apply", "ghostwire: not provisioned")
+	want("before apply", "ghostwire: not provisioned", 4)
 	if _, err := b.Ghostwire("apply", "--no-diversion"); err != nil {
 		t.Fatal(err)
 	}
@@ -172,11 +172,11 @@ func TestStatusStates(t *testing.T) {
 		}
 		b.Ghostwire("teardown")
 	})
-	want("provisioned, no proxy", "ghostwire: bypassing")
+	want("provisioned, no proxy", "ghostwire: bypassing", 3)
 	if err := b.StartProxy(); err != nil {
 		t.Fatal(err)
 	}
-	want("proxy running", "ghostwire: intercepting")
+	want("proxy running", "ghostwire: intercepting", 0)
 	// One proxied connection, ended: the running proxy's own view joins
 	// the status, with the client and server among the busiest.
 	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
@@ -187,7 +187,7 @@ func TestStatusStates(t *testing.T) {
 	if err := lab.WaitFor(5*time.Second, func() (bool, error) { return len(b.ConnLogFor(local)) > 0, nil }); err != nil {
 		t.Fatalf("the proxied connection's end was not logged: %v", err)
 	}
-	out, _ := b.Ghostwire("status")
+	out, _, _ := b.StatusOutput()
 	if !strings.Contains(out, "owned by the running proxy") || !strings.Contains(out, "provisioning: in place") ||
 		!strings.Contains(out, "since start: 1 connections accepted") ||
 		!strings.Contains(out, "busiest clients: "+b.Lab.ClientIP4.String()+" (") ||
@@ -199,10 +199,10 @@ func TestStatusStates(t *testing.T) {
 		t.Error("teardown succeeded under a running proxy")
 	}
 	b.StopProxy(syscall.SIGKILL)
-	want("proxy killed", "ghostwire: bypassing")
+	want("proxy killed", "ghostwire: bypassing", 3)
 	if _, err := b.Ghostwire("teardown"); err != nil {
 		t.Fatal(err)
 	}
-	want("after teardown", "ghostwire: not provisioned")
+	want("after teardown", "ghostwire: not provisioned", 4)
 	b.Proxy = nil
 }

@@ -160,7 +160,7 @@ var bypassedFlowsRE = regexp.MustCompile(`(?m)^bypassed flows: (\d+)`)
 // bypassedFlows is the count `ghostwire status` prints (0 if no line).
 func bypassedFlows(t *testing.T, b *lab.Appliance) (int, string) {
 	t.Helper()
-	out, err := b.Ghostwire("status")
+	out, _, err := b.StatusOutput()
 	if err != nil {
 		t.Fatalf("status: %v", err)
 	}

@@ -43,7 +43,7 @@ var udpFlowsRE = regexp.MustCompile(`(?m)^udp sessions \(seen within udp_idle_ti
 // (-1 without that line).
 func udpStatus(t *testing.T, b *lab.Appliance) (string, int) {
 	t.Helper()
-	out, err := b.Ghostwire("status")
+	out, _, err := b.StatusOutput()
 	if err != nil {
 		t.Fatalf("status: %v", err)
 	}

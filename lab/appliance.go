@@ -92,9 +92,21 @@ func (b *Appliance) Ghostwire(args ...string) (string, error) {
 
 // Status returns `ghostwire status`'s first line, e.g. "ghostwire: intercepting".
 func (b *Appliance) Status() (string, error) {
-	out, err := b.Ghostwire("status")
+	out, _, err := b.StatusOutput()
 	line, _, _ := strings.Cut(out, "\n")
 	return line, err
+}
+
+// StatusOutput runs `ghostwire status ARGS` and returns its output and
+// exit status; the statuses that name a state (0 intercepting, 3 not
+// intercepting, 4 not provisioned) are not errors.
+func (b *Appliance) StatusOutput(args ...string) (out string, code int, err error) {
+	out, err = b.Ghostwire(append([]string{"status"}, args...)...)
+	var exit *exec.ExitError
+	if errors.As(err, &exit) && (exit.ExitCode() == 3 || exit.ExitCode() == 4) {
+		return out, exit.ExitCode(), nil
+	}
+	return out, 0, err
 }
 
 // StartProxy starts `ghostwire run` in the box and waits until it owns the

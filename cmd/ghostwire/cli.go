@@ -76,6 +76,8 @@ func statusCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
 		Usage: "say whether the box is intercepting, bypassing or not provisioned, and what drifted",
+		Description: "Exit status: 0 intercepting; 3 bypassing, diverting without the proxy, or overloaded\n" +
+			"(new flows are not proxied); 4 not provisioned; 1 the box could not be read.",
 		Flags: commonFlags(&cli.BoolFlag{Name: "json", Usage: "print a JSON document, with the running proxy's counters"}),
 		Action: withBox(func(c *cli.Context, cfg *appliance.Config, b *provision.Box) error {
 			s, err := appliance.Status(b, cfg)
@@ -83,11 +85,14 @@ func statusCommand() *cli.Command {
 				return err
 			}
 			if c.Bool("json") {
-				return printStatusJSON(c, cfg, s)
+				if err := printStatusJSON(c, cfg, s); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprint(c.App.Writer, s)
+				printProxyStatus(c.App.Writer, cfg)
 			}
-			fmt.Fprint(c.App.Writer, s)
-			printProxyStatus(c.App.Writer, cfg)
-			return nil
+			return statusExit(s.Mode)
 		}),
 	}
 }

@@ -8,9 +8,22 @@ import (
 	"github.com/google/nftables"
 
 	"github.com/ghostwire/ghostwire/appliance"
+	"github.com/ghostwire/ghostwire/provision"
 	"github.com/ghostwire/ghostwire/proxy"
 	"github.com/ghostwire/ghostwire/rules"
 )
+
+// statusExit is the exit status for mode (see the status command's
+// description): nil while intercepting.
+func statusExit(mode provision.Mode) error {
+	switch mode {
+	case provision.Intercepting:
+		return nil
+	case provision.NotProvisioned:
+		return exitCode(4)
+	}
+	return exitCode(3)
+}
 
 // printProxyStatus adds what the running proxy says of itself to the
 // text status; nothing when no `ghostwire run` answers (the status above

@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/ghostwire/ghostwire/provision"
 	"github.com/ghostwire/ghostwire/proxy"
 	"github.com/ghostwire/ghostwire/rules"
 )
@@ -37,5 +38,21 @@ func TestRuleStatus(t *testing.T) {
 	}
 	if ruleStatus(nil) != "" {
 		t.Error("no counters should print nothing")
+	}
+}
+
+// Scripts tell the states apart by the exit status alone.
+func TestStatusExit(t *testing.T) {
+	for mode, want := range map[provision.Mode]int{
+		provision.Intercepting: 0, provision.OverloadedBypass: 3, provision.OverloadedRefuse: 3,
+		provision.Diverting: 3, provision.Bypassing: 3, provision.NotProvisioned: 4,
+	} {
+		got := 0
+		if err := statusExit(mode); err != nil {
+			got = int(err.(exitCode))
+		}
+		if got != want {
+			t.Errorf("%s: exit %d, want %d", mode, got, want)
+		}
 	}
 }
