@@ -23,7 +23,7 @@ func app() *cli.App {
 		Description: "Bridges two NICs as one invisible bump in the wire and diverts selected\n" +
 			"TCP flows to a transparent proxy that connects onward as the client.",
 		HideHelpCommand: true,
-		Commands:        []*cli.Command{planCommand(), applyCommand(), teardownCommand(), statusCommand(), runCommand(), bypassCommand()},
+		Commands:        []*cli.Command{planCommand(), applyCommand(), teardownCommand(), statusCommand(), runCommand(), bypassCommand(), checkCommand()},
 	}
 }
 

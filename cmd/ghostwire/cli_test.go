@@ -16,6 +16,7 @@ func TestCommandsAndFlags(t *testing.T) {
 		"status":   {"config", "state-file", "json"},
 		"run":      {"config", "state-file", "json"},
 		"bypass":   nil,
+		"check":    {"config", "state-file", "json"},
 	}
 	a := app()
 	if len(a.Commands) != len(want) {
