@@ -63,7 +63,8 @@ func (r *Runner) Run(ctx context.Context) error {
 		return fmt.Errorf("opening netlink: %w", err)
 	}
 	defer h.Close()
-	s := &session{r: r, cfg: cfg, box: &provision.Box{Netlink: h}, overloadc: make(chan struct{}, 1), nftc: make(chan func())}
+	s := &session{r: r, cfg: cfg, box: &provision.Box{Netlink: h}, overloadc: make(chan struct{}, 1), nftc: make(chan func()),
+		healc: make(chan struct{}, 1), healer: newHealer(h, r.Logger)}
 	if s.plan, err = diversion(s.box, cfg, nil); err != nil {
 		return err
 	}
@@ -103,6 +104,14 @@ func (r *Runner) Run(ctx context.Context) error {
 		r.Logger.Error("restoring the bypass list", "err", err)
 	}
 	defer serveControl(ctx, ctlL, ctl, r.Logger)()
+	// Self-healing: restores the routing and bridge ports others remove.
+	if want, err := healWantFor(cfg); err != nil {
+		r.Logger.Error("self-healing disabled", "err", err)
+	} else if w, err := startHealWatch(want, s.healc, r.Logger); err != nil {
+		r.Logger.Error("self-healing disabled", "err", err)
+	} else {
+		defer w.stop()
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.p.Serve(ctx) }()
 	r.Logger.Info("intercepting", "bridge", cfg.Bridge.Name, "tcp_ports", cfg.Intercept.TCPPorts, "proxy_port", cfg.Proxy.TCPPort,
@@ -127,6 +136,10 @@ type session struct {
 	// nftc carries the control socket's bypass changes to the loop, the
 	// one user of nft.
 	nftc chan func()
+	// healc is where the self-healing watcher kicks the loop, which
+	// restores what is missing (never while draining: the loop has ended).
+	healc  chan struct{}
+	healer *healer
 }
 
 // startProxy opens the listeners; the diversion comes after them.
@@ -179,6 +192,10 @@ func (s *session) loop(ctx context.Context, sigs <-chan os.Signal, serveErr <-ch
 			if err := s.overloadPlan(s.plan).ApplyOwned(s.nft); err != nil {
 				log.Error("switching the diversion for overload", "overloaded", s.p.Overloaded(), "err", err)
 			}
+		case <-s.healc:
+			if want, err := healWantFor(s.cfg); err == nil {
+				s.healer.heal(want)
+			}
 		case <-linger.C:
 			if err := s.shrinkLinger(); err != nil {
 				log.Error("updating diversion for ports dropped on reload", "err", err)
@@ -194,6 +211,7 @@ func (s *session) loop(ctx context.Context, sigs <-chan os.Signal, serveErr <-ch
 			switch sig {
 			case syscall.SIGUSR1:
 				logStats(log, s.p)
+				s.healer.logCounts(log)
 			case syscall.SIGHUP:
 				s.reload()
 			default:
