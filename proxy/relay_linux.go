@@ -170,8 +170,14 @@ func (l *loop) move(c *conn, h *half) bool {
 		}
 		c.lastActive = l.p.now()
 		budget -= n
-		if n < room && !h.src.rdhup {
-			h.src.readable = false // drained; the next edge says when
+		// A short read took everything queued (tcp_recvmsg stops only on
+		// an empty queue), so the next one waits for the next edge. A
+		// short splice does not: a non-blocking tcp_splice_read takes one
+		// pass over the queue and can stop on the pipe's slots with data
+		// still queued, and with no new data no edge would come (a stalled
+		// transfer, seen after packet loss). Bulk reads on to EAGAIN.
+		if !piped && n < room && !h.src.rdhup {
+			h.src.readable = false
 		}
 		if piped {
 			h.pipe.n = n
