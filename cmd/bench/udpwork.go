@@ -9,7 +9,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -466,42 +465,16 @@ func (b *bench) udpSessions(ctx context.Context, n int) (fds []int, resent int64
 		return fds, 0, err
 	}
 	dst := &unix.SockaddrInet4{Port: udpPort, Addr: netip.MustParseAddr(serverIP4).As4()}
-	var (
-		next   atomic.Int64
-		again  atomic.Int64
-		wg     sync.WaitGroup
-		mu     sync.Mutex
-		first  error
-		failed int
-	)
+	var again atomic.Int64
 	// Sessions expire after the idle timeout: the phase must end well
 	// within it.
 	ctx, cancel := context.WithTimeout(ctx, udpIdleTimeout/2)
 	defer cancel()
-	for range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, 64)
-			for ctx.Err() == nil {
-				i := int(next.Add(1)) - 1
-				if i >= len(fds) {
-					return
-				}
-				tries, err := echoOnce(fds[i], dst, buf)
-				again.Add(int64(tries - 1))
-				if err != nil {
-					mu.Lock()
-					failed++
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	failed, first := onEach(ctx, fds, func(fd int) error {
+		tries, err := echoOnce(fd, dst, make([]byte, 64))
+		again.Add(int64(tries - 1))
+		return err
+	})
 	if ctx.Err() != nil {
 		return fds, again.Load(), ctx.Err()
 	}

@@ -317,17 +317,28 @@ func (b *bench) openIdle(ctx context.Context, n int) ([]int, error) {
 		return fds, err
 	}
 	dst := &syscall.SockaddrInet4{Port: httpPort, Addr: netip.MustParseAddr(serverIP4).As4()}
-	var (
-		next   atomic.Int64
-		wg     sync.WaitGroup
-		mu     sync.Mutex
-		first  error
-		failed int
-	)
 	// Bound the whole phase: a proxy that stops completing handshakes must
 	// not keep the bench here for n × the connect timeout.
 	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
+	failed, first := onEach(ctx, fds, func(fd int) error { return connectTimeout(fd, dst, 5*time.Second) })
+	if ctx.Err() != nil {
+		return fds, ctx.Err()
+	}
+	if failed > 0 {
+		return fds, fmt.Errorf("%d connects failed, first: %w", failed, first)
+	}
+	return fds, nil
+}
+
+// onEach runs do on every fd, 64 at a time, until done or ctx ends, and
+// counts the failures (first is the first one's error).
+func onEach(ctx context.Context, fds []int, do func(fd int) error) (failed int, first error) {
+	var (
+		next atomic.Int64
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+	)
 	for range 64 {
 		wg.Add(1)
 		go func() {
@@ -337,7 +348,7 @@ func (b *bench) openIdle(ctx context.Context, n int) ([]int, error) {
 				if i >= len(fds) {
 					return
 				}
-				if err := connectTimeout(fds[i], dst, 5*time.Second); err != nil {
+				if err := do(fds[i]); err != nil {
 					mu.Lock()
 					failed++
 					if first == nil {
@@ -349,13 +360,7 @@ func (b *bench) openIdle(ctx context.Context, n int) ([]int, error) {
 		}()
 	}
 	wg.Wait()
-	if ctx.Err() != nil {
-		return fds, ctx.Err()
-	}
-	if failed > 0 {
-		return fds, fmt.Errorf("%d connects failed, first: %w", failed, first)
-	}
-	return fds, nil
+	return failed, first
 }
 
 // connectTimeout is a blocking connect bounded by SO_SNDTIMEO.
