@@ -18,6 +18,7 @@ func Check(b *provision.Box, c *Config) ([]provision.Result, error) {
 	f.ControlSocket = c.ControlSocket
 	if r, err := Control(c.ControlSocket, ControlRequest{Cmd: "stats"}); err == nil && r.OK {
 		f.DaemonAnswers = true
+		f.Restored = r.Restored
 	}
 	return provision.RunChecks(f), nil
 }

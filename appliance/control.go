@@ -42,6 +42,9 @@ type ControlResponse struct {
 	Error   string        `json:"error,omitempty"`
 	Entries []BypassEntry `json:"entries,omitempty"` // bypass-list (and bypass-add: the entry added)
 	Stats   *proxy.Stats  `json:"stats,omitempty"`   // stats
+	// Restored (stats) counts what self-healing restored since the
+	// daemon started, by item.
+	Restored map[string]int `json:"restored,omitempty"`
 }
 
 // BypassEntry is one entry of the live bypass list.
@@ -75,6 +78,8 @@ type controller struct {
 	file   string // the persisted list
 	kernel bypassKernel
 	stats  func() proxy.Stats
+	// restored is self-healing's counts (nil: none to report).
+	restored func() map[string]int
 	now    func() time.Time
 
 	mu      sync.Mutex
@@ -215,7 +220,11 @@ func (c *controller) handle(req ControlRequest) ControlResponse {
 			return fail("no proxy stats")
 		}
 		st := c.stats()
-		return ControlResponse{OK: true, Stats: &st}
+		resp := ControlResponse{OK: true, Stats: &st}
+		if c.restored != nil {
+			resp.Restored = c.restored()
+		}
+		return resp
 	case "bypass-list":
 		c.mu.Lock()
 		defer c.mu.Unlock()

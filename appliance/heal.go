@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -226,11 +227,13 @@ func isDefault(dst *net.IPNet) bool {
 	return ones == 0 && dst.IP.IsUnspecified()
 }
 
-// healer restores and counts; it runs on the session loop.
+// healer restores and counts; it runs on the session loop (restored is
+// read from the control socket's goroutine, hence mu).
 type healer struct {
 	h      *netlink.Handle
 	log    *slog.Logger
-	counts map[string]int // restorations since start, by what
+	mu     sync.Mutex
+	counts map[string]int // restorations since start, by what; guarded by mu
 	order  []string
 	failed map[string]string // what → the last error logged, so a lasting failure is logged once
 }
@@ -275,11 +278,14 @@ func (hl *healer) heal(w healWant) {
 			continue
 		}
 		delete(hl.failed, r.what)
+		hl.mu.Lock()
 		if hl.counts[r.what] == 0 {
 			hl.order = append(hl.order, r.what)
 		}
 		hl.counts[r.what]++
-		hl.log.Warn("restored", "what", r.what, "why", r.why, "count", hl.counts[r.what])
+		n := hl.counts[r.what]
+		hl.mu.Unlock()
+		hl.log.Warn("restored", "what", r.what, "why", r.why, "count", n)
 	}
 }
 
@@ -342,6 +348,13 @@ func (hl *healer) linkUp(name string) error {
 }
 
 // logCounts logs the restorations since start, by item, on one line.
+// restored is how many times each item was restored since start.
+func (hl *healer) restored() map[string]int {
+	hl.mu.Lock()
+	defer hl.mu.Unlock()
+	return maps.Clone(hl.counts)
+}
+
 func (hl *healer) logCounts(log *slog.Logger) {
 	total := 0
 	var items []string

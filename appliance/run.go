@@ -99,7 +99,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		s.p.Shutdown(context.Background())
 		return fmt.Errorf("installing owned diversion: %w", err)
 	}
-	ctl := &controller{file: bypassFile(cfg.StateFile), kernel: loopKernel{s}, stats: s.p.Stats, now: time.Now}
+	ctl := &controller{file: bypassFile(cfg.StateFile), kernel: loopKernel{s}, stats: s.p.Stats, restored: s.healer.restored, now: time.Now}
 	if err := ctl.restore(r.Logger, directKernel{s}); err != nil {
 		r.Logger.Error("restoring the bypass list", "err", err)
 	}

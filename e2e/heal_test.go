@@ -179,4 +179,10 @@ func TestHealRestoresRuleAndRoute(t *testing.T) {
 		!strings.Contains(fmt.Sprint(line["items"]), routeWhat+"=1") {
 		t.Errorf("restorations line = %v", line)
 	}
+	// `check` reports them too: the box works, but something removes
+	// what it relies on.
+	out, _ := b.Ghostwire("check")
+	if !strings.Contains(out, "restored since it started: ") || !strings.Contains(out, ruleWhat+" (1×)") || !strings.Contains(out, routeWhat+" (1×)") {
+		t.Errorf("check after the restorations:\n%s", out)
+	}
 }

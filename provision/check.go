@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -157,7 +158,10 @@ type CheckFacts struct {
 	// on it (filled in by the caller, which knows the control protocol).
 	ControlSocket string
 	DaemonAnswers bool
-	Listeners     []Listener
+	// Restored is what the running daemon's self-healing put back since
+	// it started, by item (from the control socket).
+	Restored  map[string]int
+	Listeners []Listener
 }
 
 // CheckFacts reads what the checks need; it changes nothing.
@@ -493,7 +497,18 @@ func checkProxy(f CheckFacts) []Result {
 	ts := f.Tables
 	switch {
 	case ts.Owned && f.DaemonAnswers:
-		return []Result{{Found: fmt.Sprintf("proxy running: owns the diversion (netlink port %d), answers on %s", ts.OwnerPortID, f.ControlSocket)}}
+		found := fmt.Sprintf("proxy running: owns the diversion (netlink port %d), answers on %s", ts.OwnerPortID, f.ControlSocket)
+		if len(f.Restored) == 0 {
+			return []Result{{Found: found}}
+		}
+		// Something keeps removing what the box relies on: the daemon
+		// heals it, but the operator should find out what.
+		var items []string
+		for _, what := range slices.Sorted(maps.Keys(f.Restored)) {
+			items = append(items, fmt.Sprintf("%s (%d×)", what, f.Restored[what]))
+		}
+		return []Result{{Level: Warn, Found: found + "; restored since it started: " + strings.Join(items, ", "),
+			Fix: "find what removes them (a network manager: e.g. systemd-networkd's ManageForeignRoutingPolicyRules=no)"}}
 	case ts.Owned:
 		return []Result{{Level: Warn, Found: fmt.Sprintf("the diversion is owned (netlink port %d) but nothing answers on control socket %s", ts.OwnerPortID, f.ControlSocket), Fix: "control_socket"}}
 	case f.DaemonAnswers:

@@ -139,3 +139,17 @@ func TestProcAddr(t *testing.T) {
 		t.Errorf("v6: %s", got)
 	}
 }
+
+// A daemon that had to restore something says so: the box works, but
+// something keeps removing what it relies on.
+func TestCheckProxyReportsRestorations(t *testing.T) {
+	f := CheckFacts{Tables: rules.TablesState{Owned: true, OwnerPortID: 7}, DaemonAnswers: true, ControlSocket: "/run/x.sock"}
+	if r := checkProxy(f); len(r) != 1 || r[0].Level != OK {
+		t.Fatalf("healthy: %+v", r)
+	}
+	f.Restored = map[string]int{"ip rule fwmark 0x1 lookup 100 pref 1000": 2}
+	r := checkProxy(f)
+	if len(r) != 1 || r[0].Level != Warn || !strings.Contains(r[0].Found, "restored since it started: ip rule fwmark 0x1 lookup 100 pref 1000 (2×)") {
+		t.Errorf("after restorations: %+v", r)
+	}
+}
