@@ -80,7 +80,7 @@ type controller struct {
 	stats  func() proxy.Stats
 	// restored is self-healing's counts (nil: none to report).
 	restored func() map[string]int
-	now    func() time.Time
+	now      func() time.Time
 
 	mu      sync.Mutex
 	entries []bypassEntry // sorted by prefix
