@@ -83,6 +83,22 @@ func TestCheck(t *testing.T) {
 		healthy("nf-call restored")
 	}
 
+	// The proxy down: from here on, nothing heals what the test breaks
+	// (a running proxy restores its rules, routes and ports at once).
+	if err := b.StopProxy(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	b.Proxy = nil
+	wantCheck(t, b, "proxy down", 1, "WARN proxy: proxy not running: traffic is bridged untouched", "systemctl start ghostwire")
+	// healthy, but for the proxy being down: exit 1, its one WARN.
+	quiet := func(stage string) {
+		t.Helper()
+		out, code := checkOutput(t, b)
+		if code != 1 || strings.Contains(out, "FAIL") || strings.Count(out, "WARN") != 1 || !strings.Contains(out, "WARN proxy: proxy not running") {
+			t.Fatalf("%s: check exit %d, want 1 and the proxy's WARN only:\n%s", stage, code, out)
+		}
+	}
+
 	// 2. Policy routing: our rules, the local route, a shadowing rule.
 	sh(t, box, "ip", "-6", "rule", "del", "pref", "1000")
 	wantCheck(t, b, "v6 rule deleted", 2, "FAIL routing: IPv6 policy rule fwmark 0x1 lookup 100 pref 1000 missing", "ghostwire apply")
@@ -96,7 +112,7 @@ func TestCheck(t *testing.T) {
 	sh(t, box, "ip", "rule", "add", "lookup", "main", "pref", "500")
 	wantCheck(t, b, "shadowed", 2, `FAIL routing: IPv4 policy rule "from all lookup main" at pref 500 shadows`, "routing.priority")
 	sh(t, box, "ip", "rule", "del", "pref", "500")
-	healthy("routing restored")
+	quiet("routing restored")
 
 	// 4. The bridge's ports.
 	sh(t, box, "ip", "link", "set", "dev", b.Lab.ServerNIC, "mtu", "1400")
@@ -111,16 +127,11 @@ func TestCheck(t *testing.T) {
 	sh(t, box, "ip", "link", "set", "dev", b.Lab.ServerNIC, "nomaster")
 	wantCheck(t, b, "not enslaved", 2, "FAIL links: port "+b.Lab.ServerNIC+" is not enslaved to "+b.Bridge, "ghostwire apply")
 	sh(t, box, "ip", "link", "set", "dev", b.Lab.ServerNIC, "master", b.Bridge)
-	if err := lab.WaitFor(10*time.Second, func() (bool, error) { _, code := checkOutput(t, b); return code == 0, nil }); err != nil {
-		healthy("links restored")
+	if err := lab.WaitFor(10*time.Second, func() (bool, error) { _, code := checkOutput(t, b); return code == 1, nil }); err != nil {
+		quiet("links restored")
 	}
 
-	// 3. The proxy: down; its port taken; a daemon that owns no tables.
-	if err := b.StopProxy(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	b.Proxy = nil
-	wantCheck(t, b, "proxy down", 1, "WARN proxy: proxy not running: traffic is bridged untouched", "systemctl start ghostwire")
+	// 3. The proxy: its port taken; a daemon that owns no tables.
 	ln, err := lab.Listen(box, "tcp", "127.0.0.1:9876")
 	if err != nil {
 		t.Fatal(err)
@@ -144,4 +155,15 @@ func TestCheck(t *testing.T) {
 		}
 	}()
 	wantCheck(t, b, "daemon without tables", 2, "FAIL proxy: ghostwire run answers on "+b.ControlSocket()+" but owns no diversion tables")
+
+	// 5. IPv6 off on the bridge (last: it drops the bridge's IPv6
+	// addresses and routes, which nothing here puts back).
+	key := "net.ipv6.conf." + b.Bridge + ".disable_ipv6"
+	if err := box.Sysctl(key, "1"); err != nil {
+		t.Fatal(err)
+	}
+	wantCheck(t, b, "IPv6 off", 2, "FAIL ipv6: IPv6 is disabled on "+b.Bridge, "sysctl -w "+key+"=0")
+	if err := box.Sysctl(key, "0"); err != nil {
+		t.Fatal(err)
+	}
 }

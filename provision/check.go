@@ -72,6 +72,8 @@ var Checks = []Check{
 	{"routing", checkRouting},
 	{"proxy", checkProxy},
 	{"proxy-port", checkProxyPort},
+	{"rp-filter", checkRPFilter},
+	{"ipv6", checkIPv6},
 }
 
 // RunChecks runs every check on f; a check that finds nothing wrong says OK.
@@ -162,6 +164,13 @@ type CheckFacts struct {
 	// it started, by item (from the control socket).
 	Restored  map[string]int
 	Listeners []Listener
+	// RPFilter is the effective IPv4 reverse-path filter on the bridge
+	// (the higher of all's and the bridge's: 0 off, 1 strict, 2 loose);
+	// BridgeRoutes whether any IPv4 route goes out the bridge;
+	// IPv6Disabled whether the bridge has IPv6 turned off.
+	RPFilter     int
+	BridgeRoutes bool
+	IPv6Disabled bool
 }
 
 // CheckFacts reads what the checks need; it changes nothing.
@@ -234,6 +243,7 @@ func (b *Box) CheckFacts(d *Desired, stateFile string, proxyPort int) (CheckFact
 			return x.Type == unix.RTN_LOCAL && x.LinkIndex == lo.Attrs().Index && isDefault
 		})
 	}
+	cf.RPFilter, cf.BridgeRoutes, cf.IPv6Disabled = b.rpAndIPv6(d.Bridge.Name)
 	if cf.Tables, err = rules.Tables(b.NFT, d.Tables); err != nil {
 		return cf, fmt.Errorf("reading nftables state: %w", err)
 	}
@@ -533,4 +543,54 @@ func checkProxyPort(f CheckFacts) []Result {
 	return []Result{{Level: Fail,
 		Found: fmt.Sprintf("proxy.tcp_port %d taken by another process while the proxy is down: %s", f.ProxyPort, strings.Join(who, ", ")),
 		Fix:   fmt.Sprintf("stop the process listening on %d, or set proxy.tcp_port", f.ProxyPort)}}
+}
+
+// rpAndIPv6 reads what checkRPFilter and checkIPv6 need; what cannot be
+// read counts as fine (the other checks say why the bridge is missing).
+func (b *Box) rpAndIPv6(br string) (rp int, routes, v6off bool) {
+	for _, key := range []string{"net.ipv4.conf.all.rp_filter", "net.ipv4.conf." + br + ".rp_filter"} {
+		if v, err := b.Sysctl.Get(key); err == nil {
+			if n, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+				rp = max(rp, n)
+			}
+		}
+	}
+	if v, err := b.Sysctl.Get("net.ipv6.conf." + br + ".disable_ipv6"); err == nil {
+		v6off = strings.TrimSpace(v) == "1"
+	}
+	l, err := b.Netlink.LinkByName(br)
+	if err != nil {
+		return rp, true, v6off
+	}
+	rs, err := bridge.RetryDump(func() ([]netlink.Route, error) {
+		return b.Netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: l.Attrs().Index}, netlink.RT_FILTER_OIF)
+	})
+	return rp, err != nil || len(rs) > 0, v6off
+}
+
+// checkRPFilter: strict reverse-path filtering drops a diverted packet
+// whose source the box would not route back out the bridge; with no
+// route via the bridge at all, that is every one.
+func checkRPFilter(f CheckFacts) []Result {
+	if f.RPFilter != 1 {
+		return []Result{{Found: fmt.Sprintf("rp_filter on %s is %s", f.Bridge, map[int]string{0: "off", 2: "loose"}[f.RPFilter])}}
+	}
+	if f.BridgeRoutes {
+		return []Result{{Found: fmt.Sprintf("rp_filter strict on %s, with routes via it", f.Bridge)}}
+	}
+	return []Result{{Level: Fail,
+		Found: fmt.Sprintf("rp_filter is strict (1) on %s or all and the box has no IPv4 route via %s: reverse-path filtering drops every diverted packet", f.Bridge, f.Bridge),
+		Fix:   fmt.Sprintf("bridge.routes (give the box routes to both sides), or sysctl -w net.ipv4.conf.%s.rp_filter=2 and net.ipv4.conf.all.rp_filter=2", f.Bridge)}}
+}
+
+// checkIPv6: the diversion lifts IPv6 frames of intercepted flows to the
+// bridge too; with IPv6 off there, they are dropped and those clients
+// hang instead of being proxied or bridged.
+func checkIPv6(f CheckFacts) []Result {
+	if !f.IPv6Disabled {
+		return []Result{{Found: fmt.Sprintf("IPv6 is enabled on %s", f.Bridge)}}
+	}
+	return []Result{{Level: Fail,
+		Found: fmt.Sprintf("IPv6 is disabled on %s, but IPv6 flows to intercepted ports are lifted to it: they are dropped", f.Bridge),
+		Fix:   fmt.Sprintf("sysctl -w net.ipv6.conf.%s.disable_ipv6=0", f.Bridge)}}
 }

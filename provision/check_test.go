@@ -153,3 +153,24 @@ func TestCheckProxyReportsRestorations(t *testing.T) {
 		t.Errorf("after restorations: %+v", r)
 	}
 }
+
+func TestCheckRPFilterAndIPv6(t *testing.T) {
+	f := CheckFacts{Bridge: "br0", RPFilter: 1}
+	if r := checkRPFilter(f); len(r) != 1 || r[0].Level != Fail || !strings.Contains(r[0].Found, "no IPv4 route via br0") {
+		t.Errorf("strict, no routes: %+v", r)
+	}
+	f.BridgeRoutes = true
+	if r := checkRPFilter(f); len(r) != 1 || r[0].Level != OK {
+		t.Errorf("strict, routes: %+v", r)
+	}
+	f.RPFilter = 2
+	if r := checkRPFilter(f); len(r) != 1 || r[0].Level != OK {
+		t.Errorf("loose: %+v", r)
+	}
+	if r := checkIPv6(CheckFacts{Bridge: "br0", IPv6Disabled: true}); len(r) != 1 || r[0].Level != Fail || !strings.Contains(r[0].Fix, "net.ipv6.conf.br0.disable_ipv6=0") {
+		t.Errorf("IPv6 off: %+v", r)
+	}
+	if r := checkIPv6(CheckFacts{Bridge: "br0"}); len(r) != 1 || r[0].Level != OK {
+		t.Errorf("IPv6 on: %+v", r)
+	}
+}
