@@ -156,6 +156,11 @@ func TestCheck(t *testing.T) {
 	}()
 	wantCheck(t, b, "daemon without tables", 2, "FAIL proxy: ghostwire run answers on "+b.ControlSocket()+" but owns no diversion tables")
 
+	// 6. Another firewall that drops before ghostwire's hooks.
+	sh(t, box, "nft", "add table ip foreignfw; add chain ip foreignfw pre { type filter hook prerouting priority -300; }; add rule ip foreignfw pre tcp dport 80 drop")
+	wantCheck(t, b, "foreign table", 2, "WARN foreign-tables: ip foreignfw chain pre (hook prerouting, priority -300): 1 rule(s) that drop or reject", "nft list chain ip foreignfw pre")
+	sh(t, box, "nft", "delete table ip foreignfw")
+
 	// 5. IPv6 off on the bridge (last: it drops the bridge's IPv6
 	// addresses and routes, which nothing here puts back).
 	key := "net.ipv6.conf." + b.Bridge + ".disable_ipv6"

@@ -74,6 +74,7 @@ var Checks = []Check{
 	{"proxy-port", checkProxyPort},
 	{"rp-filter", checkRPFilter},
 	{"ipv6", checkIPv6},
+	{"foreign-tables", checkForeignTables},
 }
 
 // RunChecks runs every check on f; a check that finds nothing wrong says OK.
@@ -171,6 +172,9 @@ type CheckFacts struct {
 	RPFilter     int
 	BridgeRoutes bool
 	IPv6Disabled bool
+	// Foreign are other tables' chains that run before ghostwire's hooks
+	// and can drop.
+	Foreign []ForeignChain
 }
 
 // CheckFacts reads what the checks need; it changes nothing.
@@ -244,6 +248,9 @@ func (b *Box) CheckFacts(d *Desired, stateFile string, proxyPort int) (CheckFact
 		})
 	}
 	cf.RPFilter, cf.BridgeRoutes, cf.IPv6Disabled = b.rpAndIPv6(d.Bridge.Name)
+	if cf.Foreign, err = foreignChains(b.NFT, d.Tables); err != nil {
+		return cf, err
+	}
 	if cf.Tables, err = rules.Tables(b.NFT, d.Tables); err != nil {
 		return cf, fmt.Errorf("reading nftables state: %w", err)
 	}
