@@ -71,7 +71,7 @@ func (s *session) overloadPlan(plan *rules.Plan) *rules.Plan {
 	if s.p.Overloaded() {
 		plan = plan.Overloaded(s.cfg.overload())
 	}
-	return plan.UDPBypass(s.p.Stats().UDPOverloaded)
+	return plan.UDPBypass(s.p.UDPOverloaded())
 }
 
 // shrinkLinger drops lingering ports whose last proxied connection ended.

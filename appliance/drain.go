@@ -20,7 +20,7 @@ func (s *session) drain() error {
 		log.Error("could not stop diverting new connections; draining anyway", "err", err)
 	} else {
 		// From here on new connections are routed past the proxy.
-		log.Info("draining", "active", s.p.Stats().Active)
+		log.Info("draining", "active", s.p.Active())
 	}
 	// Handshakes the old ruleset sent here are still completing: take them.
 	s.p.StopAccepting(acceptSettle)

@@ -19,6 +19,12 @@ func probe(b *lab.Appliance, addr string, timeout time.Duration) (peer string, l
 	if err != nil {
 		return "", nil, err
 	}
+	return probeOver(c, timeout)
+}
+
+// probeOver is probe's exchange over c, which it closes: one byte out,
+// the peer line and the byte echoed back.
+func probeOver(c *net.TCPConn, timeout time.Duration) (peer string, local net.Addr, err error) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(timeout))
 	io.WriteString(c, "x")

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"crypto/sha256"
-	"fmt"
 	"hash"
 	"io"
 	"net"
@@ -89,19 +88,7 @@ func probeFrom(b *lab.Appliance, local netip.Addr, addr string) (peer string, se
 	if err != nil {
 		return "", nil, err
 	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "x")
-	c.CloseWrite()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		return "", nil, err
-	}
-	line, rest, _ := strings.Cut(string(got), "\n")
-	if rest != "x" {
-		return "", nil, fmt.Errorf("echo came back as %q", rest)
-	}
-	return strings.TrimPrefix(line, "peer="), c.LocalAddr(), nil
+	return probeOver(c, 5*time.Second)
 }
 
 // wantPath probes from local to addr and checks the flow was proxied (the

@@ -142,7 +142,11 @@ func (l *loop) hookDial(c *conn) {
 		network = "tcp6"
 	}
 	local := netip.AddrPortFrom(c.src.Addr(), 0)
+	// stopLoops waits for these: a result posted to a stopped loop would
+	// leak its socket.
+	p.hookWG.Add(1)
 	go func() {
+		defer p.hookWG.Done()
 		defer cancel()
 		tc, err := p.dialHook(ctx, network, tcpAddr(local), tcpAddr(c.dst))
 		fd := -1

@@ -290,6 +290,10 @@ func (l *limiter) closeReserve() {
 // Overloaded reports whether the proxy is overloaded now.
 func (p *Proxy) Overloaded() bool { return p.lim.on.Load() }
 
+// UDPOverloaded reports whether new UDP sessions are not set up now
+// (max UDP sessions, or short of fds).
+func (p *Proxy) UDPOverloaded() bool { return p.udpLim.on.Load() }
+
 // SetMaxConns changes the connection limit live (0 = none); an overload in
 // progress ends by the new limit.
 func (p *Proxy) SetMaxConns(n int) {

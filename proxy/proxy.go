@@ -603,6 +603,9 @@ func (p *Proxy) SetPolicy(pol *inspect.Policy, timeout time.Duration) {
 // defaultInspectTimeout is Config.InspectTimeout's default.
 const defaultInspectTimeout = 2 * time.Second
 
+// Active is how many TCP connections are open now.
+func (p *Proxy) Active() int64 { return p.active.Load() }
+
 // Stats returns the current counters.
 func (p *Proxy) Stats() Stats {
 	top5c, top5s := p.talkers.top(5)

@@ -7,7 +7,7 @@ import (
 )
 
 // maxTalkers bounds each side's table: a scan of a whole address space
-// must not grow the proxy. When full, the smallest entry makes room.
+// must not grow the proxy. When full, the smaller half makes room.
 const maxTalkers = 4096
 
 // talkers sums the bytes relayed per client and per server address, as
@@ -32,16 +32,26 @@ func (t *talkers) add(client, server netip.Addr, bytes uint64) {
 
 func addTalker(m map[netip.Addr]uint64, a netip.Addr, bytes uint64) {
 	if _, ok := m[a]; !ok && len(m) >= maxTalkers {
-		var least netip.Addr
-		first := true
-		for k, v := range m {
-			if first || v < m[least] {
-				least, first = k, false
-			}
-		}
-		delete(m, least)
+		shrink(m)
 	}
 	m[a] += bytes
+}
+
+// shrink drops the smaller half of a full table at once, so that a flood
+// of new addresses costs a sort per maxTalkers/2 of them, not a scan of
+// the table per connection.
+func shrink(m map[netip.Addr]uint64) {
+	sizes := make([]uint64, 0, len(m))
+	for _, v := range m {
+		sizes = append(sizes, v)
+	}
+	slices.Sort(sizes)
+	median := sizes[len(sizes)/2]
+	for k, v := range m {
+		if v < median || v == median && len(m) > maxTalkers/2 {
+			delete(m, k)
+		}
+	}
 }
 
 // Talker is an address and the bytes relayed to and from it by finished

@@ -5,8 +5,8 @@ import (
 	"testing"
 )
 
-// The busiest come first, and a full table makes room by dropping the
-// smallest, so its size stays bounded whatever the traffic.
+// The busiest come first, and a full table makes room by dropping its
+// smaller half, so its size stays bounded whatever the traffic.
 func TestTalkers(t *testing.T) {
 	var tk talkers
 	a := func(s string) netip.Addr { return netip.MustParseAddr(s) }
@@ -23,8 +23,8 @@ func TestTalkers(t *testing.T) {
 	for i := range maxTalkers + 10 {
 		tk.add(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), a("198.51.100.9"), 1000+uint64(i))
 	}
-	if n := len(tk.clients); n != maxTalkers {
-		t.Errorf("%d clients kept, want the bound %d", n, maxTalkers)
+	if n := len(tk.clients); n > maxTalkers || n < maxTalkers/2 {
+		t.Errorf("%d clients kept, want between %d and the bound %d", n, maxTalkers/2, maxTalkers)
 	}
 	if c, _ := tk.top(1); c[0].Bytes != 1000+maxTalkers+9 {
 		t.Errorf("busiest after eviction = %v", c)

@@ -62,12 +62,7 @@ func (p *Plan) hostBypassTCPRules() []rule {
 func (p *Plan) hostBypassUDPRules() []rule {
 	c := &p.cfg
 	var rules []rule
-	for _, side := range []struct {
-		name       string
-		port       string
-		field      portField
-		fromServer bool
-	}{{"client", c.ClientPort, udpDport, false}, {"server", c.ServerPort, udpSport, true}} {
+	for _, side := range udpSides(c) {
 		for _, f := range ipFamilies {
 			for _, daddr := range []bool{false, true} {
 				rules = append(rules, counted("bypass host udp "+side.name+" "+addrField(daddr)+f.suffix, rule{iifname(side.port), portIn{side.field, udpSetName},

@@ -185,12 +185,7 @@ func (p *Plan) selectionTCPRules() []rule {
 func (p *Plan) selectionUDPRules() []rule {
 	c := &p.cfg
 	var rules []rule
-	for _, side := range []struct {
-		name       string
-		port       string
-		field      portField
-		fromServer bool
-	}{{"client", c.ClientPort, udpDport, false}, {"server", c.ServerPort, udpSport, true}} {
+	for _, side := range udpSides(c) {
 		for _, f := range ipFamilies {
 			for _, m := range p.unselected(f, side.fromServer) {
 				rules = append(rules, counted("unselected udp "+side.name+" "+m.(addrIn).set, rule{iifname(side.port), portIn{side.field, udpSetName}, m,
@@ -390,4 +385,18 @@ func renderElements(b *strings.Builder, strs []string) {
 		b.WriteString(s)
 	}
 	b.WriteString(" }\n")
+}
+
+// udpSide is one bridge port's view of an intercepted UDP flow: a client
+// frame carries the intercepted port as destination, a server frame
+// (fromServer) as source.
+type udpSide struct {
+	name       string
+	port       string
+	field      portField
+	fromServer bool
+}
+
+func udpSides(c *Config) []udpSide {
+	return []udpSide{{"client", c.ClientPort, udpDport, false}, {"server", c.ServerPort, udpSport, true}}
 }
