@@ -11,7 +11,7 @@ BIN       := bin/ghostwire
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1 -timeout 45m
 
-.PHONY: all build deps test unit demo bench bench-quick install install-files verify-units clean fmt vet
+.PHONY: all build deps test unit demo bench bench-quick install install-files verify-units validate-vagrant clean fmt vet
 
 all: build
 
@@ -26,10 +26,12 @@ build:
 # machine. It is a no-op when everything is present. dnsmasq comes from
 # dnsmasq-base, the binary alone: the `dnsmasq` package would also start a
 # system service on port 53 wired into the host's resolver; the tests run
-# their own instance in a lab namespace.
+# their own instance in a lab namespace. systemd-nspawn (systemd-container)
+# and mmdebstrap boot the installed units under a real systemd
+# (e2e/systemd_test.go); vagrant validates vagrant/Vagrantfile.
 deps:
 	@missing=""; \
-	for p in nft:nftables ip:iproute2 systemd-analyze:systemd dig:bind9-dnsutils dnsmasq:dnsmasq-base iperf3:iperf3 curl:curl openssl:openssl promtool:prometheus; do \
+	for p in nft:nftables ip:iproute2 systemd-analyze:systemd dig:bind9-dnsutils dnsmasq:dnsmasq-base iperf3:iperf3 curl:curl openssl:openssl promtool:prometheus systemd-nspawn:systemd-container mmdebstrap:mmdebstrap vagrant:vagrant; do \
 	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -52,6 +54,16 @@ test: deps vet
 	$(GO) test $(TESTFLAGS) ./...
 	$(GO) test -run='^$$' -fuzz='^FuzzName$$' -fuzztime=100000x -timeout=5m ./proxy/inspect
 	$(GO) test -run='^$$' -fuzz='^FuzzList$$' -fuzztime=100000x -timeout=5m ./proxy/inspect
+	@$(MAKE) --no-print-directory validate-vagrant
+
+# validate-vagrant checks vagrant/Vagrantfile's syntax and settings offline
+# (no box is downloaded, no VM started). Its state directory goes to a
+# throwaway place, not vagrant/.vagrant.
+validate-vagrant:
+	@command -v vagrant >/dev/null 2>&1 || { \
+	  echo "validate-vagrant: vagrant not found (apt-get install vagrant)" >&2; exit 1; }
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cd vagrant && VAGRANT_DOTFILE_PATH="$$tmp" VAGRANT_CHECKPOINT_DISABLE=1 vagrant validate
 
 unit:
 	$(GO) test -count=1 -short ./...
