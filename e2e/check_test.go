@@ -4,12 +4,16 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
+	"net/netip"
 	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ghostwire/ghostwire/lab"
 )
@@ -131,6 +135,19 @@ func TestCheck(t *testing.T) {
 		quiet("links restored")
 	}
 
+	// 7. No route out of the bridge: its IPv4 address, and with it the
+	// connected route, gone.
+	sh(t, box, "ip", "addr", "del", b.Lab.BoxIP4.String(), "dev", b.Bridge)
+	wantCheck(t, b, "no route", 2, "FAIL routes: no IPv4 route out of "+b.Bridge, "bridge.addresses")
+	sh(t, box, "ip", "addr", "add", b.Lab.BoxIP4.String(), "dev", b.Bridge)
+	quiet("route restored")
+
+	// 8. Something on the box advertising the bridge as a router (what
+	// radvd would send; router lifetime 0, so no lab host takes it as its
+	// default router).
+	sendRouterAdvert(t, box, b.Bridge, b.Lab.BoxIP6.Addr())
+	wantCheck(t, b, "router advert", 1, "WARN router-adverts: "+b.Bridge+" has sent 1 IPv6 router advertisements")
+
 	// 3. The proxy: its port taken; a daemon that owns no tables.
 	ln, err := lab.Listen(box, "tcp", "127.0.0.1:9876")
 	if err != nil {
@@ -171,4 +188,52 @@ func TestCheck(t *testing.T) {
 	if err := box.Sysctl(key, "0"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// sendRouterAdvert sends one ICMPv6 router advertisement to all nodes out
+// of ifname, from src, as an RA daemon on the box would.
+func sendRouterAdvert(t *testing.T, ns *lab.NS, ifname string, src netip.Addr) {
+	t.Helper()
+	err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMPV6)
+		if err != nil {
+			return fmt.Errorf("opening a raw ICMPv6 socket: %w", err)
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MULTICAST_HOPS, 255); err != nil {
+			return fmt.Errorf("setting IPV6_MULTICAST_HOPS: %w", err)
+		}
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MULTICAST_IF, ifi.Index); err != nil {
+			return fmt.Errorf("setting IPV6_MULTICAST_IF: %w", err)
+		}
+		// The link flaps above restart the address's duplicate address
+		// detection: it cannot be bound until that ends.
+		err = lab.WaitFor(5*time.Second, func() (bool, error) {
+			err := unix.Bind(fd, &unix.SockaddrInet6{Addr: src.As16()})
+			return err == nil, ignore(err, unix.EADDRNOTAVAIL)
+		})
+		if err != nil {
+			return fmt.Errorf("binding to %s: %w", src, err)
+		}
+		// type 134, code 0, checksum (the kernel fills it in), cur hop
+		// limit 64, no flags, router lifetime 0, reachable and retrans 0.
+		ra := []byte{134, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+		allNodes := netip.MustParseAddr("ff02::1").As16()
+		return unix.Sendto(fd, ra, 0, &unix.SockaddrInet6{Addr: allNodes, ZoneId: uint32(ifi.Index)})
+	})
+	if err != nil {
+		t.Fatalf("sending a router advertisement out of %s: %v", ifname, err)
+	}
+}
+
+// ignore is err, or nil if it is target.
+func ignore(err error, target error) error {
+	if errors.Is(err, target) {
+		return nil
+	}
+	return err
 }

@@ -75,6 +75,8 @@ var Checks = []Check{
 	{"rp-filter", checkRPFilter},
 	{"ipv6", checkIPv6},
 	{"foreign-tables", checkForeignTables},
+	{"routes", checkRoutes},
+	{"router-adverts", checkRouterAdverts},
 }
 
 // RunChecks runs every check on f; a check that finds nothing wrong says OK.
@@ -175,6 +177,10 @@ type CheckFacts struct {
 	// Foreign are other tables' chains that run before ghostwire's hooks
 	// and can drop.
 	Foreign []ForeignChain
+	// Reach is the routing towards each side; RouterAdverts how many
+	// router advertisements the bridge has sent (-1: unknown).
+	Reach         []Reach
+	RouterAdverts int
 }
 
 // CheckFacts reads what the checks need; it changes nothing.
@@ -248,6 +254,10 @@ func (b *Box) CheckFacts(d *Desired, stateFile string, proxyPort int) (CheckFact
 		})
 	}
 	cf.RPFilter, cf.BridgeRoutes, cf.IPv6Disabled = b.rpAndIPv6(d.Bridge.Name)
+	if cf.Reach, err = b.readReach(d); err != nil {
+		return cf, err
+	}
+	cf.RouterAdverts = readRouterAdverts(d.Bridge.Name)
 	if cf.Foreign, err = foreignChains(b.NFT, d.Tables); err != nil {
 		return cf, err
 	}

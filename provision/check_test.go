@@ -2,6 +2,7 @@ package provision
 
 import (
 	"encoding/json"
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -30,6 +31,10 @@ func healthyFacts() CheckFacts {
 		Tables:        rules.TablesState{Bridge: true, Inet: true, Owned: true, OwnerPortID: 42},
 		ControlSocket: "/run/ghostwire.sock", DaemonAnswers: true,
 		Listeners: []Listener{{Addr: "0.0.0.0:9876", PID: 7, Process: "ghostwire"}},
+		Reach: []Reach{
+			{Side: "client", Family: unix.AF_INET, Via: "br0"}, {Side: "client", Family: unix.AF_INET6, Via: "br0"},
+			{Side: "server", Family: unix.AF_INET, Via: "br0"}, {Side: "server", Family: unix.AF_INET6, Via: "br0"},
+		},
 	}
 }
 
@@ -75,6 +80,16 @@ func TestChecksFindings(t *testing.T) {
 			Fail, []string{"MTU differs between ports: eth0 9000, eth1 1500; fix: ip link set dev eth0 mtu 1500"}},
 		{"not enslaved", func(f *CheckFacts) { f.Links["eth0"] = LinkHealth{Kind: "device", Up: true, Carrier: true, MTU: 1500} },
 			Fail, []string{"port eth0 is not enslaved to br0; fix: ghostwire apply"}},
+		{"no route out of the bridge", func(f *CheckFacts) { f.Reach[1].Via = "" },
+			Fail, []string{"FAIL routes: no IPv6 route out of br0: the proxy cannot answer clients, so IPv6 flows", "fix: bridge.addresses"}},
+		{"no route to a selected prefix", func(f *CheckFacts) {
+			f.Reach[2] = Reach{Side: "server", Family: unix.AF_INET, Prefix: netip.MustParsePrefix("198.51.100.0/24")}
+		}, Fail, []string{"FAIL routes: no route to server side 198.51.100.0/24 (intercept.server_cidrs)", "fix: bridge.routes: add 198.51.100.0/24"}},
+		{"selected prefix routed elsewhere", func(f *CheckFacts) {
+			f.Reach[0] = Reach{Side: "client", Family: unix.AF_INET, Prefix: netip.MustParsePrefix("10.1.0.0/16"), Via: "eth2"}
+		}, Fail, []string{"FAIL routes: the route to client side 10.1.0.0/16 (intercept.client_cidrs) goes out of eth2, not br0"}},
+		{"router advertisements", func(f *CheckFacts) { f.RouterAdverts = 3 },
+			Warn, []string{"WARN router-adverts: br0 has sent 3 IPv6 router advertisements since it was created", "fix: remove br0 from"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := healthyFacts()
@@ -172,5 +187,16 @@ func TestCheckRPFilterAndIPv6(t *testing.T) {
 	}
 	if r := checkIPv6(CheckFacts{Bridge: "br0"}); len(r) != 1 || r[0].Level != OK {
 		t.Errorf("IPv6 on: %+v", r)
+	}
+}
+
+func TestSampleHost(t *testing.T) {
+	for in, want := range map[string]string{
+		"10.1.0.0/16": "10.1.0.1", "10.1.2.3/16": "10.1.0.1", "192.0.2.7/32": "192.0.2.7",
+		"192.0.2.6/31": "192.0.2.6", "2001:db8::/32": "2001:db8::1", "::/0": "::1",
+	} {
+		if got := sampleHost(netip.MustParsePrefix(in)); got.String() != want {
+			t.Errorf("sampleHost(%s) = %s, want %s", in, got, want)
+		}
 	}
 }
