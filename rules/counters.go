@@ -13,7 +13,9 @@ import (
 // RuleCounter is the counter of one counted rule of ghostwire's tables, as
 // the kernel holds it: the packets (and their bytes) the rule acted on.
 type RuleCounter struct {
-	Table   string // the table's family: "bridge" or "inet"
+	// Table is the table's family ("bridge", "inet", "netdev"), or "quiet"
+	// for the quiet table's (Quiet.Counters).
+	Table   string
 	Rule    string // the rule's name, its comment
 	Packets uint64
 	Bytes   uint64
@@ -21,14 +23,22 @@ type RuleCounter struct {
 
 // Counters reads the counters of the counted rules (those with a counter
 // and a comment, see counted) of ghostwire's tables named name, bridge
-// table first, each in chain and rule order. It only reads: c may be any
-// connection, also while another socket owns the tables. Missing tables
-// and chains give no counters, not an error.
+// table first, then inet, then netdev (an invisible plan's), each in chain
+// and rule order. It only reads: c may be any connection, also while
+// another socket owns the tables. Missing tables and chains give no
+// counters, not an error.
 func Counters(c *nftables.Conn, name string) ([]RuleCounter, error) {
 	existing, err := listOwn(c, name)
 	if err != nil {
 		return nil, err
 	}
+	return countersOf(c, name, existing, familyName)
+}
+
+// countersOf reads the counters of the existing tables called name, each
+// labelled by label(its family).
+func countersOf(c *nftables.Conn, name string, existing map[nftables.TableFamily]*nftables.Table,
+	label func(nftables.TableFamily) string) ([]RuleCounter, error) {
 	var out []RuleCounter
 	for _, fam := range families {
 		t := existing[fam]
@@ -52,7 +62,7 @@ func Counters(c *nftables.Conn, name string) ([]RuleCounter, error) {
 			}
 			for _, r := range rules {
 				if rc, ok := ruleCounter(r); ok {
-					rc.Table = familyName(fam)
+					rc.Table = label(fam)
 					out = append(out, rc)
 				}
 			}

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"strings"
 
 	"github.com/google/nftables"
@@ -22,15 +24,24 @@ import (
 // error or as text that differs from the item's.
 type decompiler struct {
 	family nftables.TableFamily
-	sets   map[string]*nftables.Set // the table's sets, numbered as in the batch
-	regs   map[int]value            // by 32-bit register index
-	eth    string                   // "ip" or "ip6" once `meta protocol` is checked
-	l4     string                   // "tcp" or "udp" once `meta l4proto` is checked
+	sets   setIndex      // the table's sets, numbered as in the batch
+	regs   map[int]value // by 32-bit register index
+	eth    string        // "ip", "ip6" or "arp" once `meta protocol` (or `ether type`) is checked
+	l4     string        // "tcp", "udp" or "icmpv6" once `meta l4proto` is checked
+	ether  bool          // `meta iiftype ether` is checked (netdev)
 	// deps are the statements (by index in out) a later header load makes
 	// implicit; nft does not list them.
 	deps   map[expr.PayloadBase]int
 	hidden map[int]bool
 	out    []string
+}
+
+// setIndex is a table's sets as the batch holds them: named ones by name,
+// anonymous ones by ID, with their elements.
+type setIndex struct {
+	byName map[string]*nftables.Set
+	anon   map[uint32]*nftables.Set
+	elems  map[*nftables.Set][]nftables.SetElement
 }
 
 // value is what a register holds.
@@ -56,11 +67,20 @@ const (
 	nextHdr // the IPv6 next header
 	fibType
 	socketFlag
+	ifType     // meta iiftype
+	markVal    // meta mark, masked if mask is set
+	markOrVal  // meta mark | data: what meta set mark writes back
+	ethTypeVal // the Ethernet type field
+	saddrType  // ether saddr and the Ethernet type, one load (nft's payload merge)
+	arpOp      // the ARP operation
+	ipProto    // the IPv4 protocol field
+	icmp6Type  // the ICMPv6 type
+	mapValue   // the data a map lookup found
 )
 
 // decompile is the text of the rule made of exprs, in a table of family
 // fam holding sets.
-func decompile(fam nftables.TableFamily, sets map[string]*nftables.Set, exprs []expr.Any) (string, error) {
+func decompile(fam nftables.TableFamily, sets setIndex, exprs []expr.Any) (string, error) {
 	d := &decompiler{family: fam, sets: sets, regs: map[int]value{}, deps: map[expr.PayloadBase]int{}, hidden: map[int]bool{}}
 	for i, e := range exprs {
 		if err := d.step(e); err != nil {
@@ -78,7 +98,7 @@ func decompile(fam nftables.TableFamily, sets map[string]*nftables.Set, exprs []
 
 // decompileRule is the text of rule r: its expressions, then its comment
 // (user data) as nft lists it, last.
-func decompileRule(fam nftables.TableFamily, sets map[string]*nftables.Set, r *nftables.Rule) (string, error) {
+func decompileRule(fam nftables.TableFamily, sets setIndex, r *nftables.Rule) (string, error) {
 	text, err := decompile(fam, sets, r.Exprs)
 	if err != nil || r.UserData == nil {
 		return text, err
@@ -134,10 +154,16 @@ func (d *decompiler) step(e expr.Any) error {
 		// As nft lists it: with its counts.
 		d.print(fmt.Sprintf("counter packets %d bytes %d", e.Packets, e.Bytes))
 	case *expr.Verdict:
-		if e.Kind != expr.VerdictAccept || e.Chain != "" {
-			return errors.New("not accept")
+		switch {
+		case e.Chain != "":
+			return errors.New("a jump")
+		case e.Kind == expr.VerdictAccept:
+			d.print("accept")
+		case e.Kind == expr.VerdictDrop:
+			d.print("drop")
+		default:
+			return errors.New("not accept or drop")
 		}
-		d.print("accept")
 	default:
 		return errors.New("an expression this package does not emit")
 	}
@@ -196,8 +222,11 @@ func (d *decompiler) meta(e *expr.Meta) error {
 	if !e.SourceRegister {
 		v, ok := map[expr.MetaKey]value{
 			expr.MetaKeyIIFNAME:  {kind: ifName, name: "iifname", len: unix.IFNAMSIZ},
+			expr.MetaKeyOIFNAME:  {kind: ifName, name: "oifname", len: unix.IFNAMSIZ},
 			expr.MetaKeyL4PROTO:  {kind: l4Proto, name: "meta l4proto", len: 1},
 			expr.MetaKeyPROTOCOL: {kind: ethProto, name: "meta protocol", len: 2},
+			expr.MetaKeyIIFTYPE:  {kind: ifType, name: "meta iiftype", len: 2},
+			expr.MetaKeyMARK:     {kind: markVal, name: "meta mark", len: 4},
 		}[e.Key]
 		if !ok {
 			return errors.New("loads a meta key this package does not match")
@@ -205,13 +234,15 @@ func (d *decompiler) meta(e *expr.Meta) error {
 		return d.write(e.Register, v)
 	}
 	v, err := d.read(e.Register)
-	if err != nil || v.kind != immediate {
-		return fmt.Errorf("meta set from a register without an immediate (%v)", err)
+	if err != nil {
+		return fmt.Errorf("meta set from a register holding nothing (%v)", err)
 	}
 	switch {
-	case e.Key == expr.MetaKeyMARK && len(v.data) == 4:
+	case e.Key == expr.MetaKeyMARK && v.kind == immediate && len(v.data) == 4:
 		d.print(fmt.Sprintf("meta mark set 0x%08x", binary.NativeEndian.Uint32(v.data)))
-	case e.Key == expr.MetaKeyPKTTYPE && bytes.Equal(v.data, []byte{unix.PACKET_HOST}):
+	case e.Key == expr.MetaKeyMARK && v.kind == markOrVal:
+		d.print(fmt.Sprintf("meta mark set meta mark | 0x%08x", binary.NativeEndian.Uint32(v.data)))
+	case e.Key == expr.MetaKeyPKTTYPE && v.kind == immediate && bytes.Equal(v.data, []byte{unix.PACKET_HOST}):
 		d.print("meta pkttype set host")
 	default:
 		return errors.New("sets a meta key or value this package does not set")
@@ -219,10 +250,14 @@ func (d *decompiler) meta(e *expr.Meta) error {
 	return nil
 }
 
-// cmp prints an equality match of a register against a constant, or the
-// one inequality this package emits (fragOff).
-func (d *decompiler) cmp(e *expr.Cmp) error {
+// cmp prints an equality match of a register against a constant, or one
+// of the inequalities this package emits (fragOff, an address that is not
+// the zero address). A value given is compared instead of the register's.
+func (d *decompiler) cmp(e *expr.Cmp, given ...value) error {
 	v, err := d.read(e.Register)
+	if len(given) > 0 {
+		v, err = given[0], nil
+	}
 	if err != nil {
 		return err
 	}
@@ -235,6 +270,22 @@ func (d *decompiler) cmp(e *expr.Cmp) error {
 		}
 		d.print(fmt.Sprintf("%s & %d != 0", v.name, binary.BigEndian.Uint16(v.mask)))
 		return nil
+	}
+	if e.Op == expr.CmpOpNeq && v.kind == field && (v.typ == nftables.TypeIPAddr.Name || v.typ == nftables.TypeIP6Addr.Name) {
+		if !bytes.Equal(e.Data, make([]byte, v.len)) {
+			return errors.New("an address compared unequal with another than the zero address")
+		}
+		zero, _ := netip.AddrFromSlice(e.Data)
+		d.print(v.name + " != " + zero.String())
+		return nil
+	}
+	if v.kind == saddrType {
+		// nft's merged `ether saddr MAC` and `ether type T` (see needEth).
+		if e.Op != expr.CmpOpEq {
+			return errors.New("merged ether saddr and type compared unequal")
+		}
+		d.print("ether saddr " + net.HardwareAddr(e.Data[:6]).String())
+		return d.cmp(&expr.Cmp{Op: expr.CmpOpEq, Register: e.Register, Data: e.Data[6:]}, value{kind: ethTypeVal, name: "ether type", len: 2})
 	}
 	if e.Op != expr.CmpOpEq {
 		return fmt.Errorf("not an equality with %s", v.name)
@@ -258,24 +309,49 @@ func (d *decompiler) constant(v value, data []byte) (string, error) {
 		}
 		return fmt.Sprintf("%q", name), nil
 	case l4Proto:
-		l4, ok := map[byte]string{unix.IPPROTO_TCP: "tcp", unix.IPPROTO_UDP: "udp"}[data[0]]
+		l4, ok := map[byte]string{unix.IPPROTO_TCP: "tcp", unix.IPPROTO_UDP: "udp", unix.IPPROTO_ICMPV6: "icmpv6"}[data[0]]
 		if !ok {
-			return "", errors.New("not tcp or udp")
+			return "", errors.New("not tcp, udp or icmpv6")
+		}
+		if l4 == "icmpv6" && d.eth != "ip6" {
+			return "", errors.New("icmpv6 without ip6 before it")
 		}
 		d.l4, d.deps[expr.PayloadBaseTransportHeader] = l4, len(d.out)
+		if l4 == "icmpv6" {
+			return "ipv6-icmp", nil // nft's name for the protocol
+		}
 		return l4, nil
-	case ethProto:
-		eth, ok := map[uint16]string{unix.ETH_P_IP: "ip", unix.ETH_P_IPV6: "ip6"}[binary.BigEndian.Uint16(data)]
+	case ethProto, ethTypeVal:
+		eth, ok := map[uint16]string{unix.ETH_P_IP: "ip", unix.ETH_P_IPV6: "ip6", unix.ETH_P_ARP: "arp"}[binary.BigEndian.Uint16(data)]
 		if !ok {
-			return "", errors.New("not ip or ip6")
+			return "", errors.New("not ip, ip6 or arp")
 		}
 		d.eth, d.deps[expr.PayloadBaseNetworkHeader] = eth, len(d.out)
 		return eth, nil
-	case field:
-		if v.typ != nftables.TypeInetService.Name {
-			return "", errors.New("only ports are compared with constants")
+	case ifType:
+		if binary.NativeEndian.Uint16(data) != unix.ARPHRD_ETHER || d.family != nftables.TableFamilyNetdev {
+			return "", errors.New("not ether (a host-order ARPHRD_ETHER), or not in the netdev family")
 		}
-		return fmt.Sprint(binary.BigEndian.Uint16(data)), nil
+		d.ether, d.deps[expr.PayloadBaseLLHeader] = true, len(d.out)
+		return "ether", nil
+	case ipProto:
+		if data[0] != unix.IPPROTO_IGMP {
+			return "", errors.New("only igmp is matched")
+		}
+		return "igmp", nil
+	case markVal:
+		if v.mask == nil {
+			return "", errors.New("the mark compared without a mask")
+		}
+		return fmt.Sprintf("& 0x%08x == 0x%08x", binary.NativeEndian.Uint32(v.mask), binary.NativeEndian.Uint32(data)), nil
+	case field:
+		switch v.typ {
+		case nftables.TypeInetService.Name:
+			return fmt.Sprint(binary.BigEndian.Uint16(data)), nil
+		case nftables.TypeEtherAddr.Name:
+			return net.HardwareAddr(data).String(), nil
+		}
+		return "", errors.New("only ports and MACs are compared with constants")
 	case nextHdr:
 		if data[0] != unix.IPPROTO_FRAGMENT {
 			return "", errors.New("only the fragment header is matched")

@@ -9,21 +9,25 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Apply replaces both ghostwire tables with the plan's, whole, in one atomic
-// batch. Packets see either the old ruleset or the new one, never a mix, and
-// applying the same plan twice leaves an identical ruleset. The new tables
-// are ordinary ones that outlive the caller. Apply fails (changing nothing)
-// if another process owns the tables (see ApplyOwned).
+// Apply replaces ghostwire's tables with the plan's (bridge and inet, and
+// netdev when invisible), whole, in one atomic batch. Packets see either
+// the old ruleset or the new one, never a mix, and applying the same plan
+// twice leaves an identical ruleset. A netdev table of the plan's name that
+// the plan does not have (invisible switched off) is deleted in the same
+// batch. The new tables are ordinary ones that outlive the caller. Apply
+// fails (changing nothing) if another process owns the tables (see
+// ApplyOwned).
 //
 // A table that exists with the same flags (ordinary over ordinary, or owned
 // by the same connection) and whose sets are compatible with the plan's is
 // rebuilt in place: its rules, chains and other sets go, the ports sets are
 // refilled, the plan's sets it lacks (the UDP ones, when UDP ports are
-// added) are made, and the flow sets keep their elements (their timeout
-// follows the plan), so flows bypassed during an overload stay bridged
-// through any later plan, and the UDP flows the proxy relays stay diverted
-// through any switch of variant. Any other table is deleted and built
-// again, with empty flow sets.
+// added) are made, and the flow sets and neighbour maps keep their
+// elements (their timeout follows the plan), so flows bypassed during an
+// overload stay bridged through any later plan, the UDP flows the proxy
+// relays stay diverted through any switch of variant, and the hosts an
+// invisible box learned stay known. Any other table is deleted and built
+// again, with empty flow sets and maps.
 func (p *Plan) Apply(c *nftables.Conn) error {
 	if err := p.replace(c, 0); err != nil {
 		return fmt.Errorf("applying nftables tables %s: %w", p.cfg.Name, err)
@@ -33,8 +37,10 @@ func (p *Plan) Apply(c *nftables.Conn) error {
 
 // ApplyOwned is Apply with tables owned by c's netlink socket: when that
 // socket closes (clean exit, crash or kill -9 of the process holding it) the
-// kernel deletes the tables, so frames are bridged untouched again
-// (fail-open). While owned, no other socket can change or delete them.
+// kernel deletes the tables, all of them at once, so frames are bridged
+// untouched again (fail-open) and an invisible box's diversion never
+// outlives its rewrite. While owned, no other socket can change or delete
+// them.
 //
 // c must come from nftables.New(nftables.AsLasting(), ...) and stay open for
 // as long as the diversion should last; ApplyOwned may be called on it again
@@ -56,10 +62,10 @@ func (p *Plan) ApplyOwned(c *nftables.Conn) error {
 	if err != nil {
 		return err
 	}
-	for _, fam := range families {
-		if t := existing[fam]; t == nil || t.Flags&nftables.TableFlagOwner == 0 || t.Owner != port {
+	for _, tb := range p.tables {
+		if t := existing[tb.family]; t == nil || t.Flags&nftables.TableFlagOwner == 0 || t.Owner != port {
 			return fmt.Errorf("owned nftables table %s %s did not stay with netlink port %d (found %+v): "+
-				"the connection must be created with nftables.AsLasting() and kept open", familyName(fam), p.cfg.Name, port, t)
+				"the connection must be created with nftables.AsLasting() and kept open", familyName(tb.family), p.cfg.Name, port, t)
 		}
 	}
 	return nil
@@ -71,19 +77,34 @@ func (p *Plan) replace(c *nftables.Conn, flags nftables.TableFlags) error {
 	if err != nil {
 		return err
 	}
-	for _, tb := range p.tables {
+	return replaceTables(c, p.cfg.Name, p.tables, flags, existing)
+}
+
+// replaceTables queues tables, named name, with flags over the existing
+// ones (see Apply), deletes the other existing ones, and flushes the batch.
+func replaceTables(c *nftables.Conn, name string, tables []table, flags nftables.TableFlags,
+	existing map[nftables.TableFamily]*nftables.Table) error {
+	planned := map[nftables.TableFamily]bool{}
+	for _, tb := range tables {
+		planned[tb.family] = true
 		var kept map[string]bool
 		if old := existing[tb.family]; old != nil && old.Flags == flags {
+			var err error
 			if kept, err = queueClear(c, old, tb.sets); err != nil {
-				return fmt.Errorf("reading table %s %s: %w", familyName(tb.family), p.cfg.Name, err)
+				return fmt.Errorf("reading table %s %s: %w", familyName(tb.family), name, err)
 			}
 		}
 		if kept == nil {
-			queueDelete(c, p.cfg.Name, tb.family, existing[tb.family])
+			queueDelete(c, name, tb.family, existing[tb.family])
 		}
-		t := c.AddTable(&nftables.Table{Name: p.cfg.Name, Family: tb.family, Flags: flags})
+		t := c.AddTable(&nftables.Table{Name: name, Family: tb.family, Flags: flags})
 		if err := tb.queue(c, t, kept); err != nil {
-			return fmt.Errorf("table %s %s: %w", familyName(tb.family), p.cfg.Name, err)
+			return fmt.Errorf("table %s %s: %w", familyName(tb.family), name, err)
+		}
+	}
+	for _, fam := range families {
+		if old := existing[fam]; old != nil && !planned[fam] {
+			queueDelete(c, name, fam, old)
 		}
 	}
 	if err := c.Flush(); err != nil {
@@ -104,8 +125,8 @@ type batch interface {
 // queue queues the sets, chains and rules of tb into t, just added to b.
 // kept names the sets of tb that t holds when t exists and queueClear has
 // emptied it but for them (nil for a new table): those that are ports sets
-// are refilled, the flow sets keep their elements, and the sets t lacks
-// are made.
+// are refilled, the flow sets and maps keep their elements, and the sets t
+// lacks are made. A rule's anonymous sets are queued right before it.
 func (tb table) queue(b batch, t *nftables.Table, kept map[string]bool) error {
 	sets := map[string]*nftables.Set{}
 	for _, spec := range tb.sets {
@@ -123,11 +144,22 @@ func (tb table) queue(b batch, t *nftables.Table, kept map[string]bool) error {
 		}
 		sets[spec.name] = s
 	}
+	var anonErr error
+	anon := func(kt nftables.SetDatatype, els []nftables.SetElement) *nftables.Set {
+		s := &nftables.Set{Table: t, Anonymous: true, Constant: true, KeyType: kt}
+		if err := b.AddSet(s, els); err != nil && anonErr == nil {
+			anonErr = fmt.Errorf("adding an anonymous %s set: %w", kt.Name, err)
+		}
+		return s
+	}
 	for _, ch := range tb.chains {
 		nch := b.AddChain(ch.nftChain(t))
 		for _, r := range ch.rules {
-			b.AddRule(&nftables.Rule{Table: t, Chain: nch, Exprs: r.exprs(tb.family, func(name string) *nftables.Set { return sets[name] }),
-				UserData: r.userData()})
+			exprs := r.exprs(tb.family, func(name string) *nftables.Set { return sets[name] }, anon)
+			if anonErr != nil {
+				return anonErr
+			}
+			b.AddRule(&nftables.Rule{Table: t, Chain: nch, Exprs: exprs, UserData: r.userData()})
 		}
 	}
 	return nil
@@ -182,8 +214,9 @@ func queueClear(c *nftables.Conn, t *nftables.Table, specs []setSpec) (map[strin
 	return kept, nil
 }
 
-// RemoveTables deletes both of ghostwire's tables named name in one batch.
-// Tables that do not exist are fine, so it is safe to repeat. Tables owned by
+// RemoveTables deletes ghostwire's tables named name (bridge, inet and
+// netdev) in one batch. Tables that do not exist are fine, so it is safe
+// to repeat. Tables owned by
 // another netlink socket (a running proxy) cannot be removed: the error says
 // so and wraps unix.EPERM.
 func RemoveTables(c *nftables.Conn, name string) error {
@@ -224,13 +257,19 @@ func queueDelete(c *nftables.Conn, name string, fam nftables.TableFamily, old *n
 
 // listOwn returns ghostwire's existing tables by family.
 func listOwn(c *nftables.Conn, name string) (map[nftables.TableFamily]*nftables.Table, error) {
+	return listTables(c, name, families[:])
+}
+
+// listTables returns the existing tables called name of families fams,
+// by family.
+func listTables(c *nftables.Conn, name string, fams []nftables.TableFamily) (map[nftables.TableFamily]*nftables.Table, error) {
 	all, err := c.ListTables()
 	if err != nil {
 		return nil, fmt.Errorf("listing nftables tables: %w", err)
 	}
 	out := map[nftables.TableFamily]*nftables.Table{}
 	for _, t := range all {
-		if t.Name == name && (t.Family == nftables.TableFamilyBridge || t.Family == nftables.TableFamilyINet) {
+		if t.Name == name && slices.Contains(fams, t.Family) {
 			out[t.Family] = t
 		}
 	}

@@ -31,6 +31,16 @@ func wantRuleset(t *testing.T, n *testNS, want string) {
 	}
 }
 
+// listPlanTables is `nft list table` of each of p's tables, in order.
+func (n *testNS) listPlanTables(t *testing.T, p *Plan) string {
+	t.Helper()
+	var b strings.Builder
+	for _, tb := range p.tables {
+		b.WriteString(n.run(t, "nft", "list", "table", familyName(tb.family), p.cfg.Name))
+	}
+	return b.String()
+}
+
 func wantNoDrift(t *testing.T, p *Plan, c *nftables.Conn) {
 	t.Helper()
 	drift, err := p.Check(c)
@@ -51,10 +61,10 @@ func TestApplyListsAsString(t *testing.T) {
 			}
 			defer RemoveTables(n.nft, p.cfg.Name)
 			// Separate listings too: String is documented as the bridge
-			// table's listing followed by the inet table's.
-			sep := n.run(t, "nft", "list", "table", "bridge", p.cfg.Name) + n.run(t, "nft", "list", "table", "inet", p.cfg.Name)
-			if sep != p.String() {
-				t.Errorf("nft list table bridge + inet differs from String\n--- got\n%s--- want\n%s", sep, p)
+			// table's listing followed by the inet table's (and the
+			// netdev table's).
+			if sep := n.listPlanTables(t, p); sep != p.String() {
+				t.Errorf("nft list table bridge + inet (+ netdev) differs from String\n--- got\n%s--- want\n%s", sep, p)
 			}
 			wantRuleset(t, n, p.String())
 			wantNoDrift(t, p, n.nft)
@@ -159,6 +169,17 @@ func TestApplyTransitions(t *testing.T) {
 		p := mustPlan(t, cfg)
 		plans = append(plans, p, p.Draining(), p.Overloaded(OverloadBypass), p.UDPBypass(true))
 	}
+	// Invisible: the netdev table comes and goes with the mode, and lives
+	// through every variant in place.
+	for _, udp := range []bool{false, true} {
+		cfg := invisibleConfig()
+		if udp {
+			cfg.UDPPorts, cfg.ProxyUDPPort = []uint16{53}, 3130
+			cfg.NeighbourTimeout = 5 * time.Minute
+		}
+		p := mustPlan(t, cfg)
+		plans = append(plans, p, p.Draining(), p.Overloaded(OverloadBypass), p.UDPBypass(true))
+	}
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	r := rand.New(rand.NewPCG(seed, seed))
@@ -169,11 +190,14 @@ func TestApplyTransitions(t *testing.T) {
 		if err := p.Apply(n.nft); err != nil {
 			t.Fatalf("Apply plan %d: %v", i, err)
 		}
-		got := n.run(t, "nft", "list", "table", "bridge", "ghostwire") + n.run(t, "nft", "list", "table", "inet", "ghostwire")
+		got := n.listPlanTables(t, p)
 		if got != p.String() {
 			t.Fatalf("after plan %d\n--- got\n%s--- want\n%s", i, got, p)
 		}
 		wantNoDrift(t, p, n.nft)
+		if st, err := Tables(n.nft, "ghostwire"); err != nil || st.Netdev != p.cfg.Invisible {
+			t.Fatalf("after plan %d (invisible %v): Tables = %+v, %v", i, p.cfg.Invisible, st, err)
+		}
 	}
 	if got := n.run(t, "nft", "list", "table", "inet", "bystander"); got != bystander {
 		t.Errorf("another table changed:\n%s", got)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -36,6 +37,9 @@ func (r *recorder) AddSet(s *nftables.Set, els []nftables.SetElement) error {
 	if s.ID == 0 {
 		r.nextID++
 		s.ID = r.nextID
+		if s.Anonymous {
+			s.Name = "__set%d" // as Conn.AddSet names it
+		}
 	}
 	r.sets = append(r.sets, s)
 	r.elems[s] = els
@@ -55,7 +59,13 @@ func (r *recorder) AddRule(rule *nftables.Rule) *nftables.Rule {
 // record queues table tb of plan p as Apply does (not in place).
 func record(t *testing.T, p *Plan, tb table) (*recorder, *nftables.Table) {
 	t.Helper()
-	tbl := &nftables.Table{Name: p.cfg.Name, Family: tb.family}
+	return recordTable(t, p.cfg.Name, tb)
+}
+
+// recordTable queues table tb called name as Apply does (not in place).
+func recordTable(t *testing.T, name string, tb table) (*recorder, *nftables.Table) {
+	t.Helper()
+	tbl := &nftables.Table{Name: name, Family: tb.family}
 	rec := &recorder{nextID: 100, elems: map[*nftables.Set][]nftables.SetElement{}}
 	if err := tb.queue(rec, tbl, nil); err != nil {
 		t.Fatal(err)
@@ -63,12 +73,16 @@ func record(t *testing.T, p *Plan, tb table) (*recorder, *nftables.Table) {
 	return rec, tbl
 }
 
-func (r *recorder) setsByName() map[string]*nftables.Set {
-	m := map[string]*nftables.Set{}
+func (r *recorder) setsByName() setIndex {
+	idx := setIndex{byName: map[string]*nftables.Set{}, anon: map[uint32]*nftables.Set{}, elems: r.elems}
 	for _, s := range r.sets {
-		m[s.Name] = s
+		if s.Anonymous {
+			idx.anon[s.ID] = s
+			continue
+		}
+		idx.byName[s.Name] = s
 	}
-	return m
+	return idx
 }
 
 // rulesOf are the recorded rules of chain ch, in order.
@@ -77,13 +91,20 @@ func (r *recorder) rulesOf(ch *nftables.Chain) []*nftables.Rule {
 }
 
 // Names nft prints for the hooks and priorities the package uses.
+// (Hook numbers overlap between families: netdev ingress is 0, as is
+// prerouting; netdev egress is 1, as is input.)
 var (
-	hookNames = map[nftables.ChainHook]string{*nftables.ChainHookPrerouting: "prerouting", *nftables.ChainHookInput: "input"}
-	prioNames = map[nftables.TableFamily]map[nftables.ChainPriority]string{
-		nftables.TableFamilyBridge: {-300: "dstnat"},
-		nftables.TableFamilyINet:   {-150: "mangle", 0: "filter"},
+	hookNames = map[nftables.TableFamily]map[nftables.ChainHook]string{
+		nftables.TableFamilyBridge: {*nftables.ChainHookPrerouting: "prerouting", *nftables.ChainHookOutput: "output"},
+		nftables.TableFamilyINet:   {*nftables.ChainHookPrerouting: "prerouting", *nftables.ChainHookInput: "input"},
+		nftables.TableFamilyNetdev: {*nftables.ChainHookIngress: "ingress", *nftables.ChainHookEgress: "egress"},
 	}
-	tableFamilies = map[nftables.TableFamily]string{nftables.TableFamilyBridge: "bridge", nftables.TableFamilyINet: "inet"}
+	prioNames = map[nftables.TableFamily]map[nftables.ChainPriority]string{
+		nftables.TableFamilyBridge: {-300: "dstnat", -200: "filter"},
+		nftables.TableFamilyINet:   {-150: "mangle", 0: "filter"},
+		nftables.TableFamilyNetdev: {0: "filter", 100: "100"},
+	}
+	tableFamilies = map[nftables.TableFamily]string{nftables.TableFamilyBridge: "bridge", nftables.TableFamilyINet: "inet", nftables.TableFamilyNetdev: "netdev"}
 )
 
 // listing prints the recorded table t as nft lists it, from the netlink
@@ -92,6 +113,9 @@ func (r *recorder) listing(t *nftables.Table) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table %s %s {\n", tableFamilies[t.Family], t.Name)
 	for _, s := range r.sets {
+		if s.Anonymous {
+			continue // listed in the rule that uses it
+		}
 		if err := r.listSet(&b, t, s); err != nil {
 			return "", fmt.Errorf("set %s: %w", s.Name, err)
 		}
@@ -109,8 +133,18 @@ func (r *recorder) listing(t *nftables.Table) (string, error) {
 }
 
 func (r *recorder) listSet(b *strings.Builder, t *nftables.Table, s *nftables.Set) error {
-	if s.Table != t || s.Anonymous || s.Constant || s.IsMap {
+	if s.Table != t || s.Anonymous || s.Constant {
 		return fmt.Errorf("not a plain named set of the table: %+v", s)
+	}
+	if s.IsMap {
+		// Only the neighbour maps: address -> MAC, dynamic, no elements.
+		if s.DataType.Name != nftables.TypeEtherAddr.Name || s.DataType.Bytes != 6 || !s.Dynamic || !s.HasTimeout ||
+			s.Interval || len(r.elems[s]) > 0 || (s.KeyType.Name != "ipv4_addr" && s.KeyType.Name != "ipv6_addr") {
+			return fmt.Errorf("a map the package does not make: %+v", s)
+		}
+		fmt.Fprintf(b, "\tmap %s {\n\t\ttype %s : %s\n\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n\t}\n\n",
+			s.Name, s.KeyType.Name, s.DataType.Name, s.Size, nftDuration(s.Timeout))
+		return nil
 	}
 	fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.Name, s.KeyType.Name)
 	if s.Interval {
@@ -152,12 +186,16 @@ func (r *recorder) listSet(b *strings.Builder, t *nftables.Table, s *nftables.Se
 }
 
 func (r *recorder) listChain(b *strings.Builder, t *nftables.Table, ch *nftables.Chain) error {
-	hook, prio := hookNames[*ch.Hooknum], prioNames[t.Family][*ch.Priority]
+	hook, prio := hookNames[t.Family][*ch.Hooknum], prioNames[t.Family][*ch.Priority]
 	if ch.Table != t || ch.Type != nftables.ChainTypeFilter || ch.Policy == nil || *ch.Policy != nftables.ChainPolicyAccept ||
-		hook == "" || prio == "" {
-		return fmt.Errorf("not a filter base chain of the table with policy accept: %+v", ch)
+		hook == "" || prio == "" || (ch.Device != "") != (t.Family == nftables.TableFamilyNetdev) {
+		return fmt.Errorf("not a filter base chain of the table with policy accept (and a device in netdev): %+v", ch)
 	}
-	fmt.Fprintf(b, "\tchain %s {\n\t\ttype filter hook %s priority %s; policy accept;\n", ch.Name, hook, prio)
+	device := ""
+	if ch.Device != "" {
+		device = fmt.Sprintf(" device %q", ch.Device)
+	}
+	fmt.Fprintf(b, "\tchain %s {\n\t\ttype filter hook %s%s priority %s; policy accept;\n", ch.Name, hook, device, prio)
 	for i, rule := range r.rulesOf(ch) {
 		text, err := decompileRule(t.Family, r.setsByName(), rule)
 		if err != nil || rule.Table != t {
@@ -205,6 +243,18 @@ func pinnedPlans(t *testing.T) map[string]*Plan {
 		plans[name+" overload refuse"] = q.Overloaded(OverloadRefuse)
 		plans[name+" udp bypass"] = q.UDPBypass(true)
 	}
+	// Invisible in every variant, with UDP, lingering ports and a
+	// selection.
+	inv := invisibleConfig()
+	inv.LingerPorts = []uint16{8, 9}
+	inv.UDPPorts, inv.ProxyUDPPort = []uint16{53, 443}, 3130
+	inv.ClientCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}
+	q := mustPlan(t, inv)
+	plans["invisible all"] = q
+	plans["invisible all draining"] = q.Draining()
+	plans["invisible all overload bypass"] = q.Overloaded(OverloadBypass)
+	plans["invisible all overload refuse"] = q.Overloaded(OverloadRefuse)
+	plans["invisible all udp bypass"] = q.UDPBypass(true)
 	return plans
 }
 
@@ -213,8 +263,14 @@ func pinnedPlans(t *testing.T) map[string]*Plan {
 // item's text. It also reports how many rules mutate changed.
 func pinMismatches(t *testing.T, p *Plan, mutate func([]expr.Any) bool) (mismatches []string, mutated int) {
 	t.Helper()
-	for _, tb := range p.tables {
-		rec, tbl := record(t, p, tb)
+	return pinTablesMismatches(t, p.cfg.Name, p.tables, mutate)
+}
+
+// pinTablesMismatches is pinMismatches for tables called name.
+func pinTablesMismatches(t *testing.T, name string, tables []table, mutate func([]expr.Any) bool) (mismatches []string, mutated int) {
+	t.Helper()
+	for _, tb := range tables {
+		rec, tbl := recordTable(t, name, tb)
 		if len(rec.chains) != len(tb.chains) {
 			t.Fatalf("table %s: %d chains queued, %d described", tableFamilies[tb.family], len(rec.chains), len(tb.chains))
 		}

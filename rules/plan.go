@@ -69,10 +69,26 @@ type Config struct {
 	// others. With all four empty the tables hold nothing of selection.
 	ClientCIDRs, ServerCIDRs               []netip.Prefix
 	ExcludeClientCIDRs, ExcludeServerCIDRs []netip.Prefix
+	// Invisible hides the box at layer 2 (invisible.go): a third table,
+	// netdev Name, learns the hosts' MACs from the frames it diverts and
+	// rewrites both MACs of every frame the box sends out of Bridge, and
+	// the bridge table lifts only what it learned. It lives and dies with
+	// the other two (owned, applied, removed and checked with them); a
+	// plan without it removes a netdev table of that name. The box's
+	// other frames are the quiet table's to drop (Quiet). The mark bits
+	// InvisibleMarks are then the mode's: Mark must not overlap them.
+	Invisible bool
+	// NeighbourTimeout is how long a learned host stays in the invisible
+	// mode's neighbour maps: an entry is never refreshed (a MAC is only
+	// replaced by a new entry or the host's own ARP/NDP), so it is
+	// re-learned from the next diverted frame after it expires. 0 means
+	// 60s; otherwise it must be a whole number of seconds from 1s to 7
+	// days. Unused without Invisible.
+	NeighbourTimeout time.Duration
 }
 
-// Plan is a validated Config: the two nftables tables and the policy routing
-// ghostwire installs, as values that can be printed, applied and checked.
+// Plan is a validated Config: the nftables tables (bridge and inet, and
+// netdev when Invisible) and the policy routing ghostwire installs, as values that can be printed, applied and checked.
 // A Plan is immutable; its methods are safe for concurrent use.
 type Plan struct {
 	cfg Config
@@ -119,7 +135,7 @@ var reservedTables = map[int]string{253: "default", 254: "main", 255: "local"}
 // TCPPorts and UDPPorts are sorted and deduplicated, the selection's
 // prefixes normalised (see Config.ClientCIDRs); BridgeMAC and the
 // ports are copied; a zero BypassTimeout becomes the default (5m), a zero
-// UDPSessionTimeout its own (60s).
+// UDPSessionTimeout and NeighbourTimeout their own (60s).
 // Every error names the offending Config field; all problems are reported
 // together.
 func NewPlan(cfg Config) (*Plan, error) {
@@ -147,6 +163,9 @@ func (cfg Config) normalised() Config {
 	}
 	if cfg.UDPSessionTimeout == 0 {
 		cfg.UDPSessionTimeout = defaultUDPSessionTimeout
+	}
+	if cfg.NeighbourTimeout == 0 {
+		cfg.NeighbourTimeout = defaultNeighbourTimeout
 	}
 	for _, s := range selections {
 		l := cfg.list(s)
@@ -230,6 +249,12 @@ func checkNumbers(cfg Config, bad func(field, format string, a ...any)) {
 	}
 	if err := validFlowTimeout(cfg.UDPSessionTimeout); err != nil {
 		bad("UDPSessionTimeout", "%w", err)
+	}
+	if err := validFlowTimeout(cfg.NeighbourTimeout); err != nil {
+		bad("NeighbourTimeout", "%w", err)
+	}
+	if cfg.Invisible && cfg.Mark&InvisibleMarks != 0 {
+		bad("Mark", "%#x overlaps the mark bits 0x%08x the invisible mode uses (InvisibleMarks)", cfg.Mark, InvisibleMarks)
 	}
 }
 

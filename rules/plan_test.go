@@ -212,17 +212,25 @@ func goldenPlans(t *testing.T) map[string]*Plan {
 	selUDP := udpConfig()
 	selUDP.ClientCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("2001:db8:1::/48")}
 	selUDP.ExcludeServerCIDRs = []netip.Prefix{netip.MustParsePrefix("203.0.113.53/32")}
+	invSel := selectionConfig()
+	invSel.Invisible = true
+	invUDP := udpConfig()
+	invUDP.Invisible = true
+	invUDP.NeighbourTimeout = 90 * time.Second
 	return map[string]*Plan{
-		"selection.nft":       mustPlan(t, sel),
-		"selection-udp.nft":   mustPlan(t, selUDP),
-		"basic.nft":           base,
-		"draining.nft":        base.Draining(),
-		"many.nft":            mustPlan(t, many),
-		"overload-bypass.nft": base.Overloaded(OverloadBypass),
-		"overload-refuse.nft": base.Overloaded(OverloadRefuse),
-		"udp.nft":             udp,
-		"udp-draining.nft":    udp.Draining(),
-		"udp-bypass.nft":      udp.UDPBypass(true),
+		"invisible.nft":           mustPlan(t, invisibleConfig()),
+		"invisible-udp.nft":       mustPlan(t, invUDP),
+		"invisible-selection.nft": mustPlan(t, invSel),
+		"selection.nft":           mustPlan(t, sel),
+		"selection-udp.nft":       mustPlan(t, selUDP),
+		"basic.nft":               base,
+		"draining.nft":            base.Draining(),
+		"many.nft":                mustPlan(t, many),
+		"overload-bypass.nft":     base.Overloaded(OverloadBypass),
+		"overload-refuse.nft":     base.Overloaded(OverloadRefuse),
+		"udp.nft":                 udp,
+		"udp-draining.nft":        udp.Draining(),
+		"udp-bypass.nft":          udp.UDPBypass(true),
 	}
 }
 
@@ -243,6 +251,13 @@ func selectionConfig() Config {
 	cfg.ServerCIDRs = pp("0.0.0.0/1", "128.0.0.0/1", "::/0")
 	cfg.ExcludeClientCIDRs = pp("10.9.9.9/32", "192.0.2.77/24")
 	cfg.ExcludeServerCIDRs = pp("255.255.255.255/32", "2001:db8:dead::/48", "0.0.0.0/32")
+	return cfg
+}
+
+// invisibleConfig is testConfig in the invisible mode.
+func invisibleConfig() Config {
+	cfg := testConfig()
+	cfg.Invisible = true
 	return cfg
 }
 

@@ -7,15 +7,16 @@ import (
 	"time"
 )
 
-// String renders both tables exactly as nft 1.0.6 lists them after Apply:
-// the output of `nft list table bridge NAME` followed by that of `nft list
-// table inet NAME` (each ends in "}\n"), which is also `nft list ruleset`
-// when no other table exists. It doubles as ghostwire's dry-run output and
+// String renders the plan's tables exactly as nft 1.0.6 lists them after
+// Apply: the output of `nft list table bridge NAME` followed by that of
+// `nft list table inet NAME` and, invisible, `nft list table netdev NAME`
+// (each ends in "}\n"), which is also `nft list ruleset` when no other
+// table exists. It doubles as ghostwire's dry-run output and
 // parses back with `nft -f`. Owned tables (ApplyOwned) list with an extra
 // "# progname" comment and a "flags owner" line that String does not print,
 // and once traffic has put flows into the bridge table's flow sets (bypass,
-// udpflows), nft lists them as an "elements = { ... }" line that String
-// does not print either.
+// udpflows) and hosts into the netdev table's neighbour maps, nft lists
+// them as an "elements = { ... }" line that String does not print either.
 func (p *Plan) String() string {
 	var b strings.Builder
 	for _, t := range p.tables {
@@ -34,7 +35,11 @@ func (t table) render(b *strings.Builder, name string) {
 			b.WriteString("\n")
 		}
 		fmt.Fprintf(b, "\tchain %s {\n", ch.name)
-		fmt.Fprintf(b, "\t\ttype filter hook %s priority %s; policy accept;\n", ch.hook.name, ch.prio.name)
+		device := ""
+		if ch.device != "" {
+			device = fmt.Sprintf(" device %q", ch.device)
+		}
+		fmt.Fprintf(b, "\t\ttype filter hook %s%s priority %s; policy accept;\n", ch.hook.name, device, ch.prio.name)
 		for _, r := range ch.rules {
 			fmt.Fprintf(b, "\t\t%s\n", r)
 		}
@@ -43,14 +48,15 @@ func (t table) render(b *strings.Builder, name string) {
 	b.WriteString("}\n")
 }
 
-// renderSets prints a table's sets the way nft does, each followed by a
-// blank line. A dynamic set is printed empty: once traffic has filled it, nft
-// also lists its elements, which String never shows.
+// renderSets prints a table's sets (and maps) the way nft does, each
+// followed by a blank line. A dynamic set or map is printed empty: once
+// traffic has filled it, nft also lists its elements, which String never
+// shows.
 func renderSets(b *strings.Builder, sets []setSpec) {
 	for _, s := range sets {
-		fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.name, s.keyType.Name)
+		fmt.Fprintf(b, "\t%s %s {\n\t\ttype %s\n", s.kind(), s.name, s.typeName())
 		if s.dynamic {
-			fmt.Fprintf(b, "\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n", flowSetSize, nftDuration(s.timeout))
+			fmt.Fprintf(b, "\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n", s.size(), nftDuration(s.timeout))
 		}
 		if s.live {
 			b.WriteString("\t\tflags interval,timeout\n")

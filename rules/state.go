@@ -7,6 +7,7 @@ import (
 	"maps"
 	"reflect"
 	"slices"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -18,7 +19,8 @@ import (
 type TablesState struct {
 	Bridge bool // table bridge NAME exists
 	Inet   bool // table inet NAME exists
-	// Owned is true if either table is owned by a netlink socket (a running
+	Netdev bool // table netdev NAME exists: the tables are an invisible plan's
+	// Owned is true if any of the tables is owned by a netlink socket (a running
 	// proxy's, see ApplyOwned); OwnerPortID is that socket's port ID.
 	Owned       bool
 	OwnerPortID uint32
@@ -47,6 +49,8 @@ func Tables(c *nftables.Conn, name string) (TablesState, error) {
 			st.Bridge = true
 		case nftables.TableFamilyINet:
 			st.Inet = true
+		case nftables.TableFamilyNetdev:
+			st.Netdev = true
 		}
 		if t.Flags&nftables.TableFlagOwner != 0 {
 			st.Owned, st.OwnerPortID = true, t.Owner
@@ -94,7 +98,7 @@ func variantOf(c *nftables.Conn, existing map[nftables.TableFamily]*nftables.Tab
 	}
 	for _, fam := range families {
 		t := existing[fam]
-		if t == nil {
+		if t == nil || len(looks[fam]) == 0 {
 			continue
 		}
 		rules, err := c.GetRules(t, &nftables.Chain{Name: chainPrerouting, Table: t})
@@ -119,18 +123,34 @@ func anyExpr(is func(expr.Any) bool) func(*nftables.Rule) bool {
 }
 
 // Check compares the kernel's ghostwire tables with the plan and describes
-// every difference, one per string: missing tables, chains, hooks, set
-// elements, rule counts and rules that differ. Empty means the plan is in
-// place (owned or not).
+// every difference, one per string: missing (or, the netdev one of a plan
+// that is not invisible, unexpected) tables, chains, hooks, set elements,
+// rule counts and rules that differ. Empty means the plan is in place
+// (owned or not). A netdev chain's device is not compared:
+// github.com/google/nftables does not read it back.
 func (p *Plan) Check(c *nftables.Conn) ([]string, error) {
 	existing, err := listOwn(c, p.cfg.Name)
 	if err != nil {
 		return nil, fmt.Errorf("checking nftables tables %s: %w", p.cfg.Name, err)
 	}
+	drift, err := checkTables(c, p.cfg.Name, p.tables, existing)
+	if err != nil {
+		return nil, err
+	}
+	for _, fam := range families {
+		if existing[fam] != nil && !slices.ContainsFunc(p.tables, func(tb table) bool { return tb.family == fam }) {
+			drift = append(drift, fmt.Sprintf("table %s %s is not in the plan", familyName(fam), p.cfg.Name))
+		}
+	}
+	return drift, nil
+}
+
+// checkTables compares the existing tables called name with tables.
+func checkTables(c *nftables.Conn, name string, tables []table, existing map[nftables.TableFamily]*nftables.Table) ([]string, error) {
 	var drift []string
-	for _, tb := range p.tables {
+	for _, tb := range tables {
 		t := existing[tb.family]
-		where := fmt.Sprintf("table %s %s", familyName(tb.family), p.cfg.Name)
+		where := fmt.Sprintf("table %s %s", familyName(tb.family), name)
 		if t == nil {
 			drift = append(drift, where+" is missing")
 			continue
@@ -187,6 +207,8 @@ func checkChain(c *nftables.Conn, t *nftables.Table, ch chain, have *nftables.Ch
 		return []string{where + " is missing"}, nil
 	}
 	var drift []string
+	// The device of a netdev chain cannot be compared: the library does
+	// not decode NFTA_HOOK_DEV (Apply always makes chains anew).
 	if have.Hooknum == nil || *have.Hooknum != *ch.hook.num || have.Priority == nil || *have.Priority != *ch.prio.num ||
 		have.Type != nftables.ChainTypeFilter || have.Policy == nil || *have.Policy != nftables.ChainPolicyAccept {
 		drift = append(drift, fmt.Sprintf("%s: hook, type, priority or policy differ from plan (filter hook %d priority %d policy accept)",
@@ -200,14 +222,74 @@ func checkChain(c *nftables.Conn, t *nftables.Table, ch chain, have *nftables.Ch
 		return append(drift, fmt.Sprintf("%s has %d rules, plan has %d", where, len(rules), len(ch.rules))), nil
 	}
 	// Compare against rules built with unnumbered sets: the kernel reports
-	// lookups and dynsets by set name only.
+	// lookups and dynsets by set name only, and names anonymous sets itself
+	// (their elements are compared apart).
 	unnumbered := func(name string) *nftables.Set { return &nftables.Set{Name: name} }
 	for i, r := range rules {
-		if !sameExprs(r.Exprs, ch.rules[i].exprs(t.Family, unnumbered)) || !bytes.Equal(r.UserData, ch.rules[i].userData()) {
+		var anons []anonSet
+		anon := func(kt nftables.SetDatatype, els []nftables.SetElement) *nftables.Set {
+			anons = append(anons, anonSet{kt, els})
+			return &nftables.Set{Name: anonSetName, Anonymous: true}
+		}
+		same := sameExprs(r.Exprs, ch.rules[i].exprs(t.Family, unnumbered, anon)) && bytes.Equal(r.UserData, ch.rules[i].userData())
+		if same {
+			if same, err = sameAnonSets(c, t, r.Exprs, anons); err != nil {
+				return nil, fmt.Errorf("reading rule %d of chain %s: %w", i+1, ch.name, err)
+			}
+		}
+		if !same {
 			drift = append(drift, fmt.Sprintf("%s: rule %d differs from plan", where, i+1))
 		}
 	}
 	return drift, nil
+}
+
+// anonSetName is the name github.com/google/nftables gives an anonymous
+// set; the kernel numbers it ("__set0").
+const anonSetName = "__set%d"
+
+// isAnonSet reports whether name is an anonymous set's, planned or as the
+// kernel names it.
+func isAnonSet(name string) bool { return strings.HasPrefix(name, "__set") }
+
+// anonSet is a planned anonymous set: its key type and elements.
+type anonSet struct {
+	keyType  nftables.SetDatatype
+	elements []nftables.SetElement
+}
+
+// sameAnonSets compares the anonymous sets the lookups of a rule read
+// back from table t use, in order, with the planned ones.
+func sameAnonSets(c *nftables.Conn, t *nftables.Table, got []expr.Any, want []anonSet) (bool, error) {
+	var names []string
+	for _, e := range got {
+		if l, ok := e.(*expr.Lookup); ok && isAnonSet(l.SetName) {
+			names = append(names, l.SetName)
+		}
+	}
+	if len(names) != len(want) {
+		return false, nil
+	}
+	for i, name := range names {
+		els, err := c.GetSetElements(&nftables.Set{Table: t, Name: name, KeyType: want[i].keyType, Anonymous: true, Constant: true})
+		if err != nil {
+			return false, fmt.Errorf("reading set %s: %w", name, err)
+		}
+		if !slices.Equal(elementKeys(els), elementKeys(want[i].elements)) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// elementKeys are the keys of els, sorted, as strings.
+func elementKeys(els []nftables.SetElement) []string {
+	keys := make([]string, len(els))
+	for i, e := range els {
+		keys[i] = string(e.Key)
+	}
+	slices.Sort(keys)
+	return keys
 }
 
 // checkSet compares one set with the plan: a ports set's elements, a flow
@@ -217,14 +299,14 @@ func checkSet(c *nftables.Conn, t *nftables.Table, spec setSpec, where string) (
 	set, err := c.GetSetByName(t, spec.name)
 	switch {
 	case errors.Is(err, unix.ENOENT):
-		return []string{fmt.Sprintf("%s: set %s is missing", where, spec.name)}, nil
+		return []string{fmt.Sprintf("%s: %s %s is missing", where, spec.kind(), spec.name)}, nil
 	case err != nil:
 		return nil, fmt.Errorf("reading set %s: %w", spec.name, err)
 	}
 	if spec.dynamic {
-		if !spec.fits(set) || set.Size != flowSetSize || set.Timeout != spec.timeout {
-			return []string{fmt.Sprintf("%s: set %s differs from plan (type %s; size %d; flags dynamic,timeout; timeout %s)",
-				where, spec.name, spec.keyType.Name, flowSetSize, nftDuration(spec.timeout))}, nil
+		if !spec.fits(set) || set.Size != spec.size() || set.Timeout != spec.timeout {
+			return []string{fmt.Sprintf("%s: %s %s differs from plan (type %s; size %d; flags dynamic,timeout; timeout %s)",
+				where, spec.kind(), spec.name, spec.typeName(), spec.size(), nftDuration(spec.timeout))}, nil
 		}
 		return nil, nil
 	}
@@ -281,7 +363,8 @@ func checkPrefixes(spec setSpec, got []string, where string) []string {
 
 // sameExprs compares a rule read back from the kernel with the planned one.
 // The kernel names the set of a lookup or dynset but not the batch-local set
-// ID, a counter's counts are not compared, and google/nftables silently skips expressions it cannot decode,
+// ID (and names an anonymous set itself: sameAnonSets compares those), a
+// counter's counts are not compared, and google/nftables silently skips expressions it cannot decode,
 // tproxy and socket among them: those are left out of the comparison. What
 // feeds them (the port loaded for tproxy, the compare after socket) is
 // still compared.
@@ -302,6 +385,9 @@ func sameExprs(got, want []expr.Any) bool {
 		case *expr.Lookup:
 			ec := *e
 			ec.SetID = 0
+			if isAnonSet(ec.SetName) {
+				ec.SetName = anonSetName
+			}
 			g = &ec
 		case *expr.Dynset:
 			ec := *e

@@ -97,6 +97,84 @@ func (s markSet) emit(e *emitter) {
 	)
 }
 
+// markOr is `meta mark set meta mark | BITS`: it sets BITS in the mark and
+// keeps the others. nft compiles the or to (mark & ^BITS) ^ BITS.
+type markOr uint32
+
+func (s markOr) String() string { return fmt.Sprintf("meta mark set meta mark | 0x%08x", uint32(s)) }
+
+func (s markOr) emit(e *emitter) {
+	e.add(
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: hostU32(^uint32(s)), Xor: hostU32(uint32(s))},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	)
+}
+
+// nftDynsetOpDelete is NFT_DYNSET_OP_DELETE (linux 5.11), which
+// golang.org/x/sys/unix lacks.
+const nftDynsetOpDelete = 2
+
+// neighbourStore is `add @lan4 { ip saddr : ether saddr }` (delete; a
+// neighbour map, its key an address field, its data a MAC field; see
+// invisible.go). Add inserts a new entry only: it neither replaces the MAC
+// of one already there nor restarts its timeout, and stops the rule when
+// the map is full. Delete of a missing entry goes on. The kernel refuses
+// (EINVAL) a delete from a map without the data register, so both carry
+// it; the data is in register 2 (an IPv6 key fills register 1).
+type neighbourStore struct {
+	del bool
+	set string
+	key hdrField
+	mac hdrField
+}
+
+func (s neighbourStore) String() string {
+	op := "add"
+	if s.del {
+		op = "delete"
+	}
+	return fmt.Sprintf("%s @%s { %s : %s }", op, s.set, s.key.name, s.mac.name)
+}
+
+func (s neighbourStore) emit(e *emitter) {
+	s.key.need(e)
+	s.mac.need(e)
+	s.key.load(e, unix.NFT_REG_1)
+	s.mac.load(e, unix.NFT_REG_2)
+	op := uint32(unix.NFT_DYNSET_OP_ADD)
+	if s.del {
+		op = nftDynsetOpDelete
+	}
+	set := e.set(s.set)
+	e.add(&expr.Dynset{SrcRegKey: unix.NFT_REG_1, SrcRegData: unix.NFT_REG_2, SetName: set.Name, SetID: set.ID, Operation: op})
+}
+
+// etherFromMap is `ether daddr set ip daddr map @lan4` (saddr; ip6; a
+// neighbour map): the Ethernet address becomes the MAC the map holds for
+// the IP address. A miss stops the rule there, leaving what it wrote
+// before.
+type etherFromMap struct {
+	dst hdrField // etherDaddr or etherSaddr
+	key hdrField
+	set string
+}
+
+func (s etherFromMap) String() string {
+	return fmt.Sprintf("%s set %s map @%s", s.dst.name, s.key.name, s.set)
+}
+
+func (s etherFromMap) emit(e *emitter) {
+	s.dst.need(e)
+	s.key.need(e)
+	s.key.load(e, 1)
+	set := e.set(s.set)
+	e.add(
+		&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: set.Name, SetID: set.ID},
+		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 1, Base: s.dst.base, Offset: s.dst.offset, Len: s.dst.len},
+	)
+}
+
 // rejectTCPReset is `reject with tcp reset`.
 type rejectTCPReset struct{}
 
@@ -123,6 +201,13 @@ func (accept) String() string { return "accept" }
 
 func (accept) emit(e *emitter) { e.add(&expr.Verdict{Kind: expr.VerdictAccept}) }
 
+// drop is the drop verdict.
+type drop struct{}
+
+func (drop) String() string { return "drop" }
+
+func (drop) emit(e *emitter) { e.add(&expr.Verdict{Kind: expr.VerdictDrop}) }
+
 // counter is `counter packets 0 bytes 0`, as nft lists a fresh rule's
 // counter: the kernel counts the packets (and their bytes) that reach it,
 // i.e. that matched every match before it. Check ignores the counts
@@ -148,7 +233,21 @@ func (c comment) emit(e *emitter) {
 // as opposed to matching it.
 func isStatement(it ruleItem) bool {
 	switch it.(type) {
-	case flowStore, etherDaddrSet, pktTypeHost, tproxyTo, markSet, rejectTCPReset, rejectPortUnreachable, accept:
+	case flowStore, etherDaddrSet, pktTypeHost, tproxyTo, markSet, rejectTCPReset, rejectPortUnreachable, accept,
+		markOr, neighbourStore, etherFromMap, drop:
+		return true
+	}
+	return false
+}
+
+// mayStop reports whether it is a statement that can end the rule before
+// the statements after it: a neighbour map add (the map is full) or a
+// rewrite from a map (a miss).
+func mayStop(it ruleItem) bool {
+	switch it := it.(type) {
+	case neighbourStore:
+		return !it.del
+	case etherFromMap:
 		return true
 	}
 	return false
@@ -168,4 +267,13 @@ func counted(name string, r rule) rule {
 	}
 	out := slices.Concat(r[:i:i], rule{counter{}}, r[i:], rule{comment(name)})
 	return out
+}
+
+// countedLast is r with a counter after its statements, named by a
+// comment: for the netdev table's rules (invisible.go), whose statements
+// may stop them (mayStop: a map lookup that misses, a map add that fails),
+// and which have no verdict. The counter then counts what the rule did
+// (frames learned and marked, frames rewritten), not what it tried.
+func countedLast(name string, r rule) rule {
+	return slices.Concat(r[:len(r):len(r)], rule{counter{}, comment(name)})
 }

@@ -1,14 +1,17 @@
 package rules
 
 import (
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
 )
 
-// describe is the plan's ruleset: its bridge table, then its inet table.
+// describe is the plan's ruleset: its bridge table, then its inet table
+// and, invisible, its netdev table (invisible.go), whose plan also gives
+// the bridge table an output chain.
 func (p *Plan) describe() []table {
-	return []table{
+	tables := []table{
 		{family: nftables.TableFamilyBridge, sets: p.sets(nftables.TableFamilyBridge), chains: []chain{{
 			name: chainPrerouting, hook: hookPrerouting, prio: prioBridgeDstNAT, rules: p.bridgeRules(),
 		}}},
@@ -17,6 +20,11 @@ func (p *Plan) describe() []table {
 			{name: chainInput, hook: hookInput, prio: prioFilter, rules: p.inetInput()},
 		}},
 	}
+	if p.cfg.Invisible {
+		tables[0].chains = append(tables[0].chains, chain{name: chainOutput, hook: hookOutput, prio: prioBridgeFilter, rules: p.guardRules()})
+		tables = append(tables, p.netdevTable())
+	}
+	return tables
 }
 
 // sets are the sets of the table of family fam. Every plan variant has the
@@ -58,9 +66,21 @@ func flowSetSpecs(sets flowSets, timeout time.Duration) []setSpec {
 
 // lift is a rule of items that redirects the frames it matches up to the
 // box's IP stack: destination MAC := br0's, and marked for the host. The
-// rule has no verdict, so later rules still see the frame.
+// rule has no verdict, so later rules still see the frame. In invisible
+// plans it lifts only frames whose hosts the netdev table learned (the
+// MarkLearned bit, matched after items' matches, before their
+// statements): a frame it could not learn (a full map) is bridged
+// untouched rather than lifted to a box that cannot answer it.
 func (p *Plan) lift(items ...ruleItem) rule {
-	return append(rule(items), etherDaddrSet(p.cfg.BridgeMAC), pktTypeHost{})
+	r := rule(items)
+	if p.cfg.Invisible {
+		i := slices.IndexFunc(r, isStatement)
+		if i < 0 {
+			i = len(r)
+		}
+		r = slices.Concat(r[:i:i], rule{markIs{MarkLearned, MarkLearned}}, r[i:])
+	}
+	return append(r, etherDaddrSet(p.cfg.BridgeMAC), pktTypeHost{})
 }
 
 // bridgeRules are the rules of the bridge prerouting chain.
