@@ -382,15 +382,40 @@ func TestInvisibleTraffic(t *testing.T) {
 	ol := newOverloadLab(t)
 	cfg := ol.plan.Config()
 	cfg.Invisible = true
+	// As the recipe has it: the ports say nothing of their own (no IPv6:
+	// no MLD, DAD or RS from their link-local addresses, which go out of
+	// the port, not through the bridge's egress), and the bridge has a MAC
+	// of its own (by default it takes a port's, whose frames would look
+	// like the bridge's) and no ARP.
+	ol.brMAC = net.HardwareAddr{0x02, 0x98, 0, 0, 0x01, 0xfe}
+	cfg.BridgeMAC = ol.brMAC
+	for _, port := range []string{cfg.ClientPort, cfg.ServerPort} {
+		if err := ol.Box.Sysctl("net.ipv6.conf."+port+".disable_ipv6", "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, args := range [][]string{{"address", ol.brMAC.String()}, {"arp", "off"}} {
+		if out, err := ol.Box.Command(t.Context(), "ip", append([]string{"link", "set", cfg.Bridge}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip link set %s %v: %v: %s", cfg.Bridge, args, err, out)
+		}
+	}
 	p := mustPlan(t, cfg)
 	q := Quiet{Name: cfg.Name, Bridge: cfg.Bridge, BridgeMAC: ol.brMAC}
-	if out, err := ol.Box.Command(t.Context(), "ip", "link", "set", cfg.Bridge, "arp", "off").CombinedOutput(); err != nil {
-		t.Fatalf("ip link set %s arp off: %v: %s", cfg.Bridge, err, out)
-	}
 	if err := q.Apply(ol.nft); err != nil {
 		t.Fatal(err)
 	}
 	ol.apply(t, p)
+	// A stale MAC for the client, which its own ARP request (NS) replaces:
+	// the client resolves the server afresh.
+	const stale = "02:00:00:00:00:99"
+	for m, ip := range map[string]netip.Addr{"lan4": ol.ClientIP4, "lan6": ol.ClientIP6} {
+		if out, err := ol.Box.Command(t.Context(), "nft", fmt.Sprintf("add element netdev %s %s { %s : %s }", cfg.Name, m, ip, stale)).CombinedOutput(); err != nil {
+			t.Fatalf("seeding %s: %v: %s", m, err, out)
+		}
+	}
+	if out, err := ol.Client.Command(t.Context(), "ip", "neigh", "flush", "all").CombinedOutput(); err != nil {
+		t.Fatalf("flushing the client's neighbours: %v: %s", err, out)
+	}
 
 	for _, server := range []netip.Addr{ol.ServerIP4, ol.ServerIP6} {
 		v := map[bool]string{false: "v4", true: "v6"}[server.Is6()]
@@ -441,8 +466,8 @@ func TestInvisibleTraffic(t *testing.T) {
 				"lan" + v[1:]: {client.String(), ol.ClientMAC.String()},
 				"wan" + v[1:]: {server.String(), ol.ServerMAC.String()},
 			} {
-				if got := ol.mapList(t, m); !hasElement(got, want[0], want[1]) {
-					t.Errorf("map %s does not hold %s : %s:\n%s", m, want[0], want[1], got)
+				if got := ol.mapList(t, m); !hasElement(got, want[0], want[1]) || strings.Contains(got, stale) {
+					t.Errorf("map %s does not hold %s : %s, or still the stale MAC:\n%s", m, want[0], want[1], got)
 				}
 			}
 			cs := ol.counters(t)
@@ -452,6 +477,9 @@ func TestInvisibleTraffic(t *testing.T) {
 				// Counted after the learned bit's match: the mark set on
 				// the port's ingress reached bridge prerouting.
 				"bridge/lift tcp client", "bridge/lift tcp server",
+				// The client's ARP request (NS) replaced the stale MAC:
+				// delete then add, both with the MAC register.
+				map[bool]string{false: "netdev/nbr-refresh arp client", true: "netdev/nbr-refresh ndp client"}[server.Is6()],
 			} {
 				if cs[k] == 0 {
 					t.Errorf("counter %s is 0; counters: %v", k, cs)
