@@ -8,6 +8,10 @@
 // never pulls a bypassed flow back into the box. With UDP ports, UDPBypass
 // is a switch orthogonal to those variants: new UDP flows cross the bridge
 // untouched while those the proxy relays stay diverted.
+//
+// With Config.Invisible a plan has a third table, netdev, that hides the box
+// at layer 2 (invisible.go); Quiet is the separate, persistent table that
+// drops whatever the box would still say with its own MAC (quiet.go).
 package rules
 
 import (
