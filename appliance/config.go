@@ -42,6 +42,11 @@ type BridgeConfig struct {
 	ServerNIC string   `mapstructure:"server_nic"`
 	Addresses []string `mapstructure:"addresses"`
 	Routes    []string `mapstructure:"routes"`
+	// Invisible: the box sends no frame of its own (see bridge.Spec and
+	// rules.Quiet); the proxy's frames carry the hosts' MACs, learned
+	// from the diverted frames, each entry for NeighbourTimeout.
+	Invisible        bool          `mapstructure:"invisible"`
+	NeighbourTimeout time.Duration `mapstructure:"neighbour_timeout"`
 }
 
 type InterceptConfig struct {
@@ -124,37 +129,39 @@ type LogConfig struct {
 // defaults are also the list of keys viper knows, which is what makes
 // GHOSTWIRE_* environment variables reach every key.
 var defaults = map[string]any{
-	"bridge.name":            "br0",
-	"bridge.client_nic":      "",
-	"bridge.server_nic":      "",
-	"bridge.addresses":       []string{},
-	"bridge.routes":          []string{},
-	"intercept.tcp_ports":    []int{80, 443},
-	"intercept.udp_ports":    []int{},
-	"proxy.tcp_port":         9876,
-	"proxy.connect_timeout":  "5s",
-	"proxy.idle_timeout":     "5m",
-	"proxy.shutdown_grace":   "30s",
-	"proxy.max_connections":  0,
-	"proxy.receive_buffer":   "4MiB",
-	"proxy.overload":         "bypass",
-	"proxy.udp_port":         9877,
-	"proxy.udp_idle_timeout": "60s",
-	"proxy.max_udp_sessions": 65536,
-	"routing.mark":           1,
-	"routing.table":          100,
-	"routing.priority":       1000,
-	"log.level":              "info",
-	"log.format":             "text",
-	"policy.sni.allow":       []string{},
-	"policy.sni.deny":        []string{},
-	"policy.http_host.allow": []string{},
-	"policy.http_host.deny":  []string{},
-	"policy.default":         "allow",
-	"policy.inspect_timeout": "2s",
-	"metrics.listen":         "",
-	"state_file":             "/var/lib/ghostwire/state.json",
-	"control_socket":         "/run/ghostwire/control.sock",
+	"bridge.name":              "br0",
+	"bridge.client_nic":        "",
+	"bridge.server_nic":        "",
+	"bridge.addresses":         []string{},
+	"bridge.routes":            []string{},
+	"bridge.invisible":         false,
+	"bridge.neighbour_timeout": "60s",
+	"intercept.tcp_ports":      []int{80, 443},
+	"intercept.udp_ports":      []int{},
+	"proxy.tcp_port":           9876,
+	"proxy.connect_timeout":    "5s",
+	"proxy.idle_timeout":       "5m",
+	"proxy.shutdown_grace":     "30s",
+	"proxy.max_connections":    0,
+	"proxy.receive_buffer":     "4MiB",
+	"proxy.overload":           "bypass",
+	"proxy.udp_port":           9877,
+	"proxy.udp_idle_timeout":   "60s",
+	"proxy.max_udp_sessions":   65536,
+	"routing.mark":             1,
+	"routing.table":            100,
+	"routing.priority":         1000,
+	"log.level":                "info",
+	"log.format":               "text",
+	"policy.sni.allow":         []string{},
+	"policy.sni.deny":          []string{},
+	"policy.http_host.allow":   []string{},
+	"policy.http_host.deny":    []string{},
+	"policy.default":           "allow",
+	"policy.inspect_timeout":   "2s",
+	"metrics.listen":           "",
+	"state_file":               "/var/lib/ghostwire/state.json",
+	"control_socket":           "/run/ghostwire/control.sock",
 
 	// The selection (rules.Config.ClientCIDRs...): empty selects everything.
 	"intercept.client_cidrs":         []string{},
@@ -378,7 +385,7 @@ func (c *Config) overload() rules.Overload {
 
 // BridgeSpec turns the bridge section into a bridge.Spec.
 func (c *Config) BridgeSpec() (bridge.Spec, error) {
-	s := bridge.Spec{Name: c.Bridge.Name, Ports: []string{c.Bridge.ClientNIC, c.Bridge.ServerNIC}}
+	s := bridge.Spec{Name: c.Bridge.Name, Ports: []string{c.Bridge.ClientNIC, c.Bridge.ServerNIC}, Invisible: c.Bridge.Invisible}
 	// The name rule is bridge's (ValidIfName); here it is said in keys.
 	for _, n := range []struct{ key, name string }{
 		{"bridge.name", c.Bridge.Name}, {"bridge.client_nic", c.Bridge.ClientNIC}, {"bridge.server_nic", c.Bridge.ServerNIC},
@@ -437,6 +444,8 @@ func (c *Config) RulesConfig(mac []byte) rules.Config {
 		ServerCIDRs:        mustCIDRs(c.Intercept.ServerCIDRs),
 		ExcludeClientCIDRs: mustCIDRs(c.Intercept.ExcludeClientCIDRs),
 		ExcludeServerCIDRs: mustCIDRs(c.Intercept.ExcludeServerCIDRs),
+		Invisible:          c.Bridge.Invisible,
+		NeighbourTimeout:   c.Bridge.NeighbourTimeout,
 	}
 }
 

@@ -24,7 +24,7 @@ func Desire(c *Config, f provision.Facts) (*provision.Desired, error) {
 	rc := c.RulesConfig(nil)
 	d := &provision.Desired{
 		Bridge:  spec,
-		Sysctls: provision.SysctlChanges(spec.Name, f),
+		Sysctls: provision.SysctlChanges(spec, f),
 		Routing: rules.Routing{Mark: rc.Mark, Table: rc.RouteTable, Priority: rc.RulePriority},
 		Tables:  rc.Name,
 	}
@@ -32,6 +32,9 @@ func Desire(c *Config, f provision.Facts) (*provision.Desired, error) {
 		rc.BridgeMAC = mac
 		if d.Rules, err = rules.NewPlan(rc); err != nil {
 			return nil, fmt.Errorf("building rule plan: %w", inConfigKeys(err))
+		}
+		if spec.Invisible {
+			d.Quiet = &rules.Quiet{Name: rc.Name, Bridge: spec.Name, BridgeMAC: mac}
 		}
 	}
 	return d, nil
@@ -112,6 +115,10 @@ func ruleKey(field string) string {
 		return "intercept.exclude_client_cidrs"
 	case "ExcludeServerCIDRs":
 		return "intercept.exclude_server_cidrs"
+	case "Invisible":
+		return "bridge.invisible"
+	case "NeighbourTimeout":
+		return "bridge.neighbour_timeout"
 	}
 	return "rules " + field // Name and LingerPorts are ghostwire's own, not configured
 }

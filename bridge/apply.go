@@ -15,6 +15,19 @@ import (
 // idempotent: on an already built bridge it changes nothing. It does not
 // roll back; callers use Remove.
 func (s Spec) Apply(h *netlink.Handle) (created bool, err error) {
+	created, err = s.Build(h)
+	if err != nil {
+		return created, err
+	}
+	return created, s.Up(h)
+}
+
+// Build is the first half of Apply: the bridge created (down, when new)
+// with its ports enslaved and, if Invisible, its silence configured, so
+// what must be in place before the bridge first comes up can be put
+// there (rules.Quiet: a bridge with IPv6 sends MLD reports as soon as it
+// is up). Idempotent.
+func (s Spec) Build(h *netlink.Handle) (created bool, err error) {
 	links, err := s.preflight(h)
 	if err != nil {
 		return false, err
@@ -24,39 +37,106 @@ func (s Spec) Apply(h *netlink.Handle) (created bool, err error) {
 	if err != nil {
 		return created, err
 	}
+	if s.Invisible {
+		if err := s.silence(h, br); err != nil {
+			return created, err
+		}
+	}
 	for _, p := range s.Ports {
 		l, err := h.LinkByName(p)
 		if err != nil {
 			return created, fmt.Errorf("looking up NIC %s: %w", p, err)
+		}
+		if s.Invisible {
+			if err := quietPort(h, l); err != nil {
+				return created, err
+			}
 		}
 		if l.Attrs().MasterIndex != br.Attrs().Index {
 			if err := h.LinkSetMaster(l, br); err != nil {
 				return created, fmt.Errorf("enslaving NIC %s to %s: %w", p, s.Name, err)
 			}
 		}
+	}
+	return created, nil
+}
+
+// silence turns off what makes a bridge speak for itself: ARP (with
+// IFF_NOARP every neighbour of the box resolves to the bridge's own MAC,
+// which the owned egress rules rewrite) and the IPv6 link-local address
+// (no DAD, no MLD from it). Multicast snooping is set off when the
+// bridge is created (ensureBridge).
+func (s Spec) silence(h *netlink.Handle, br netlink.Link) error {
+	if br.Attrs().RawFlags&unix.IFF_NOARP == 0 {
+		if err := h.LinkSetARPOff(br); err != nil {
+			return fmt.Errorf("turning ARP off on %s: %w", s.Name, err)
+		}
+	}
+	if err := h.LinkSetIP6AddrGenMode(br, IP6AddrGenModeNone); err != nil {
+		return fmt.Errorf("setting addrgenmode none on %s: %w", s.Name, err)
+	}
+	return nil
+}
+
+// quietPort takes a port that is up with IPv6 on down, until Up: turning
+// IPv6 off on a live port (Sysctls) makes it leave its multicast groups
+// with MLD reports from its own MAC, and a port that is down sends
+// nothing. A port already without IPv6 keeps running.
+func quietPort(h *netlink.Handle, l netlink.Link) error {
+	if l.Attrs().Flags&net.FlagUp == 0 {
+		return nil
+	}
+	addrs, err := RetryDump(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_V6) })
+	if err != nil {
+		return fmt.Errorf("listing IPv6 addresses of %s: %w", l.Attrs().Name, err)
+	}
+	if len(addrs) == 0 {
+		return nil
+	}
+	if err := h.LinkSetDown(l); err != nil {
+		return fmt.Errorf("taking NIC %s down to turn its IPv6 off: %w", l.Attrs().Name, err)
+	}
+	return nil
+}
+
+// IP6AddrGenModeNone is IN6_ADDR_GEN_MODE_NONE: no link-local address.
+const IP6AddrGenModeNone = 1
+
+// Up is the second half of Apply: ports and bridge up, then the
+// addresses and routes. Idempotent.
+func (s Spec) Up(h *netlink.Handle) error {
+	br, err := h.LinkByName(s.Name)
+	if err != nil {
+		return fmt.Errorf("looking up bridge %s: %w", s.Name, err)
+	}
+	for _, p := range s.Ports {
+		l, err := h.LinkByName(p)
+		if err != nil {
+			return fmt.Errorf("looking up NIC %s: %w", p, err)
+		}
 		if l.Attrs().Flags&net.FlagUp == 0 {
 			if err := h.LinkSetUp(l); err != nil {
-				return created, fmt.Errorf("bringing NIC %s up: %w", p, err)
+				return fmt.Errorf("bringing NIC %s up: %w", p, err)
 			}
 		}
 	}
 	if br.Attrs().Flags&net.FlagUp == 0 {
 		if err := h.LinkSetUp(br); err != nil {
-			return created, fmt.Errorf("bringing bridge %s up: %w", s.Name, err)
+			return fmt.Errorf("bringing bridge %s up: %w", s.Name, err)
 		}
 	}
 	for _, a := range s.Addresses {
 		addr := &netlink.Addr{IPNet: prefixIPNet(a)}
 		if err := h.AddrReplace(br, addr); err != nil {
-			return created, fmt.Errorf("adding address %s to %s: %w", a, s.Name, err)
+			return fmt.Errorf("adding address %s to %s: %w", a, s.Name, err)
 		}
 	}
 	for _, r := range s.sortedRoutes() {
 		if err := ensureRoute(h, br, r); err != nil {
-			return created, err
+			return err
 		}
 	}
-	return created, nil
+	return nil
 }
 
 // ensureBridge creates the bridge with mac if missing (tolerating EEXIST
@@ -68,6 +148,11 @@ func (s Spec) ensureBridge(h *netlink.Handle, mac net.HardwareAddr) (netlink.Lin
 		// The MAC is set explicitly so it stays put whatever ports come
 		// and go: the diversion rules carry it as a literal.
 		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: s.Name, HardwareAddr: mac}}
+		if s.Invisible {
+			// Without snooping the bridge sends no queries of its own
+			// and keeps no state from the hosts' reports.
+			br.MulticastSnooping = ref(false)
+		}
 		if err := h.LinkAdd(br); err != nil && !errors.Is(err, unix.EEXIST) {
 			return nil, false, fmt.Errorf("creating bridge %s: %w", s.Name, err)
 		}
@@ -155,3 +240,5 @@ func hasRoute(h *netlink.Handle, index int, name string, r Route) (bool, error) 
 func prefixIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
+
+func ref[T any](v T) *T { return &v }

@@ -58,5 +58,23 @@ func (s Spec) linkDrift(links Links) (drift []string, ok bool) {
 			drift = append(drift, fmt.Sprintf("address %s missing on %s", a, s.Name))
 		}
 	}
+	if s.Invisible {
+		drift = append(drift, s.speaking(br)...)
+	}
 	return drift, true
+}
+
+// speaking lists what would make an invisible bridge send frames of its
+// own.
+func (s Spec) speaking(br Link) []string {
+	var drift []string
+	if !br.NoARP {
+		drift = append(drift, fmt.Sprintf("bridge %s has ARP on (want arp off)", s.Name))
+	}
+	for _, a := range br.Addresses {
+		if a.Addr().Is6() && a.Addr().IsLinkLocalUnicast() {
+			drift = append(drift, fmt.Sprintf("bridge %s has an IPv6 link-local address %s (want addrgenmode none)", s.Name, a))
+		}
+	}
+	return drift
 }

@@ -20,6 +20,7 @@ type Link struct {
 	MAC       net.HardwareAddr
 	Loopback  bool
 	Up        bool
+	NoARP     bool           // IFF_NOARP: the link resolves no neighbours
 	Master    string         // the bridge it is a port of, if any
 	Addresses []netip.Prefix // both families, including link-local
 }
@@ -60,6 +61,7 @@ func readLink(h *netlink.Handle, name string) (_ Link, ok bool, _ error) {
 		MAC:      a.HardwareAddr,
 		Loopback: a.Flags&net.FlagLoopback != 0,
 		Up:       a.Flags&net.FlagUp != 0,
+		NoARP:    a.RawFlags&unix.IFF_NOARP != 0,
 	}
 	if a.MasterIndex != 0 {
 		ml, err := h.LinkByIndex(a.MasterIndex)

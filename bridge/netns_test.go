@@ -78,3 +78,57 @@ func TestApplyRunsPreflightOnReadLinks(t *testing.T) {
 		t.Fatalf("after Apply: links %+v, MAC %v, Preflight %v", links, mac, spec.Preflight(links))
 	}
 }
+
+// An invisible bridge: Build leaves it down, silent (arp off, no link-local)
+// and takes a port that is up with IPv6 down, so that turning the port's
+// IPv6 off makes it say nothing; Up brings everything up with no
+// link-local address on the bridge; Check sees ARP turned back on.
+func TestInvisibleBuildAndUp(t *testing.T) {
+	h := twoNICs(t)
+	spec := Spec{Name: "gw0", Ports: []string{"lan0", "wan0"}, Invisible: true}
+	lan, err := h.LinkByName("lan0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.LinkSetUp(lan); err != nil {
+		t.Fatal(err)
+	}
+	// A link-local address, as a port with IPv6 on gets once it has
+	// carrier (the veth's peer stays down here, so it is added by hand).
+	ll := &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)}}
+	if err := h.AddrAdd(lan, ll); err != nil {
+		t.Fatal(err)
+	}
+	if created, err := spec.Build(h); !created || err != nil {
+		t.Fatalf("Build = %v, %v", created, err)
+	}
+	links, err := ReadLinks(h, spec.LinkNames()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if br := links["gw0"]; br.Up || !br.NoARP || links["lan0"].Up || links["lan0"].Master != "gw0" || links["wan0"].Master != "gw0" {
+		t.Fatalf("after Build: %+v", links)
+	}
+	if err := spec.Up(h); err != nil {
+		t.Fatal(err)
+	}
+	if links, err = ReadLinks(h, spec.LinkNames()...); err != nil {
+		t.Fatal(err)
+	}
+	if drift, err := spec.Check(h, links); err != nil || len(drift) != 0 {
+		t.Fatalf("Check after Up = %q, %v (links %+v)", drift, err, links)
+	}
+	br, err := h.LinkByName("gw0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.LinkSetARPOn(br); err != nil {
+		t.Fatal(err)
+	}
+	if links, err = ReadLinks(h, spec.LinkNames()...); err != nil {
+		t.Fatal(err)
+	}
+	if drift, _ := spec.Check(h, links); !slices.Contains(drift, "bridge gw0 has ARP on (want arp off)") {
+		t.Errorf("Check with ARP on = %q", drift)
+	}
+}

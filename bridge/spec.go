@@ -15,6 +15,12 @@ type Spec struct {
 	Ports     []string // [client NIC, server NIC]
 	Addresses []netip.Prefix
 	Routes    []Route
+	// Invisible makes the bridge say nothing of its own on the wire: no
+	// ARP (IFF_NOARP), no IPv6 link-local address (addrgenmode none), no
+	// multicast snooping, and IPv6 off on the ports (Sysctls). What it
+	// still tries to send (MLD, DAD, ICMP errors) is dropped on its
+	// egress by rules.Quiet, which must be in place before it is up.
+	Invisible bool
 }
 
 // Route is a route ghostwire puts on the bridge. A zero Via means on-link.
@@ -115,7 +121,12 @@ func validName(what, n string) error {
 // String renders the spec as the iproute2 commands that would build it.
 func (s Spec) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "ip link add %s type bridge\n", s.Name)
+	if s.Invisible {
+		fmt.Fprintf(&b, "ip link add %s type bridge mcast_snooping 0\n", s.Name)
+		fmt.Fprintf(&b, "ip link set %s arp off addrgenmode none\n", s.Name)
+	} else {
+		fmt.Fprintf(&b, "ip link add %s type bridge\n", s.Name)
+	}
 	for _, p := range s.Ports {
 		fmt.Fprintf(&b, "ip link set %s master %s up\n", p, s.Name)
 	}

@@ -23,16 +23,30 @@ type Sysctl struct {
 //     flows older than the diversion) are routed instead of dropped;
 //   - send_redirects=0: otherwise those routed packets earn the client an
 //     ICMP redirect pointing at the box.
-func Sysctls(bridge string) []Sysctl {
-	return []Sysctl{
+func Sysctls(s Spec) []Sysctl {
+	out := []Sysctl{
 		{"net.bridge.bridge-nf-call-iptables", "0"},
 		{"net.bridge.bridge-nf-call-ip6tables", "0"},
 		{"net.bridge.bridge-nf-call-arptables", "0"},
 		{"net.ipv4.ip_forward", "1"},
 		{"net.ipv6.conf.all.forwarding", "1"},
 		{"net.ipv4.conf.all.send_redirects", "0"},
-		{"net.ipv4.conf." + bridge + ".send_redirects", "0"},
+		{"net.ipv4.conf." + s.Name + ".send_redirects", "0"},
 	}
+	if s.Invisible {
+		// The ports have no IPv6 at all: a port with IPv6 sends DAD,
+		// MLD and router solicitations from its own MAC, straight out
+		// of the port where nothing on br0's egress can stop them.
+		// br0 keeps IPv6 (it carries the diverted flows) but takes no
+		// router advertisement and configures no address from one.
+		for _, p := range s.Ports {
+			out = append(out, Sysctl{"net.ipv6.conf." + p + ".disable_ipv6", "1"})
+		}
+		out = append(out,
+			Sysctl{"net.ipv6.conf." + s.Name + ".accept_ra", "0"},
+			Sysctl{"net.ipv6.conf." + s.Name + ".autoconf", "0"})
+	}
+	return out
 }
 
 // SysctlFS reads and writes sysctls under Root (normally /proc/sys, which

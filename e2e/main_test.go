@@ -77,7 +77,9 @@ func snapshot(t *testing.T, b *lab.Appliance) string {
 		cancel()
 		fmt.Fprintf(&s, "$ %s\n%s\n", strings.Join(c, " "), out)
 	}
-	for _, sc := range bridge.Sysctls(b.Bridge) {
+	// Every key ghostwire may set, the invisible mode's included.
+	all := bridge.Spec{Name: b.Bridge, Ports: []string{b.Lab.ClientNIC, b.Lab.ServerNIC}, Invisible: true}
+	for _, sc := range bridge.Sysctls(all) {
 		v, err := b.Lab.Box.ReadSysctl(sc.Key)
 		if err != nil {
 			v = "(absent)"

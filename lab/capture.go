@@ -36,6 +36,10 @@ type Capture struct {
 	stopOnce sync.Once
 	closeErr error
 
+	// keep is how many bytes of each frame are parsed and kept
+	// (captureSnap: all of it).
+	keep int
+
 	mu     sync.Mutex
 	frames []Frame
 	err    error // why the reader gave up early, if it did
@@ -45,6 +49,20 @@ type Capture struct {
 // (ETH_P_ALL), so frames not addressed to the interface are seen too. The
 // caller must call Stop.
 func (ns *NS) Capture(ifname string) (*Capture, error) {
+	return ns.capture(ifname, captureSnap)
+}
+
+// headerBytes holds the Ethernet, IP (with IPv6 extension headers) and
+// TCP/UDP headers of any frame a test looks at.
+const headerBytes = 256
+
+// CaptureHeaders is Capture keeping only each frame's first 256 bytes
+// (its headers), for captures across bulk transfers.
+func (ns *NS) CaptureHeaders(ifname string) (*Capture, error) {
+	return ns.capture(ifname, headerBytes)
+}
+
+func (ns *NS) capture(ifname string, keep int) (*Capture, error) {
 	var conn *packet.Conn
 	err := ns.Do(func() error {
 		ifi, err := net.InterfaceByName(ifname)
@@ -64,7 +82,7 @@ func (ns *NS) Capture(ifname string) (*Capture, error) {
 		conn.Close()
 		return nil, fmt.Errorf("starting capture on %s in %s: %w", ifname, ns.Name, err)
 	}
-	c := &Capture{ifname: ifname, conn: conn, stop: make(chan struct{}), done: make(chan struct{})}
+	c := &Capture{ifname: ifname, conn: conn, keep: keep, stop: make(chan struct{}), done: make(chan struct{})}
 	go c.readFrames()
 	return c, nil
 }
@@ -119,7 +137,7 @@ func (c *Capture) readFrames() {
 			}
 			draining = true
 			drainEnd = time.Now().Add(captureDrainMax)
-		} else if f, err := ParseFrame(buf[:n]); err == nil {
+		} else if f, err := ParseFrame(buf[:min(n, c.keep)]); err == nil {
 			c.mu.Lock()
 			c.frames = append(c.frames, f)
 			c.mu.Unlock()

@@ -48,6 +48,8 @@ type Lab struct {
 
 	// MTU of every veth; 0 means the kernel default.
 	MTU int
+	// SilentPorts: the box's ports came up with IPv6 off (WithSilentPorts).
+	SilentPorts bool
 
 	mu      sync.Mutex
 	created []*NS // namespaces this lab created, in creation order
@@ -59,11 +61,18 @@ type Lab struct {
 type Option func(*options)
 
 type options struct {
-	mtu int
+	mtu         int
+	silentPorts bool
 }
 
 // WithMTU sets the MTU of all four veth ends.
 func WithMTU(mtu int) Option { return func(o *options) { o.mtu = mtu } }
+
+// WithSilentPorts brings the box's ports up with IPv6 off, as the OS of
+// an invisible box must (a port with IPv6 sends MLD and router
+// solicitations from its own MAC when it comes up, before ghostwire runs):
+// captures from the start then see only what ghostwire makes the box say.
+func WithSilentPorts() Option { return func(o *options) { o.silentPorts = true } }
 
 // UniquePrefix returns "gw" and six random hex digits, short enough for New.
 func UniquePrefix() string {
@@ -135,20 +144,21 @@ func New(prefix string, opts ...Option) (*Lab, error) {
 		opt(&o)
 	}
 	l := &Lab{
-		Prefix:    prefix,
-		ClientNIC: prefix + "lan",
-		ServerNIC: prefix + "wan",
-		ClientIf:  prefix + "c",
-		ServerIf:  prefix + "s",
-		ClientIP4: netip.MustParseAddr("192.0.2.1"),
-		ServerIP4: netip.MustParseAddr("192.0.2.2"),
-		ClientIP6: netip.MustParseAddr("2001:db8:1::1"),
-		ServerIP6: netip.MustParseAddr("2001:db8:1::2"),
-		Subnet4:   netip.MustParsePrefix("192.0.2.0/24"),
-		Subnet6:   netip.MustParsePrefix("2001:db8:1::/64"),
-		BoxIP4:    netip.MustParsePrefix("192.0.2.254/24"),
-		BoxIP6:    netip.MustParsePrefix("2001:db8:1::fe/64"),
-		MTU:       o.mtu,
+		Prefix:      prefix,
+		ClientNIC:   prefix + "lan",
+		ServerNIC:   prefix + "wan",
+		ClientIf:    prefix + "c",
+		ServerIf:    prefix + "s",
+		ClientIP4:   netip.MustParseAddr("192.0.2.1"),
+		ServerIP4:   netip.MustParseAddr("192.0.2.2"),
+		ClientIP6:   netip.MustParseAddr("2001:db8:1::1"),
+		ServerIP6:   netip.MustParseAddr("2001:db8:1::2"),
+		Subnet4:     netip.MustParsePrefix("192.0.2.0/24"),
+		Subnet6:     netip.MustParsePrefix("2001:db8:1::/64"),
+		BoxIP4:      netip.MustParsePrefix("192.0.2.254/24"),
+		BoxIP6:      netip.MustParsePrefix("2001:db8:1::fe/64"),
+		MTU:         o.mtu,
+		SilentPorts: o.silentPorts,
 	}
 	success := false
 	defer func() {
@@ -197,6 +207,9 @@ func (l *Lab) build() error {
 		boxSysctls = append(boxSysctls,
 			[2]string{"net/ipv6/conf/" + port + "/accept_dad", "0"},
 			[2]string{"net/ipv6/conf/" + port + "/router_solicitations", "0"})
+		if l.SilentPorts {
+			boxSysctls = append(boxSysctls, [2]string{"net/ipv6/conf/" + port + "/disable_ipv6", "1"})
+		}
 	}
 	if err := l.Box.sysctls(boxSysctls); err != nil {
 		return err

@@ -42,11 +42,22 @@ func (b *Box) Apply(d *Desired, stateFile string, opts ApplyOptions) (err error)
 			os.Remove(stateFile)
 		}
 	}()
-	if err := b.applyBridge(d, st, stateFile); err != nil {
+	// In this order: an invisible bridge's silence (its flags, the quiet
+	// table, IPv6 off on its ports) must be in place before it or its
+	// ports first come up, or they announce themselves (MLD, DAD).
+	if err := b.buildBridge(d, st, stateFile); err != nil {
 		return err
+	}
+	if d.Quiet != nil {
+		if err := d.Quiet.Apply(b.NFT); err != nil {
+			return fmt.Errorf("installing the quiet table: %w", err)
+		}
 	}
 	if err := b.applySysctls(d, st, stateFile); err != nil {
 		return err
+	}
+	if err := d.Bridge.Up(b.Netlink); err != nil {
+		return fmt.Errorf("bringing up bridge %s: %w", d.Bridge.Name, err)
 	}
 	if err := d.Routing.Apply(b.Netlink); err != nil {
 		return fmt.Errorf("adding policy routing: %w", err)
@@ -65,6 +76,13 @@ func (b *Box) startState(d *Desired, stateFile string) (_ *State, fresh bool, _ 
 		return nil, false, err
 	}
 	if st == nil {
+		if d.Bridge.Invisible {
+			if _, err := b.Netlink.LinkByName(d.Bridge.Name); err == nil {
+				return nil, false, fmt.Errorf("bridge.invisible: bridge %s already exists and was not made by ghostwire: "+
+					"an invisible bridge changes settings (arp off, no link-local address) that teardown could not give back; "+
+					"delete it or choose another bridge.name", d.Bridge.Name)
+			}
+		}
 		ports, err := bridge.Observe(b.Netlink, d.Bridge.Ports)
 		if err != nil {
 			return nil, false, err
@@ -81,8 +99,8 @@ func (b *Box) startState(d *Desired, stateFile string) (_ *State, fresh bool, _ 
 	return st, fresh, nil
 }
 
-func (b *Box) applyBridge(d *Desired, st *State, stateFile string) error {
-	created, err := d.Bridge.Apply(b.Netlink)
+func (b *Box) buildBridge(d *Desired, st *State, stateFile string) error {
+	created, err := d.Bridge.Build(b.Netlink)
 	if created {
 		st.CreatedBridge = true
 		if serr := st.save(stateFile); serr != nil && err == nil {
@@ -142,6 +160,10 @@ func (st *State) compatible(d *Desired) error {
 	if st.Bridge != d.Bridge.Name || strings.Join(st.BridgeSpec.Ports, ",") != strings.Join(d.Bridge.Ports, ",") {
 		return fmt.Errorf("box is provisioned as %s over %s; config now says %s over %s: run teardown first",
 			st.Bridge, strings.Join(st.BridgeSpec.Ports, "+"), d.Bridge.Name, strings.Join(d.Bridge.Ports, "+"))
+	}
+	if st.BridgeSpec.Invisible != d.Bridge.Invisible {
+		return fmt.Errorf("box is provisioned with bridge.invisible %v; config now says %v: run teardown first",
+			st.BridgeSpec.Invisible, d.Bridge.Invisible)
 	}
 	if st.Routing != d.Routing {
 		return fmt.Errorf("box is provisioned with routing mark %#x table %d priority %d; config changed it: run teardown first",

@@ -201,7 +201,7 @@ func (b *Box) CheckFacts(d *Desired, stateFile string, proxyPort int) (CheckFact
 		return cf, err
 	}
 	cf.Provisioned = st != nil
-	for _, sc := range bridge.Sysctls(d.Bridge.Name) {
+	for _, sc := range bridge.Sysctls(d.Bridge) {
 		v, err := b.Sysctl.Get(sc.Key)
 		if bridge.IsNotExist(err) {
 			continue

@@ -20,6 +20,10 @@ type Desired struct {
 	// facts give the bridge no MAC (neither it nor the client NIC exists),
 	// which Preflight refuses and bridge.Spec.Check reports as drift.
 	Rules *rules.Plan
+	// Quiet is the table that keeps an invisible bridge silent (apply
+	// installs it before the bridge first comes up; it outlives the
+	// proxy); nil for a visible bridge, or with no MAC known, like Rules.
+	Quiet *rules.Quiet
 }
 
 // SysctlChange is a setting with its current value ("" if the key does not
@@ -29,11 +33,11 @@ type SysctlChange struct {
 	Old string
 }
 
-// SysctlChanges pairs the sysctls a bridge named bridgeName needs with
-// their values in f.
-func SysctlChanges(bridgeName string, f Facts) []SysctlChange {
+// SysctlChanges pairs the sysctls bridge spec needs with their values in
+// f.
+func SysctlChanges(spec bridge.Spec, f Facts) []SysctlChange {
 	var out []SysctlChange
-	for _, s := range bridge.Sysctls(bridgeName) {
+	for _, s := range bridge.Sysctls(spec) {
 		out = append(out, SysctlChange{Sysctl: s, Old: f.Sysctls[s.Key]})
 	}
 	return out
@@ -59,6 +63,9 @@ func (d *Desired) String() string {
 	b.WriteString("\n# policy routing\n")
 	b.WriteString(d.Routing.String())
 	b.WriteString("\n# nftables\n")
+	if d.Quiet != nil {
+		b.WriteString(d.Quiet.String())
+	}
 	if d.Rules != nil {
 		b.WriteString(d.Rules.String())
 	}

@@ -29,7 +29,7 @@ func (b *Box) Facts(spec bridge.Spec) (Facts, error) {
 		return Facts{}, err
 	}
 	f := Facts{Links: links, Sysctls: map[string]string{}}
-	for _, s := range bridge.Sysctls(spec.Name) {
+	for _, s := range bridge.Sysctls(spec) {
 		v, err := b.Sysctl.Get(s.Key)
 		if bridge.IsNotExist(err) {
 			continue

@@ -31,12 +31,13 @@ type bridgeSpecJSON struct {
 	Ports     []string `json:"ports"`
 	Addresses []string `json:"addresses,omitempty"`
 	Routes    []string `json:"routes,omitempty"`
+	Invisible bool     `json:"invisible,omitempty"`
 }
 
 // newBridgeSpecJSON records spec in the words of the config it came from
 // (bridge.Route and netip.Prefix print what their parsers read back).
 func newBridgeSpecJSON(spec bridge.Spec) bridgeSpecJSON {
-	j := bridgeSpecJSON{Ports: spec.Ports}
+	j := bridgeSpecJSON{Ports: spec.Ports, Invisible: spec.Invisible}
 	for _, a := range spec.Addresses {
 		j.Addresses = append(j.Addresses, a.String())
 	}
@@ -48,7 +49,7 @@ func newBridgeSpecJSON(spec bridge.Spec) bridgeSpecJSON {
 
 // spec is the bridge apply built, as the state file records it.
 func (s *State) spec() (bridge.Spec, error) {
-	spec := bridge.Spec{Name: s.Bridge, Ports: s.BridgeSpec.Ports}
+	spec := bridge.Spec{Name: s.Bridge, Ports: s.BridgeSpec.Ports, Invisible: s.BridgeSpec.Invisible}
 	for _, a := range s.BridgeSpec.Addresses {
 		p, err := netip.ParsePrefix(a)
 		if err != nil {

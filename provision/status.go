@@ -156,5 +156,12 @@ func (b *Box) drift(d *Desired, f Facts, st *State, ts rules.TablesState) ([]str
 		}
 		drift = append(drift, tdrift...)
 	}
+	if d.Quiet != nil {
+		qdrift, err := d.Quiet.Check(b.NFT)
+		if err != nil {
+			return nil, fmt.Errorf("checking the quiet table: %w", err)
+		}
+		drift = append(drift, qdrift...)
+	}
 	return drift, nil
 }

@@ -21,7 +21,7 @@ func (b *Box) Teardown(d *Desired, stateFile string) error {
 		return err
 	}
 	if st == nil {
-		return errors.Join(b.removeTables(d.Tables), d.Routing.Remove(b.Netlink))
+		return errors.Join(b.removeTables(d.Tables), d.Routing.Remove(b.Netlink), b.removeQuiet(d.Tables))
 	}
 	if err := b.teardown(st); err != nil {
 		return err
@@ -55,7 +55,20 @@ func (b *Box) teardown(st *State) error {
 	} else if err := spec.Remove(b.Netlink, st.Ports, st.CreatedBridge); err != nil {
 		errs = append(errs, fmt.Errorf("removing bridge: %w", err))
 	}
+	// Last: until the bridge is gone, it would speak without it.
+	if err := b.removeQuiet(st.Tables); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
+}
+
+// removeQuiet removes the quiet table of an invisible bridge; there is
+// none on a visible one, which is fine.
+func (b *Box) removeQuiet(tables string) error {
+	if err := (rules.Quiet{Name: tables}).Remove(b.NFT); err != nil {
+		return fmt.Errorf("removing the quiet table: %w", err)
+	}
+	return nil
 }
 
 func (b *Box) removeTables(name string) error {
