@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"regexp"
 	"testing"
@@ -20,6 +21,13 @@ import (
 // bridge exists.
 func invisibleBox(t *testing.T, ports ...int) *lab.Appliance {
 	t.Helper()
+	return invisibleBoxWith(t, nil, ports...)
+}
+
+// invisibleBoxWith is invisibleBox with extra keys in the bridge: section
+// (e.g. "neighbour_timeout: 2s").
+func invisibleBoxWith(t *testing.T, bridgeKeys []string, ports ...int) *lab.Appliance {
+	t.Helper()
 	needRoot(t)
 	b, err := lab.NewAppliance(lab.NewT(t, lab.WithSilentPorts()), ghostwireBin, t.TempDir(), ports, "")
 	if err != nil {
@@ -33,8 +41,11 @@ func invisibleBox(t *testing.T, ports ...int) *lab.Appliance {
 	if !addrs.MatchString(cfg) {
 		t.Fatalf("harness config has no bridge addresses line:\n%s", cfg)
 	}
-	cfg = addrs.ReplaceAllLiteralString(cfg, fmt.Sprintf("  addresses: []\n  routes: [%q, %q]\n  invisible: true",
-		b.Lab.BoxIP4.Masked(), b.Lab.BoxIP6.Masked()))
+	keys := fmt.Sprintf("  addresses: []\n  routes: [%q, %q]\n  invisible: true", b.Lab.BoxIP4.Masked(), b.Lab.BoxIP6.Masked())
+	for _, k := range bridgeKeys {
+		keys += "\n  " + k
+	}
+	cfg = addrs.ReplaceAllLiteralString(cfg, keys)
 	if err := writeFile(b.Config, cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -191,4 +202,135 @@ func bulkBothWays(t *testing.T, b *lab.Appliance, f family, size int64) {
 	if s.peer != c.LocalAddr().String() {
 		t.Errorf("%s: server saw peer %s, want the client's %s", f.name, s.peer, c.LocalAddr())
 	}
+}
+
+// learned reports whether the box's map (lan4, wan4, lan6, wan6) holds ip.
+func learned(t *testing.T, b *lab.Appliance, m string, ip string) bool {
+	t.Helper()
+	return learnedAs(t, b, m, ip) != ""
+}
+
+// learnedAs is the MAC the box's map m holds for ip ("" if none). nft
+// lists an element as "IP expires 992ms : MAC".
+func learnedAs(t *testing.T, b *lab.Appliance, m string, ip string) string {
+	t.Helper()
+	re := regexp.MustCompile(`(?:^|[ {,])` + regexp.QuoteMeta(ip) + `(?: expires \S+)? : ([0-9a-f:]{17})`)
+	if mm := re.FindStringSubmatch(sh(t, b.Lab.Box, "nft", "list", "map", "netdev", "ghostwire", m)); mm != nil {
+		return mm[1]
+	}
+	return ""
+}
+
+// What the box cannot know fails open, not closed (requirement 3): a
+// connection whose neighbour entries expired goes on, whichever side
+// speaks first after the expiry; a server that changes its MAC and
+// announces it (gratuitous ARP, unsolicited NA) is reached at its new MAC
+// at once.
+func TestInvisibleNeighbours(t *testing.T) {
+	b := invisibleBoxWith(t, []string{"neighbour_timeout: 1s"}, 80, 81)
+	applyAndRun(t, b)
+	maps := func(f family) (lan, wan string) {
+		if f.name == "IPv6" {
+			return "lan6", "wan6"
+		}
+		return "lan4", "wan4"
+	}
+	for _, f := range families(b) {
+		t.Run(f.name+"/expired", func(t *testing.T) {
+			lan, wan := maps(f)
+			// The server echoes, and also speaks when told: after an
+			// expiry the first frame can come from either side.
+			speak := make(chan string)
+			addr := listenServer(t, b, f.server, "80", func(t *testing.T, ln net.Listener) {
+				serveConns(t, ln, func(c *net.TCPConn) {
+					go func() {
+						for msg := range speak {
+							fmt.Fprintln(c, msg)
+						}
+					}()
+					io.Copy(c, c)
+				})
+			})
+			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			defer close(speak)
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			rd := newLineReader(c)
+			expire := func(stage string) {
+				t.Helper()
+				err := lab.WaitFor(10*time.Second, func() (bool, error) {
+					return !learned(t, b, lan, f.client) && !learned(t, b, wan, f.server), nil
+				})
+				if err != nil {
+					t.Fatalf("%s: the neighbour entries did not expire: %v", stage, err)
+				}
+			}
+			fmt.Fprintln(c, "before")
+			if got := rd.line(t); got != "before" {
+				t.Fatalf("before expiry: echo %q", got)
+			}
+			if !learned(t, b, lan, f.client) || !learned(t, b, wan, f.server) {
+				t.Fatalf("the box did not learn %s and %s from the traffic:\n%s", f.client, f.server,
+					sh(t, b.Lab.Box, "nft", "list", "table", "netdev", "ghostwire"))
+			}
+			expire("client first")
+			fmt.Fprintln(c, "client first")
+			if got := rd.line(t); got != "client first" {
+				t.Fatalf("after expiry, client first: echo %q", got)
+			}
+			expire("server first")
+			speak <- "server first"
+			if got := rd.line(t); got != "server first" {
+				t.Fatalf("after expiry, server first: got %q", got)
+			}
+		})
+	}
+
+	t.Run("announced MAC change", func(t *testing.T) {
+		srv := b.Lab.Server
+		for _, k := range []string{"net.ipv4.conf." + b.Lab.ServerIf + ".arp_notify", "net.ipv6.conf." + b.Lab.ServerIf + ".ndisc_notify"} {
+			if err := srv.Sysctl(k, "1"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		newMAC := "02:00:5e:10:00:42"
+		capServer, err := b.Lab.Server.CaptureHeaders(b.Lab.ServerIf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sh(t, srv, "ip", "link", "set", "dev", b.Lab.ServerIf, "address", newMAC)
+		for _, f := range families(b) {
+			_, wan := maps(f)
+			// The announcement replaces the entry at once (delete and
+			// add); it does not wait for the old one to expire.
+			err := lab.WaitFor(5*time.Second, func() (bool, error) {
+				return learnedAs(t, b, wan, f.server) == newMAC, nil
+			})
+			if err != nil {
+				t.Errorf("%s: the box did not learn the server's new MAC from its announcement: %v\n%s", f.name, err,
+					sh(t, b.Lab.Box, "nft", "list", "map", "netdev", "ghostwire", wan))
+				continue
+			}
+			addr := listenServer(t, b, f.server, "81", peerServer)
+			if _, _, err := probe(b, addr, 5*time.Second); err != nil {
+				t.Errorf("%s: a connection after the MAC change: %v", f.name, err)
+			}
+		}
+		frames, err := capServer.Stop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		toNew := 0
+		for _, fr := range frames {
+			if fr.Ethernet != nil && fr.Ethernet.Destination.String() == newMAC && fr.Proto == lab.ProtoTCP {
+				toNew++
+			}
+		}
+		if toNew == 0 {
+			t.Errorf("no TCP frame reached the server's new MAC %s", newMAC)
+		}
+	})
 }
