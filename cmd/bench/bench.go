@@ -40,6 +40,11 @@ type bench struct {
 	proxy         *lab.Process // the proxy of the current mode, if any
 	proxyMode     string
 	applied       bool // `ghostwire apply` ran since the last teardown
+	// appliedInvisible: the config applied is the invisible one.
+	appliedInvisible bool
+	// visibleCfg and invisibleCfg are the two ghostwire configs; gw.Config
+	// is the one last applied.
+	visibleCfg, invisibleCfg string
 
 	samples  []sample
 	failures []string
@@ -61,7 +66,10 @@ func newBench(ctx context.Context, o options) (b *bench, err error) {
 		}
 	}()
 	b.prefix = lab.UniquePrefix()
-	if b.lab, err = lab.New(b.prefix); err != nil {
+	// Silent ports: the box's ports come up with IPv6 off, as the
+	// ghostwire-invisible mode needs them (lab.WithSilentPorts); the other
+	// modes do not use the ports' own IPv6.
+	if b.lab, err = lab.New(b.prefix, lab.WithSilentPorts()); err != nil {
 		return nil, fmt.Errorf("building the lab: %w", err)
 	}
 	fmt.Fprintf(os.Stderr, "bench: lab up (box ports %s, %s); scratch %s\n", b.lab.ClientNIC, b.lab.ServerNIC, b.dir)

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"maps"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -605,24 +606,25 @@ func TestUDPReportAndTargets(t *testing.T) {
 		}
 	}
 	// HAProxy cannot carry UDP: its columns are n/a in every UDP row; the
-	// proxy CPU and memory rows are n/a for plain and divert too
+	// proxy CPU and memory rows are n/a for plain and divert too.
+	// ghostwire-invisible carries UDP: not run here, its column is "-".
 	rows := 0
 	for _, l := range strings.Split(table, "\n") {
 		f := strings.Fields(l)
 		switch {
 		case strings.HasPrefix(l, "UDP 1400 B"), strings.HasPrefix(l, "UDP 64 B"):
 			rows++
-			if len(f) != 10 || f[7] == "n/a" || f[8] != "n/a" || f[9] != "n/a" {
+			if len(f) != 11 || f[7] == "n/a" || f[8] != "-" || f[9] != "n/a" || f[10] != "n/a" {
 				t.Errorf("traffic row %q", l)
 			}
 		case strings.HasPrefix(l, "RSS per idle UDP session"):
 			rows++
-			if len(f) != 11 || f[6] != "n/a" || f[7] != "n/a" || f[8] != "1.50" || f[9] != "n/a" || f[10] != "n/a" {
+			if len(f) != 12 || f[6] != "n/a" || f[7] != "n/a" || f[8] != "1.50" || f[9] != "-" || f[10] != "n/a" || f[11] != "n/a" {
 				t.Errorf("memory row %q", l)
 			}
 		case strings.HasPrefix(l, "  loss"):
 			rows++
-			if len(f) != 7 || f[5] != "n/a" || f[6] != "n/a" {
+			if len(f) != 8 || f[5] != "-" || f[6] != "n/a" || f[7] != "n/a" {
 				t.Errorf("loss row %q", l)
 			}
 		}
@@ -655,5 +657,163 @@ func TestUDPReportAndTargets(t *testing.T) {
 	}
 	if found != 3 {
 		t.Errorf("UDP ratio rows: %d of 3:\n%s", found, out)
+	}
+}
+
+func TestInvisibleKeys(t *testing.T) {
+	got, err := setYAMLKeys(labConfig, invisibleKeys("192.0.2.0/24", "2001:db8:1::/64"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// no address on br0, routes instead, invisible on; all in bridge:
+	want := "bridge:\n  name: gwbr\n  client_nic: gwc\n  server_nic: gws\n  addresses: []\n" +
+		"  routes: [\"192.0.2.0/24\", \"2001:db8:1::/64\"]\n  invisible: true\nintercept:\n"
+	if !strings.HasPrefix(got, want) {
+		t.Errorf("invisible config starts\n%s\nwant\n%s", got, want)
+	}
+	if strings.Contains(got, "192.0.2.254") || strings.Count(got, "invisible:") != 1 {
+		t.Errorf("the box keeps an address, or invisible twice:\n%s", got)
+	}
+	// the rest of the config (state file, ports, log level) as it was
+	if _, rest, _ := strings.Cut(labConfig, "intercept:\n"); !strings.HasSuffix(got, rest) {
+		t.Errorf("invisible config changed more than bridge:\n%s", got)
+	}
+}
+
+func TestInvisibleMode(t *testing.T) {
+	i := slices.Index(allModes, modeInvisible)
+	if i < 0 || allModes[i-1] != modeGhostwire {
+		t.Errorf("modes %v: %s must run right after %s", allModes, modeInvisible, modeGhostwire)
+	}
+	if !isMode(modeInvisible) || !hasProxy(modeInvisible) || !carriesUDP(modeInvisible) || isHAProxy(modeInvisible) {
+		t.Error("ghostwire-invisible: a mode with a proxy that carries UDP, not HAProxy")
+	}
+	if !isGhostwire(modeGhostwire) || !isGhostwire(modeInvisible) || isGhostwire(modeHAProxy) || isGhostwire(modePlain) {
+		t.Error("isGhostwire")
+	}
+}
+
+func TestParseStatusRewrites(t *testing.T) {
+	// as `ghostwire status --json` prints it in invisible mode, after a
+	// line on stderr (the bench reads both)
+	out := `warning: something on stderr
+{
+  "mode": "intercepting",
+  "tables": {"bridge": true},
+  "drift": [],
+  "proxy": {"Accepted": 3},
+  "rules": [
+    {"Table": "bridge", "Rule": "divert tcp", "Packets": 9, "Bytes": 900},
+    {"Table": "netdev", "Rule": "learn client tcp ipv4", "Packets": 12, "Bytes": 1200},
+    {"Table": "netdev", "Rule": "to client ipv4", "Packets": 5, "Bytes": 500},
+    {"Table": "netdev", "Rule": "to client ipv6", "Packets": 2, "Bytes": 200},
+    {"Table": "netdev", "Rule": "to server ipv4", "Packets": 7, "Bytes": 700},
+    {"Table": "netdev", "Rule": "to server ipv6", "Packets": 0, "Bytes": 0}
+  ]
+}
+`
+	r, err := parseStatusRewrites([]byte(out))
+	if err != nil || r != (gwRewrites{Netdev: true, ToClient: 7, ToServer: 7}) {
+		t.Errorf("invisible: %+v, %v; want the netdev table, 7 to the client, 7 to the server", r, err)
+	}
+	// visible: no netdev rule; no tables at all (rules null)
+	for _, doc := range []string{
+		`{"mode": "intercepting", "rules": [{"Table": "inet", "Rule": "to client ipv4", "Packets": 5}]}`,
+		`{"mode": "not provisioned", "rules": null}`,
+	} {
+		if r, err := parseStatusRewrites([]byte(doc)); err != nil || r != (gwRewrites{}) {
+			t.Errorf("%s: %+v, %v; want no netdev table", doc, r, err)
+		}
+	}
+	for _, bad := range []string{"ghostwire: intercepting\n", `{"rules": []}`, `{"mode": `} {
+		if _, err := parseStatusRewrites([]byte(bad)); err == nil {
+			t.Errorf("%q parsed", bad)
+		}
+	}
+}
+
+func TestInvisibleCompareAndTargets(t *testing.T) {
+	var s []sample
+	add := func(w string, visible, invisible []float64) {
+		s = append(s, samplesFor(w, map[string][]float64{modeGhostwire: visible, modeInvisible: invisible, modePlain: {100}})...)
+	}
+	add(wlIperf1, []float64{10, 12, 14}, []float64{11, 11.4, 20}) // medians 12, 11.4: 0.95, exactly the target
+	add(wlIperf4, []float64{15}, []float64{14})                   // 0.93: MISS
+	add(wlHTTPClose, []float64{8000}, []float64{8000})            // 1.00
+	add(wlKeepAlive, []float64{40000}, []float64{30000})          // 0.75, no target: information
+	add(wlCloseP99, []float64{10}, []float64{12})
+	// udp-1400 only visible: no ratio, its target n/a
+	s = append(s, samplesFor(wlUDP1400, map[string][]float64{modeGhostwire: {1}})...)
+	inv := compareInvisible(summaries(s))
+	byKey := map[string]invComparison{}
+	for _, c := range inv {
+		byKey[c.Workload] = c
+	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+	if len(inv) != 5 || !near(byKey[wlIperf1].Ratio, 0.95) || byKey[wlIperf1].Visible != 12 || byKey[wlIperf1].Invisible != 11.4 ||
+		!near(byKey[wlKeepAlive].Ratio, 0.75) || !near(byKey[wlCloseP99].Ratio, 1.2) || byKey[wlCloseP99].Higher {
+		t.Errorf("comparisons: %+v", inv)
+	}
+	if _, ok := byKey[wlUDP1400]; ok {
+		t.Error("a ratio without an invisible sample")
+	}
+	got := map[string]string{}
+	for _, tg := range evaluateInvisible(invisibleTargets, inv) {
+		got[tg.Workload] = verdict(tg)
+		if tg.Against != modeGhostwire || tg.String() != ">= 0.95× ghostwire" {
+			t.Errorf("target %+v reads %q", tg, tg.String())
+		}
+	}
+	want := map[string]string{wlIperf1: "PASS", wlIperf4: "MISS", wlHTTPClose: "PASS", wlUDP1400: "n/a"}
+	if !maps.Equal(got, want) {
+		t.Errorf("issue 15 targets %v, want %v", got, want)
+	}
+
+	var buf bytes.Buffer
+	writeReport(&buf, s, allModes)
+	out := buf.String()
+	_, section, ok := strings.Cut(out, "\n"+modeInvisible+" ")
+	if !ok {
+		t.Fatalf("no invisible section:\n%s", out)
+	}
+	rows := map[string]string{}
+	for _, l := range strings.Split(section, "\n") {
+		for _, name := range []string{"iperf3 1 stream", "iperf3 4 streams", "HTTP new conn/request", "HTTP keep-alive", "  its p99 latency"} {
+			if strings.HasPrefix(l, name) {
+				rows[name] = strings.Join(strings.Fields(strings.TrimPrefix(l, name)), " ")
+			}
+		}
+	}
+	wantRows := map[string]string{
+		"iperf3 1 stream":       "0.95 >= 0.95× ghostwire PASS",
+		"iperf3 4 streams":      "0.93 >= 0.95× ghostwire MISS",
+		"HTTP new conn/request": "1.00 >= 0.95× ghostwire PASS",
+		"HTTP keep-alive":       "0.75",
+		"  its p99 latency":     "1.20",
+	}
+	if !maps.Equal(rows, wantRows) {
+		t.Errorf("invisible ratio rows %q, want %q:\n%s", rows, wantRows, section)
+	}
+	if !strings.Contains(section, "issue 15, invisible >= 0.95× visible in Gbit/s and connections/s: MISS (2 of 3; iperf3 4 streams 0.93)\n") {
+		t.Errorf("no MISS verdict line:\n%s", section)
+	}
+
+	// all met: PASS
+	buf.Reset()
+	writeReport(&buf, samplesFor(wlIperf1, map[string][]float64{modeGhostwire: {10}, modeInvisible: {9.9}}), allModes)
+	if !strings.Contains(buf.String(), "connections/s: PASS (1 of 1)\n") {
+		t.Errorf("no PASS verdict line:\n%s", buf.String())
+	}
+	// only a workload without a target in both modes: the verdict is n/a
+	buf.Reset()
+	writeReport(&buf, samplesFor(wlKeepAlive, map[string][]float64{modeGhostwire: {10}, modeInvisible: {9}}), allModes)
+	if !strings.Contains(buf.String(), "connections/s: n/a") {
+		t.Errorf("no n/a verdict line:\n%s", buf.String())
+	}
+	// no invisible mode run: no section
+	buf.Reset()
+	writeReport(&buf, samplesFor(wlIperf1, map[string][]float64{modeGhostwire: {10}, modePlain: {20}}), allModes)
+	if strings.Contains(buf.String(), "× ghostwire") || strings.Contains(buf.String(), "issue 15") {
+		t.Errorf("an invisible section without the mode:\n%s", buf.String())
 	}
 }

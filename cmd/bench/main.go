@@ -1,7 +1,8 @@
 // Command bench measures ghostwire against plain bridging and HAProxy in
 // one lab, modes interleaved round by round, and prints a table plus a JSON
 // file with every figure, ghostwire's ratios and issues 11's and 12's
-// targets.
+// targets, and what ghostwire's invisible mode costs against the visible
+// one (issue 15).
 //
 //	go run ./cmd/bench -ghostwire bin/ghostwire [-quick] [-rounds N] [-json FILE]
 //
@@ -320,6 +321,7 @@ func kernelRelease() string {
 func writeJSON(o options, b *bench) error {
 	sum := summaries(b.samples)
 	cmp := compare(sum)
+	inv := compareInvisible(sum)
 	doc := map[string]any{
 		"started":      b.started.Format(time.RFC3339),
 		"quick":        o.quick,
@@ -338,7 +340,10 @@ func writeJSON(o options, b *bench) error {
 		"summary":      sum,
 		"ghostwire":    cmp,
 		"targets":      evaluate(issueTargets, cmp),
-		"failures":     b.failures,
+		// issue 15: ghostwire-invisible ÷ ghostwire, and its targets
+		"invisible":         inv,
+		"invisible_targets": evaluateInvisible(invisibleTargets, inv),
+		"failures":          b.failures,
 	}
 	data, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {

@@ -34,6 +34,16 @@ import (
 //   - ghostwire: `ghostwire apply` (bridge, sysctls, policy routing, static
 //     diversion; idempotent), then `ghostwire run`, which replaces the
 //     diversion with tables it owns; when it stops the kernel deletes them.
+//   - ghostwire-invisible (issue 15): the same with a second config: the
+//     first one with bridge.invisible: true and, as an invisible box
+//     should have, no address on br0, only routes to the lab's subnets. apply
+//     refuses to switch bridge.invisible on a provisioned box, so entering
+//     this mode tears down first, and so does leaving it for any mode that
+//     applies the visible config. The lab's box ports come up with IPv6
+//     off (lab.WithSilentPorts), as an invisible box's OS must have them;
+//     the other modes bridge or divert the same either way (only br0's
+//     IPv6 carries diverted flows). checkPath proves the mode by the
+//     owned netdev table's rewrite counters.
 //   - haproxy, haproxy-splice: `ghostwire apply` (the static diversion),
 //     then HAProxy listens transparently on the proxy port, so it gets
 //     exactly the flows the ghostwire proxy would.
@@ -84,7 +94,29 @@ func (b *bench) provision(ctx context.Context) error {
 	if err := os.WriteFile(gw.Config, []byte(withUDP), 0o644); err != nil {
 		return err
 	}
-	return b.apply(ctx)
+	b.visibleCfg = gw.Config
+	invisible, err := setYAMLKeys(withUDP, invisibleKeys(b.lab.Subnet4.String(), b.lab.Subnet6.String()))
+	if err != nil {
+		return fmt.Errorf("writing the invisible config from %s: %w", gw.Config, err)
+	}
+	if b.invisibleCfg, err = writeFile(b.dir, "ghostwire-invisible.yaml", invisible); err != nil {
+		return fmt.Errorf("writing the invisible config: %w", err)
+	}
+	return b.apply(ctx, false)
+}
+
+// invisibleKeys turn the visible config into the invisible mode's (issue
+// 15): no address on br0, which would have the box answer for it on the
+// wire, but routes to the lab's subnets so the proxy can reach both sides;
+// bridge.invisible on. The state file, control socket and everything else
+// stay the same, so teardown with either config undoes what the other
+// applied.
+func invisibleKeys(subnet4, subnet6 string) []yamlKey {
+	return []yamlKey{
+		{"bridge", "addresses", "[]", "server_nic"},
+		{"bridge", "routes", fmt.Sprintf("[%q, %q]", subnet4, subnet6), "addresses"},
+		{"bridge", "invisible", "true", "routes"},
+	}
 }
 
 // yamlKey is one key to set in a two-level YAML config: section.key =
@@ -127,9 +159,22 @@ func setYAMLKeys(cfg string, keys []yamlKey) (string, error) {
 }
 
 // apply is `ghostwire apply`: the bridge, sysctls, policy routing and the
-// static diversion.
-func (b *bench) apply(ctx context.Context) error {
-	b.applied = true // teardown is safe even if apply failed half way
+// static diversion, with the invisible config or the visible one. apply
+// refuses to switch bridge.invisible on a provisioned box, so a box
+// applied the other way is torn down first.
+func (b *bench) apply(ctx context.Context, invisible bool) error {
+	if b.applied && b.appliedInvisible != invisible {
+		if err := b.teardown(); err != nil {
+			return fmt.Errorf("tearing down to switch bridge.invisible to %v: %w", invisible, err)
+		}
+	}
+	// teardown runs with the config last applied: it stays until here.
+	b.gw.Config = b.visibleCfg
+	if invisible {
+		b.gw.Config = b.invisibleCfg
+	}
+	// teardown is safe even if apply failed half way
+	b.applied, b.appliedInvisible = true, invisible
 	if _, err := b.gw.Ghostwire("apply"); err != nil {
 		return err
 	}
@@ -172,7 +217,7 @@ func (b *bench) enterMode(ctx context.Context, mode string) error {
 		}
 		return b.expectStatus(ctx, "ghostwire: not provisioned", 5*time.Second)
 	case modeDivert:
-		if err := b.apply(ctx); err != nil {
+		if err := b.apply(ctx, false); err != nil {
 			return err
 		}
 		n, err := b.listening(ctx, b.lab.Box, proxyPort)
@@ -183,8 +228,8 @@ func (b *bench) enterMode(ctx context.Context, mode string) error {
 			return fmt.Errorf("divert: %d listener(s) on the proxy port %d: the diverted packets would be proxied, not routed", n, proxyPort)
 		}
 		return nil
-	case modeGhostwire:
-		if err := b.apply(ctx); err != nil {
+	case modeGhostwire, modeInvisible:
+		if err := b.apply(ctx, mode == modeInvisible); err != nil {
 			return err
 		}
 		err := b.gw.StartProxy()
@@ -196,7 +241,7 @@ func (b *bench) enterMode(ctx context.Context, mode string) error {
 		}
 		return nil
 	case modeHAProxy, modeHAProxySplice:
-		if err := b.apply(ctx); err != nil {
+		if err := b.apply(ctx, false); err != nil {
 			return err
 		}
 		cfg, err := writeFile(b.dir, mode+".cfg", haproxyConfig(mode == modeHAProxySplice, b.maxConns()))
@@ -224,7 +269,7 @@ func (b *bench) stopProxy() error {
 	}
 	p, mode := b.proxy, b.proxyMode
 	b.proxy, b.proxyMode = nil, ""
-	if mode != modeGhostwire {
+	if !isGhostwire(mode) {
 		if err := stopProcess(p, 15*time.Second); err != nil {
 			return fmt.Errorf("stopping %s: %w", mode, err)
 		}
@@ -298,9 +343,17 @@ backend original_destination
 // the box; in plain and divert mode it must not, and in divert mode the
 // box must have routed its packets (IP forwarding on, and the forwarded
 // datagrams counter moved by at least the SYN and the SYN-ACK).
+//
+// The two ghostwire modes are told apart by the invisible mode's owned
+// netdev table (issue 15): visible ghostwire must have none; invisible
+// must have it and the quiet table, and the connection must move its
+// rewrite counters both ways (the box's SYN-ACK to the client, its SYN to
+// the server: frames the box sent under the hosts' MACs).
 func (b *bench) checkPath(ctx context.Context, mode string) error {
 	var fwd0 int64
-	if mode == modeDivert {
+	var rw0 gwRewrites
+	switch mode {
+	case modeDivert:
 		on, n, err := b.boxForwarding(ctx)
 		if err != nil {
 			return err
@@ -309,6 +362,21 @@ func (b *bench) checkPath(ctx context.Context, mode string) error {
 			return errors.New("path check: divert, yet IP forwarding is off in the box")
 		}
 		fwd0 = n
+	case modeGhostwire, modeInvisible:
+		rw, err := b.rewrites()
+		if err != nil {
+			return fmt.Errorf("path check: %s: %w", mode, err)
+		}
+		if invisible := mode == modeInvisible; rw.Netdev != invisible {
+			return fmt.Errorf("path check: %s, yet the owned netdev table (the invisible mode's rewrite) is there: %v, want %v",
+				mode, rw.Netdev, invisible)
+		}
+		if mode == modeInvisible {
+			if err := b.nsRun(ctx, b.lab.Box, "nft", "list", "table", "netdev", quietTable); err != nil {
+				return fmt.Errorf("path check: %s, yet no quiet table: %w", mode, err)
+			}
+		}
+		rw0 = rw
 	}
 	var fd int
 	err := b.lab.Client.Do(func() error {
@@ -343,10 +411,40 @@ func (b *bench) checkPath(ctx context.Context, mode string) error {
 		}
 		return nil
 	}
-	return poll(ctx, 5*time.Second, "the proxy to accept a diverted connection", func() (bool, error) {
+	err = poll(ctx, 5*time.Second, "the proxy to accept a diverted connection", func() (bool, error) {
 		n, err := b.established(ctx, b.lab.Box, filter)
 		return n > 0, err
 	})
+	if err != nil || mode != modeInvisible {
+		return err
+	}
+	var rw gwRewrites
+	err = poll(ctx, 5*time.Second, "the invisible rewrite to carry the box's frames both ways", func() (bool, error) {
+		var err error
+		rw, err = b.rewrites()
+		return rw.ToClient > rw0.ToClient && rw.ToServer > rw0.ToServer, err
+	})
+	if err != nil {
+		return fmt.Errorf("path check: %s: %w (frames rewritten to the client %d -> %d, to the server %d -> %d)",
+			mode, err, rw0.ToClient, rw.ToClient, rw0.ToServer, rw.ToServer)
+	}
+	fmt.Fprintf(os.Stderr, "  path: proxied invisibly: the box's frames went out under the hosts' MACs (rewritten: %d to the client, %d to the server)\n",
+		rw.ToClient-rw0.ToClient, rw.ToServer-rw0.ToServer)
+	return nil
+}
+
+// quietTable is the invisible box's quiet table: `table netdev NAME_quiet`
+// for ghostwire's default table name (lab.Appliance's config sets none).
+const quietTable = "ghostwire_quiet"
+
+// rewrites reads the invisible mode's rewrite counters from `ghostwire
+// status --json`.
+func (b *bench) rewrites() (gwRewrites, error) {
+	out, _, err := b.gw.StatusOutput("--json")
+	if err != nil {
+		return gwRewrites{}, fmt.Errorf("reading the rule counters: %w", err)
+	}
+	return parseStatusRewrites([]byte(out))
 }
 
 // boxForwarding reads the box's /proc/net/snmp: whether IP forwarding is

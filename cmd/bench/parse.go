@@ -293,3 +293,53 @@ func udpDelivery(f floodResult, s sinkResult) (perSec, lossPct float64, err erro
 	lossPct = max(0, 100*(1-float64(s.Datagrams)/float64(f.Sent)))
 	return perSec, lossPct, nil
 }
+
+// gwRewrites is what `ghostwire status --json` says of the invisible
+// mode's rewriting (issue 15): whether the owned netdev table has any
+// counted rule, and how many of the box's own frames its bridge-egress
+// chain rewrote toward each side (the "to client ipv4/ipv6" and "to
+// server ipv4/ipv6" rules' packet counters).
+type gwRewrites struct {
+	Netdev             bool
+	ToClient, ToServer uint64
+}
+
+// parseStatusRewrites reads gwRewrites from `ghostwire status --json`
+// output. The document may follow other lines (the bench reads stdout
+// and stderr together): it starts at the first line that opens a JSON
+// object.
+func parseStatusRewrites(out []byte) (gwRewrites, error) {
+	var r gwRewrites
+	s := string(out)
+	start := strings.Index(s, "{")
+	if start < 0 {
+		return r, fmt.Errorf("no JSON document in ghostwire status --json's output: %q", tail(out, 200))
+	}
+	var doc struct {
+		Mode  string `json:"mode"`
+		Rules []struct {
+			Table   string `json:"Table"`
+			Rule    string `json:"Rule"`
+			Packets uint64 `json:"Packets"`
+		} `json:"rules"`
+	}
+	if err := json.NewDecoder(strings.NewReader(s[start:])).Decode(&doc); err != nil {
+		return r, fmt.Errorf("parsing ghostwire status --json: %w", err)
+	}
+	if doc.Mode == "" {
+		return r, errors.New("ghostwire status --json has no mode")
+	}
+	for _, rc := range doc.Rules {
+		if rc.Table != "netdev" {
+			continue
+		}
+		r.Netdev = true
+		switch {
+		case strings.HasPrefix(rc.Rule, "to client "):
+			r.ToClient += rc.Packets
+		case strings.HasPrefix(rc.Rule, "to server "):
+			r.ToServer += rc.Packets
+		}
+	}
+	return r, nil
+}

@@ -14,11 +14,16 @@ const (
 	modePlain         = "plain"
 	modeDivert        = "divert"
 	modeGhostwire     = "ghostwire"
+	modeInvisible     = "ghostwire-invisible" // ghostwire with bridge.invisible (issue 15)
 	modeHAProxy       = "haproxy"
 	modeHAProxySplice = "haproxy-splice"
 )
 
-var allModes = []string{modePlain, modeDivert, modeGhostwire, modeHAProxy, modeHAProxySplice}
+var allModes = []string{modePlain, modeDivert, modeGhostwire, modeInvisible, modeHAProxy, modeHAProxySplice}
+
+// isGhostwire says whether mode's proxy is `ghostwire run` (visible or
+// invisible), which the bench starts and stops through lab.Appliance.
+func isGhostwire(mode string) bool { return mode == modeGhostwire || mode == modeInvisible }
 
 func isHAProxy(mode string) bool { return strings.HasPrefix(mode, "haproxy") }
 
@@ -257,7 +262,7 @@ func compare(sum map[string]map[string]summary) []comparison {
 // target is one of the issue's goals for ghostwire.
 type target struct {
 	Workload string  `json:"workload"`
-	Against  string  `json:"against"` // "plain", "haproxy" (best mode), "haproxy-splice" or "absolute"
+	Against  string  `json:"against"` // "plain", "haproxy" (best mode), "haproxy-splice", "ghostwire" (invisibleTargets) or "absolute"
 	Op       string  `json:"op"`      // ">=" or "<="
 	Want     float64 `json:"want"`
 	Got      float64 `json:"got"`
@@ -271,8 +276,8 @@ func (t target) String() string {
 		return fmt.Sprintf("%s %.2g× plain", t.Op, t.Want)
 	case "haproxy":
 		return fmt.Sprintf("%s %.2g× best HAProxy", t.Op, t.Want)
-	case modeHAProxySplice:
-		return fmt.Sprintf("%s %.2g× %s", t.Op, t.Want, modeHAProxySplice)
+	case modeHAProxySplice, modeGhostwire:
+		return fmt.Sprintf("%s %.2g× %s", t.Op, t.Want, t.Against)
 	default:
 		return fmt.Sprintf("%s %g %s", t.Op, t.Want, workloadByKey(t.Workload).Unit)
 	}
@@ -297,24 +302,33 @@ var issueTargets = []target{
 
 // evaluate fills Got/Pass for each target from the comparisons.
 func evaluate(targets []target, cmp []comparison) []target {
-	out := slices.Clone(targets)
-	for i := range out {
-		t := &out[i]
+	return evaluateBy(targets, func(t target) (float64, bool) {
 		for _, c := range cmp {
 			if c.Workload != t.Workload {
 				continue
 			}
 			switch t.Against {
 			case "plain":
-				t.Got, t.Measured = c.VsPlain, c.PlainVal != 0
+				return c.VsPlain, c.PlainVal != 0
 			case "haproxy":
-				t.Got, t.Measured = c.VsHAProxy, c.BestHAProxy != ""
+				return c.VsHAProxy, c.BestHAProxy != ""
 			case modeHAProxySplice:
-				t.Got, t.Measured = c.VsSplice, c.SpliceVal != 0
+				return c.VsSplice, c.SpliceVal != 0
 			default:
-				t.Got, t.Measured = c.Ghostwire, true
+				return c.Ghostwire, true
 			}
 		}
+		return 0, false
+	})
+}
+
+// evaluateBy fills Got/Pass for each target with what got finds for it
+// (false: not measured).
+func evaluateBy(targets []target, got func(target) (float64, bool)) []target {
+	out := slices.Clone(targets)
+	for i := range out {
+		t := &out[i]
+		t.Got, t.Measured = got(*t)
 		if t.Measured {
 			if t.Op == ">=" {
 				t.Pass = t.Got >= t.Want
@@ -324,6 +338,56 @@ func evaluate(targets []target, cmp []comparison) []target {
 		}
 	}
 	return out
+}
+
+// invComparison is ghostwire-invisible's median as a fraction of
+// ghostwire's (visible) from the same run: what bridge.invisible costs.
+type invComparison struct {
+	Workload  string  `json:"workload"`
+	Invisible float64 `json:"invisible"`
+	Visible   float64 `json:"visible"`
+	Ratio     float64 `json:"ratio"` // invisible / visible
+	Higher    bool    `json:"higher_is_better"`
+}
+
+// compareInvisible is invComparison for every workload both ghostwire
+// modes measured.
+func compareInvisible(sum map[string]map[string]summary) []invComparison {
+	var out []invComparison
+	for _, w := range workloads {
+		inv, ok := sum[w.Key][modeInvisible]
+		vis, ok2 := sum[w.Key][modeGhostwire]
+		if !ok || !ok2 || vis.Median == 0 {
+			continue
+		}
+		out = append(out, invComparison{Workload: w.Key, Invisible: inv.Median, Visible: vis.Median,
+			Ratio: inv.Median / vis.Median, Higher: w.HigherBetter})
+	}
+	return out
+}
+
+// invisibleTargets are issue 15's: invisible costs at most 5% of the
+// Gbit/s (every bulk figure, TCP and UDP) and of the connections per
+// second (HTTP new conn/request) of visible ghostwire in the same run.
+// The other ratios (keep-alive, 64 B datagrams, latency, CPU, memory) are
+// information only.
+var invisibleTargets = []target{
+	{Workload: wlIperf1, Against: modeGhostwire, Op: ">=", Want: 0.95},
+	{Workload: wlIperf4, Against: modeGhostwire, Op: ">=", Want: 0.95},
+	{Workload: wlHTTPClose, Against: modeGhostwire, Op: ">=", Want: 0.95},
+	{Workload: wlUDP1400, Against: modeGhostwire, Op: ">=", Want: 0.95},
+}
+
+// evaluateInvisible fills Got/Pass for invisibleTargets.
+func evaluateInvisible(targets []target, inv []invComparison) []target {
+	return evaluateBy(targets, func(t target) (float64, bool) {
+		for _, c := range inv {
+			if c.Workload == t.Workload {
+				return c.Ratio, true
+			}
+		}
+		return 0, false
+	})
 }
 
 func fmtVal(v float64) string {
@@ -434,18 +498,70 @@ func writeReport(w io.Writer, samples []sample, modes []string) {
 				goal += " (" + fmtRatio(t.Got) + ")"
 			}
 			goals = append(goals, goal)
-			switch {
-			case !t.Measured:
-				results = append(results, "n/a")
-			case t.Pass:
-				results = append(results, "PASS")
-			default:
-				results = append(results, "MISS")
-			}
+			results = append(results, verdict(t))
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", wl.Short, vsPlain, vsDivert, vsHAP, strings.Join(goals, ", "), strings.Join(results, " "))
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "(ratios of medians; for p99, loss, proxy CPU and RSS lower is better, so a ratio below 1 favours ghostwire;")
 	fmt.Fprintln(w, " divert: the diversion in place, nothing listening, the box routes: the fail-open cost and the ceiling of any proxy on this path)")
+	writeInvisibleReport(w, sum)
+}
+
+// writeInvisibleReport prints invisible ÷ visible ghostwire for every
+// workload both ran, issue 15's targets against it, and one verdict line.
+func writeInvisibleReport(w io.Writer, sum map[string]map[string]summary) {
+	inv := compareInvisible(sum)
+	if len(inv) == 0 {
+		return
+	}
+	evald := evaluateInvisible(invisibleTargets, inv)
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "%s\t× %s\ttarget\tresult\n", modeInvisible, modeGhostwire)
+	for _, c := range inv {
+		goal, result := "", ""
+		for _, t := range evald {
+			if t.Workload == c.Workload {
+				goal, result = t.String(), verdict(t)
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", workloadByKey(c.Workload).Short, fmtRatio(c.Ratio), goal, result)
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "(invisible ÷ visible ghostwire, ratios of medians from the same run: what bridge.invisible costs;")
+	fmt.Fprintln(w, " for p99, loss, proxy CPU and RSS lower is better, so a ratio above 1 is a cost there)")
+	var measured, passed int
+	var missed []string
+	for _, t := range evald {
+		if !t.Measured {
+			continue
+		}
+		measured++
+		if t.Pass {
+			passed++
+		} else {
+			missed = append(missed, fmt.Sprintf("%s %s", workloadByKey(t.Workload).Short, fmtRatio(t.Got)))
+		}
+	}
+	switch {
+	case measured == 0:
+		fmt.Fprintln(w, "issue 15, invisible >= 0.95× visible in Gbit/s and connections/s: n/a (none of its workloads ran in both modes)")
+	case passed == measured:
+		fmt.Fprintf(w, "issue 15, invisible >= 0.95× visible in Gbit/s and connections/s: PASS (%d of %d)\n", passed, measured)
+	default:
+		fmt.Fprintf(w, "issue 15, invisible >= 0.95× visible in Gbit/s and connections/s: MISS (%d of %d; %s)\n",
+			passed, measured, strings.Join(missed, ", "))
+	}
+}
+
+// verdict is a target's result column: PASS, MISS or n/a.
+func verdict(t target) string {
+	switch {
+	case !t.Measured:
+		return "n/a"
+	case t.Pass:
+		return "PASS"
+	}
+	return "MISS"
 }
