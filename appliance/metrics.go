@@ -25,7 +25,7 @@ type proxyCollector struct {
 	stats func() proxy.Stats
 
 	active, accepted, refused, closed, bytes, dial           *prometheus.Desc
-	overloaded, overloadRefused, policy                      *prometheus.Desc
+	overloaded, overloadRefused, policy, portFallbacks       *prometheus.Desc
 	udpActive, udpTotal, udpDropped, udpFallbacks, buildInfo *prometheus.Desc
 }
 
@@ -44,6 +44,7 @@ func newProxyCollector(stats func() proxy.Stats) *proxyCollector {
 		overloaded:      d("overloaded", "1 while new flows bypass or are refused because a limit or a resource was reached.", "proto"),
 		overloadRefused: d("overload_refused_total", "TCP connections reset because the proxy was overloaded."),
 		policy:          d("policy_decisions_total", "Connections the name policy (policy.*) allowed or denied.", "action"),
+		portFallbacks:   d("port_fallbacks_total", "TCP connections whose upstream socket could not keep the client's port."),
 		udpActive:       d("udp_sessions_active", "UDP sessions open now."),
 		udpTotal:        d("udp_sessions_total", "UDP sessions set up."),
 		udpDropped:      d("udp_datagrams_dropped_total", "Datagrams the proxy could not relay, by reason.", "reason"),
@@ -54,7 +55,7 @@ func newProxyCollector(stats func() proxy.Stats) *proxyCollector {
 
 func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.active, c.accepted, c.refused, c.closed, c.bytes, c.dial,
-		c.overloaded, c.overloadRefused, c.policy, c.udpActive, c.udpTotal, c.udpDropped, c.udpFallbacks, c.buildInfo} {
+		c.overloaded, c.overloadRefused, c.policy, c.portFallbacks, c.udpActive, c.udpTotal, c.udpDropped, c.udpFallbacks, c.buildInfo} {
 		ch <- d
 	}
 }
@@ -85,6 +86,7 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.overloadRefused, st.OverloadRefused)
 	counter(c.policy, st.PolicyAllowed, "allow")
 	counter(c.policy, st.PolicyDenied, "deny")
+	counter(c.portFallbacks, st.PortFallbacks)
 	gauge(c.udpActive, float64(st.UDPSessions))
 	counter(c.udpTotal, st.UDPSessionsTotal)
 	for reason, n := range st.UDPDropped {

@@ -16,7 +16,7 @@ func logStats(log *slog.Logger, p *proxy.Proxy) {
 	st := p.Stats()
 	log.Info("stats",
 		"active", st.Active, "accepted", st.Accepted, "refused", st.Refused,
-		"dial_failed", st.DialFailed, "bytes_up", st.BytesUp, "bytes_down", st.BytesDown,
+		"dial_failed", st.DialFailed, "port_fallbacks", st.PortFallbacks, "bytes_up", st.BytesUp, "bytes_down", st.BytesDown,
 		"overloaded", st.Overloaded, "overload_refused", st.OverloadRefused,
 		"udp_sessions", st.UDPSessions, "udp_sessions_total", st.UDPSessionsTotal,
 		"udp_port_fallbacks", st.UDPPortFallbacks, "udp_overloaded", st.UDPOverloaded, "udp_dropped", st.UDPDropped,

@@ -109,17 +109,22 @@ func (l *loop) add(s *sock) bool {
 	return true
 }
 
-// dial starts the upstream connect from the client's IP to the original
-// destination; the server socket's
-// first event ends it (connected). With a Dial hook the connect runs on a
-// goroutine of its own and posts its socket back.
+// dial starts the upstream connect from the client's address (its port
+// too, unless the box holds that already) to the original destination; the
+// server socket's first event ends it (connected). With a Dial hook the
+// connect runs on a goroutine of its own and posts its socket back.
 func (l *loop) dial(c *conn) {
 	p := l.p
 	if p.dialHook != nil {
 		l.hookDial(c)
 		return
 	}
-	fd, err := connectTransparent(c.src.Addr(), c.dst, p.rcvbuf)
+	fd, notKept, err := connectTransparent(c.src, c.dst, p.rcvbuf)
+	if notKept != nil && err == nil {
+		p.portFallbacks.Add(1)
+		p.log.LogAttrs(context.Background(), slog.LevelDebug, "client port not kept",
+			slog.String("client", c.src.String()), slog.String("server", c.dst.String()), slog.String("reason", notKept.Error()))
+	}
 	if err != nil {
 		p.dialFailed.Add(1)
 		if isResourceShortage(err) {

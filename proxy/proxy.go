@@ -115,6 +115,10 @@ type Stats struct {
 	// OverloadRefused counts connections reset because the proxy was
 	// overloaded (RefuseOverload, or no fd left to relay them with).
 	OverloadRefused uint64
+	// PortFallbacks counts connections whose upstream socket could not
+	// have the client's port (the box held it, or the 4-tuple) and got
+	// another.
+	PortFallbacks uint64
 
 	// Closed counts ended connections by class of end reason (eof,
 	// client reset, dial failed, ...); DialSeconds times successful
@@ -185,6 +189,7 @@ type Proxy struct {
 
 	active                                  atomic.Int64
 	accepted, refused, dialFailed, up, down atomic.Uint64
+	portFallbacks                           atomic.Uint64
 	closedBy                                [len(closeClasses)]atomic.Uint64
 	talkers                                 talkers
 	policy                                  atomic.Pointer[policy]
@@ -614,6 +619,7 @@ func (p *Proxy) Stats() Stats {
 		Accepted:        p.accepted.Load(),
 		Refused:         p.refused.Load(),
 		DialFailed:      p.dialFailed.Load(),
+		PortFallbacks:   p.portFallbacks.Load(),
 		BytesUp:         p.up.Load(),
 		BytesDown:       p.down.Load(),
 		Overloaded:      p.lim.on.Load(),

@@ -76,6 +76,9 @@ func proxyStatus(st proxy.Stats) string {
 	if st.DialFailed > 0 {
 		fmt.Fprintf(&b, ", %d dials failed", st.DialFailed)
 	}
+	if st.PortFallbacks > 0 {
+		fmt.Fprintf(&b, ", %d client ports not kept", st.PortFallbacks)
+	}
 	if st.PolicyDenied > 0 {
 		fmt.Fprintf(&b, ", %d denied by name", st.PolicyDenied)
 	}
