@@ -42,6 +42,9 @@ type bench struct {
 	applied       bool // `ghostwire apply` ran since the last teardown
 	// appliedInvisible: the config applied is the invisible one.
 	appliedInvisible bool
+	// plainBridge: the plain mode's bridge (lab.PlainBridge) may still be
+	// there, adopted by a visible apply or not.
+	plainBridge bool
 	// visibleCfg and invisibleCfg are the two ghostwire configs; gw.Config
 	// is the one last applied.
 	visibleCfg, invisibleCfg string

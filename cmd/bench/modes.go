@@ -168,6 +168,15 @@ func (b *bench) apply(ctx context.Context, invisible bool) error {
 			return fmt.Errorf("tearing down to switch bridge.invisible to %v: %w", invisible, err)
 		}
 	}
+	// An invisible apply refuses a bridge ghostwire did not make (teardown
+	// could not give back what it changes): the plain mode's, which a
+	// visible apply adopts and its teardown leaves, goes first.
+	if invisible && b.plainBridge && !b.applied {
+		if err := b.lab.DeleteBridge(b.gw.Bridge); err != nil {
+			return fmt.Errorf("deleting the plain mode's bridge before the invisible apply: %w", err)
+		}
+		b.plainBridge = false
+	}
 	// teardown runs with the config last applied: it stays until here.
 	b.gw.Config = b.visibleCfg
 	if invisible {
@@ -215,6 +224,7 @@ func (b *bench) enterMode(ctx context.Context, mode string) error {
 		if err := b.lab.PlainBridge(b.gw.Bridge); err != nil {
 			return err
 		}
+		b.plainBridge = true
 		return b.expectStatus(ctx, "ghostwire: not provisioned", 5*time.Second)
 	case modeDivert:
 		if err := b.apply(ctx, false); err != nil {
