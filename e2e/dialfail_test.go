@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"syscall"
@@ -24,6 +25,13 @@ import (
 // start of the dial.
 func dialFailConnect(t *testing.T, b *lab.Appliance, addr string) (net.Addr, time.Duration) {
 	t.Helper()
+	return dialFailConnectFrom(t, b, addr, 0)
+}
+
+// dialFailConnectFrom is dialFailConnect from the client's port (0: one
+// the kernel chooses).
+func dialFailConnectFrom(t *testing.T, b *lab.Appliance, addr string, port int) (net.Addr, time.Duration) {
+	t.Helper()
 	var local net.Addr
 	start := time.Now()
 	var c net.Conn
@@ -33,7 +41,7 @@ func dialFailConnect(t *testing.T, b *lab.Appliance, addr string) (net.Addr, tim
 			// known even if connect fails.
 			var berr error
 			rc.Control(func(fd uintptr) {
-				if berr = syscall.Bind(int(fd), &syscall.SockaddrInet4{}); berr != nil {
+				if berr = syscall.Bind(int(fd), &syscall.SockaddrInet4{Port: port}); berr != nil {
 					return
 				}
 				sa, gerr := syscall.Getsockname(int(fd))
@@ -135,18 +143,28 @@ func TestDialFailures(t *testing.T) {
 
 	t.Run("local port exhaustion", func(t *testing.T) {
 		b := proxiedBox(t, 80)
-		// One local port for the box's upstream connections (the box's
-		// namespace goes with the lab).
+		// The upstream leg keeps the client's port unless the box cannot
+		// bind it (a listener of the box's own on that port, here), then
+		// takes one the kernel chooses: one left (the box's namespace
+		// goes with the lab).
 		if err := b.Lab.Box.Sysctl("net.ipv4.ip_local_port_range", "40000 40000"); err != nil {
 			t.Fatal(err)
 		}
+		const heldPort, failPort = 41001, 41002
+		for _, p := range []int{heldPort, failPort} {
+			ln, err := lab.Listen(b.Lab.Box, "tcp", fmt.Sprintf(":%d", p))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+		}
 		addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
-		held := ovlOpen(t, b, addr)
+		held := ovlOpenFrom(t, b, addr, heldPort)
 		if want := net.JoinHostPort(b.Lab.ClientIP4.String(), "40000"); held.peer != want {
 			t.Fatalf("the held connection reached the server from %s, want %s (the one port left)", held.peer, want)
 		}
 		held.echo(t, 1<<10, "held")
-		local, d := dialFailConnect(t, b, addr)
+		local, d := dialFailConnectFrom(t, b, addr, failPort)
 		t.Logf("reset %s after the handshake", d)
 		if d > time.Second {
 			t.Errorf("reset came %s after the handshake, want at once", d)

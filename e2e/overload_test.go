@@ -18,27 +18,47 @@ import (
 )
 
 // ovlConn is a client connection to a peerServer: peer is the address the
-// server saw for it (the client's own when bridged untouched, the client's
-// IP from another port when proxied).
+// server saw for it (the client's own, proxied or not).
 type ovlConn struct {
+	t    *testing.T
+	b    *lab.Appliance
 	c    *net.TCPConn
 	rd   *bufio.Reader
 	peer string
 }
 
 func (h *ovlConn) local() string { return h.c.LocalAddr().String() }
-func (h *ovlConn) proxied() bool { return h.peer != h.local() }
+
+// proxied: the box holds a socket of the connection (viaProxy).
+func (h *ovlConn) proxied() bool {
+	return viaProxy(h.t, h.b, h.c.LocalAddr(), h.c.RemoteAddr().String())
+}
 
 // ovlOpen connects to a peerServer at addr and reads the peer line.
 func ovlOpen(t *testing.T, b *lab.Appliance, addr string) *ovlConn {
 	t.Helper()
-	c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+	return ovlOpenFrom(t, b, addr, 0)
+}
+
+// ovlOpenFrom is ovlOpen from the client's port (0: one the kernel
+// chooses).
+func ovlOpenFrom(t *testing.T, b *lab.Appliance, addr string, port int) *ovlConn {
+	t.Helper()
+	var c *net.TCPConn
+	err := b.Lab.Client.Do(func() error {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{Port: port}}
+		conn, err := d.Dial("tcp", addr)
+		if err == nil {
+			c = conn.(*net.TCPConn)
+		}
+		return err
+	})
 	if err != nil {
 		t.Fatalf("dial %s: %v\nproxy log:\n%s", addr, err, b.Proxy.Stderr())
 	}
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(60 * time.Second))
-	h := &ovlConn{c: c, rd: bufio.NewReader(c)}
+	h := &ovlConn{t: t, b: b, c: c, rd: bufio.NewReader(c)}
 	line, err := h.rd.ReadString('\n')
 	if err != nil || !strings.HasPrefix(line, "peer=") {
 		t.Fatalf("%s: peer line %q, %v", addr, line, err)

@@ -80,11 +80,11 @@ func TestSIGHUPChangesPortsWithoutDropping(t *testing.T) {
 
 	// New connections follow the new list: 8080 proxied, 80 not.
 	peer, local, err := probe(b, addr8080, 5*time.Second)
-	if err != nil || peer == local.String() {
+	if err != nil || !viaProxy(t, b, local, addr8080) {
 		t.Errorf("8080 after reload: peer %s local %v err %v, want proxied", peer, local, err)
 	}
 	peer, local, err = probe(b, addr80, 5*time.Second)
-	if err != nil || peer != local.String() {
+	if err != nil || peer != local.String() || viaProxy(t, b, local, addr80) {
 		t.Errorf("80 after reload: peer %s local %v err %v, want straight through", peer, local, err)
 	}
 
@@ -126,7 +126,7 @@ func TestSIGHUPRefusesFixedKeys(t *testing.T) {
 		t.Errorf("refusal does not name the key: %v", ls[0])
 	}
 	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
-	if peer, local, err := probe(b, addr, 5*time.Second); err != nil || peer == local.String() {
+	if peer, local, err := probe(b, addr, 5*time.Second); err != nil || !viaProxy(t, b, local, addr) {
 		t.Errorf("after a refused reload: peer %s local %v err %v, want still proxied", peer, local, err)
 	}
 }

@@ -102,15 +102,18 @@ func wantPath(t *testing.T, b *lab.Appliance, what string, local netip.Addr, add
 	if err != nil {
 		t.Fatalf("%s: %s -> %s: %v", what, local, addr, err)
 	}
+	if peer != self.String() {
+		t.Errorf("%s: %s -> %s: the server saw %s, the client was %s", what, local, addr, peer, self)
+	}
 	if proxied {
-		if peer == self.String() {
-			t.Errorf("%s: %s -> %s: the server saw the client's own port %s: bridged, want proxied", what, local, addr, peer)
+		if !viaProxy(t, b, self, addr) {
+			t.Errorf("%s: %s -> %s: the box holds no socket of it: bridged, want proxied", what, local, addr)
 		}
 		waitConnLog(t, b, self)
 		return
 	}
-	if peer != self.String() {
-		t.Errorf("%s: %s -> %s: the server saw %s, the client was %s: proxied, want bridged", what, local, addr, peer, self)
+	if viaProxy(t, b, self, addr) {
+		t.Errorf("%s: %s -> %s: the box holds a socket of it: proxied, want bridged", what, local, addr)
 	}
 	if ls := b.ConnLogFor(self); len(ls) > 0 {
 		t.Errorf("%s: %s -> %s: bridged, but the proxy logged it: %v", what, local, addr, ls)
@@ -188,8 +191,8 @@ func startInflight(t *testing.T, b *lab.Appliance, from netip.Addr, server strin
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(60 * time.Second))
 	f := &inflight{t: t, c: c, rd: newLineReader(c), sent: sha256.New(), recv: sha256.New()}
-	if peer := strings.TrimPrefix(f.rd.line(t), "peer="); peer == c.LocalAddr().String() {
-		t.Fatalf("the transfer is not proxied: the server saw %s", peer)
+	if peer := strings.TrimPrefix(f.rd.line(t), "peer="); peer != c.LocalAddr().String() || !viaProxy(t, b, c.LocalAddr(), c.RemoteAddr().String()) {
+		t.Fatalf("the transfer is not proxied: the server saw %s, the box holds no socket of it", peer)
 	}
 	return f
 }

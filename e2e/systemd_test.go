@@ -113,8 +113,8 @@ func TestSystemdUnits(t *testing.T) {
 	if err != nil {
 		t.Fatalf("a new connection right after the proxy was SIGKILLed: %v: the wire should be a plain bridge", err)
 	}
-	if peer != local.String() {
-		t.Errorf("right after SIGKILL: the server saw %s for client %s: proxied, want bridged", peer, local)
+	if peer != local.String() || viaProxy(t, u.b, local, addr8080) {
+		t.Errorf("right after SIGKILL: the server saw %s for client %s, or the box holds it: proxied, want bridged", peer, local)
 	}
 	bridgedAt := time.Since(killed)
 	newPID := u.waitReintercept("after SIGKILL", addr8080, pid, killed.Add(3*time.Second))
@@ -324,17 +324,17 @@ func (u *unitBox) journalPID(pid int) string {
 	return u.journal("_PID=" + strconv.Itoa(pid))
 }
 
-// wantProxied checks a new connection to addr is proxied: the server sees
-// another source port than the client's, and the proxy (pid) logs the
-// connection under the client's own address.
+// wantProxied checks a new connection to addr is proxied: the box holds a
+// socket of it (viaProxy), and the proxy (pid) logs the connection under
+// the client's own address.
 func (u *unitBox) wantProxied(what, addr string, pid int) {
 	u.t.Helper()
 	peer, local, err := probe(u.b, addr, 5*time.Second)
 	if err != nil {
 		u.t.Fatalf("%s: a connection to %s: %v", what, addr, err)
 	}
-	if peer == local.String() {
-		u.t.Fatalf("%s: to %s the server saw the client's own port %s: bridged, want proxied", what, addr, peer)
+	if !viaProxy(u.t, u.b, local, addr) {
+		u.t.Fatalf("%s: to %s (the server saw %s) the box holds no socket of it: bridged, want proxied", what, addr, peer)
 	}
 	want := "client=" + local.String()
 	if err := lab.WaitFor(10*time.Second, func() (bool, error) { return strings.Contains(u.journalPID(pid), want), nil }); err != nil {
@@ -343,15 +343,16 @@ func (u *unitBox) wantProxied(what, addr string, pid int) {
 }
 
 // wantBridged checks a new connection to addr crosses the bridge
-// untouched: the server sees the client's own address and port.
+// untouched: the server sees the client's own address and port, and the
+// box holds no socket of it.
 func (u *unitBox) wantBridged(what, addr string) {
 	u.t.Helper()
 	peer, local, err := probe(u.b, addr, 5*time.Second)
 	if err != nil {
 		u.t.Fatalf("%s: a connection to %s: %v", what, addr, err)
 	}
-	if peer != local.String() {
-		u.t.Errorf("%s: to %s the server saw %s for client %s: proxied, want bridged", what, addr, peer, local)
+	if peer != local.String() || viaProxy(u.t, u.b, local, addr) {
+		u.t.Errorf("%s: to %s the server saw %s for client %s, or the box holds it: proxied, want bridged", what, addr, peer, local)
 	}
 }
 
@@ -390,7 +391,7 @@ func (u *unitBox) waitReintercept(what, addr string, old int, deadline time.Time
 			return false, nil
 		}
 		last = fmt.Sprintf("MainPID %d, server saw %s for %s", pid, peer, local)
-		return peer != local.String(), nil
+		return viaProxy(u.t, u.b, local, addr), nil
 	})
 	if err != nil {
 		u.t.Fatalf("%s: not intercepting again in time (last: %s): %v\n%s", what, last, err, lastLines(u.journal("-u", "ghostwire"), 40))

@@ -81,9 +81,9 @@ func TestWireCheck(t *testing.T) {
 					t.Errorf("server-side link: %v, want %s -> %s", fr, server, client)
 				}
 			}
-			// The proxy connects onward from its own port: the server-side
-			// flow is not the client's bridged packets.
-			if upstreamPorts[clientPort] || len(upstreamPorts) != 1 {
+			// The proxy connects onward from the client's own port (it
+			// was proxied: the proxy logged it above).
+			if !upstreamPorts[clientPort] || len(upstreamPorts) != 1 {
 				t.Errorf("server-side flow used source ports %v; client port was %d (proxy log %v)", upstreamPorts, clientPort, line)
 			}
 			for _, fr := range append(cTo, cFrom...) {
