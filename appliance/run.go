@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime"
@@ -64,7 +65,7 @@ func (r *Runner) Run(ctx context.Context) error {
 	}
 	defer h.Close()
 	s := &session{r: r, cfg: cfg, box: &provision.Box{Netlink: h}, overloadc: make(chan struct{}, 1), nftc: make(chan func()),
-		healc: make(chan struct{}, 1), healer: newHealer(h, r.Logger)}
+		healc: make(chan struct{}, 1), healer: newHealer(h, r.Logger), unansweredc: make(chan netip.Addr, 64)}
 	if s.plan, err = diversion(s.box, cfg, nil); err != nil {
 		return err
 	}
@@ -140,6 +141,10 @@ type session struct {
 	// restores what is missing (never while draining: the loop has ended).
 	healc  chan struct{}
 	healer *healer
+	// unansweredc is where the proxy reports servers that did not answer
+	// a connect at all; on an invisible box the loop bypasses them for a
+	// while (bypassUnanswered).
+	unansweredc chan netip.Addr
 }
 
 // startProxy opens the listeners; the diversion comes after them.
@@ -159,6 +164,14 @@ func (s *session) startProxy() (proxy.Config, error) {
 		select {
 		case s.overloadc <- struct{}{}:
 		default:
+		}
+	}
+	if s.cfg.Bridge.Invisible {
+		pcfg.OnUnanswered = func(a netip.Addr) {
+			select {
+			case s.unansweredc <- a:
+			default: // the loop is behind; the next dial to a will say it again
+			}
 		}
 	}
 	if s.p, err = proxy.New(pcfg); err != nil {
@@ -192,6 +205,8 @@ func (s *session) loop(ctx context.Context, sigs <-chan os.Signal, serveErr <-ch
 			if err := s.overloadPlan(s.plan).ApplyOwned(s.nft); err != nil {
 				log.Error("switching the diversion for overload", "overloaded", s.p.Overloaded(), "err", err)
 			}
+		case a := <-s.unansweredc:
+			s.bypassUnanswered(a)
 		case <-s.healc:
 			if want, err := healWantFor(s.cfg); err == nil {
 				s.healer.heal(want)

@@ -334,3 +334,64 @@ func TestInvisibleNeighbours(t *testing.T) {
 		}
 	})
 }
+
+// A server that changes its MAC without announcing it would be a black
+// hole for an invisible box, which never asks the network: it keeps
+// sending to the old MAC, and the proxy, answering as the server, keeps
+// the client's stale neighbour entry confirmed. The proxy's connect then
+// gets no answer; the box bridges that server's new connections for a
+// while, the client finds the server's new MAC itself, the box learns it
+// from the server's reply crossing it, and proxying resumes. (IPv4: a MAC
+// change is silent there; IPv6's link-local handling may announce it.)
+func TestInvisibleSilentMACChange(t *testing.T) {
+	b := invisibleBoxWith(t, []string{"neighbour_timeout: 10s"}, 80)
+	applyAndRun(t, b)
+	// The client's neighbour timers, shorter than Linux's defaults (an
+	// entry is reachable for 15-45 s after a confirmation): at most 7.5 s
+	// and 1 s before probing, so that it re-resolves within the 10 s the
+	// box bridges the server. Still longer than the 2 s between the
+	// proxy's confirmations (each proxied attempt's handshake and ACK)
+	// when nothing is done about it.
+	for key, v := range map[string]string{"base_reachable_time_ms": "5000", "delay_first_probe_time": "1", "retrans_time_ms": "200"} {
+		if err := b.Lab.Client.Sysctl("net.ipv4.neigh."+b.Lab.ClientIf+"."+key, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	server := b.Lab.ServerIP4.String()
+	addr := listenServer(t, b, server, "80", peerServer)
+	if _, local, err := probe(b, addr, 5*time.Second); err != nil || !viaProxy(t, b, local, addr) {
+		t.Fatalf("before the change: %v, or not proxied", err)
+	}
+	const newMAC = "02:00:5e:10:00:43"
+	sh(t, b.Lab.Server, "ip", "link", "set", "dev", b.Lab.ServerIf, "address", newMAC)
+	changed := time.Now()
+
+	var failed int
+	err := lab.WaitFor(40*time.Second, func() (bool, error) {
+		if _, _, err := probe(b, addr, 4*time.Second); err != nil {
+			failed++
+			return false, nil
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Fatalf("no connection to %s succeeded after its silent MAC change (%d failed): %v\n%s", server, failed, err,
+			sh(t, b.Lab.Box, "nft", "list", "map", "netdev", "ghostwire", "wan4"))
+	}
+	t.Logf("reached again %s after the change, after %d failed connection(s)", time.Since(changed).Round(time.Millisecond), failed)
+	if ls := b.ProxyLog("server did not answer: its new connections cross the bridge untouched for a while"); len(ls) == 0 || ls[0]["server"] != server {
+		t.Errorf("the proxy did not log bypassing the unanswering server: %v", ls)
+	}
+	// The box learned the new MAC from the traffic, and proxies again.
+	err = lab.WaitFor(30*time.Second, func() (bool, error) {
+		if learnedAs(t, b, "wan4", server) != newMAC {
+			return false, nil
+		}
+		_, local, err := probe(b, addr, 4*time.Second)
+		return err == nil && viaProxy(t, b, local, addr), nil
+	})
+	if err != nil {
+		t.Fatalf("not proxied again to the new MAC: %v\n%s", err, sh(t, b.Lab.Box, "nft", "list", "map", "netdev", "ghostwire", "wan4"))
+	}
+	t.Logf("proxied again, to the new MAC, %s after the change", time.Since(changed).Round(time.Millisecond))
+}

@@ -217,6 +217,9 @@ func (l *loop) tick(now time.Duration) {
 		case dialing:
 			if now-c.since >= dialTimeout {
 				p.dialFailed.Add(1)
+				if p.onUnanswered != nil {
+					p.onUnanswered(c.dst.Addr())
+				}
 				l.abort(c, "dial: timeout")
 			}
 		case relaying:

@@ -84,6 +84,13 @@ type Config struct {
 	// switches the diversion so that new connections stop reaching the
 	// proxy (bypass or refuse) while it lasts. Nil: only the log says so.
 	OnOverload func(Overload)
+	// OnUnanswered is called, from an event loop (it must not block),
+	// when an upstream connect got no answer at all within the connect
+	// timeout: no SYN-ACK, no reset, no ICMP. That is what a server
+	// looks like to a box that sends to a MAC the server no longer has
+	// (an invisible box cannot ask the network for the new one). Nil:
+	// nothing but the dial's own failure.
+	OnUnanswered func(server netip.Addr)
 
 	// Test hooks; nil means production behaviour.
 
@@ -176,9 +183,10 @@ type Proxy struct {
 	hookWG    sync.WaitGroup // Dial hook goroutines
 	stopHK    chan struct{}  // ends the housekeeping goroutines
 
-	bufs       sync.Pool // *[]byte of bufSize, held only while a peer is not taking bytes
-	lim        *limiter
-	onOverload func(Overload)
+	bufs         sync.Pool // *[]byte of bufSize, held only while a peer is not taking bytes
+	lim          *limiter
+	onOverload   func(Overload)
+	onUnanswered func(netip.Addr)
 
 	udpPort                    uint16
 	udpIdle                    atomic.Int64 // time.Duration
@@ -248,6 +256,7 @@ func New(cfg Config) (*Proxy, error) {
 	p.udpPort = cfg.UDPPort
 	p.udpIdle.Store(int64(cmp.Or(cfg.UDPIdleTimeout, defaultUDPIdle)))
 	p.onOverload = cfg.OnOverload
+	p.onUnanswered = cfg.OnUnanswered
 	if p.onOverload == nil {
 		p.onOverload = func(Overload) {}
 	}
