@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"regexp"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -394,4 +396,78 @@ func TestInvisibleSilentMACChange(t *testing.T) {
 		t.Fatalf("not proxied again to the new MAC: %v\n%s", err, sh(t, b.Lab.Box, "nft", "list", "map", "netdev", "ghostwire", "wan4"))
 	}
 	t.Logf("proxied again, to the new MAC, %s after the change", time.Since(changed).Round(time.Millisecond))
+}
+
+// Requirement 5: the layer-2 tables live and die with the proxy. Killed,
+// the box is a plain bridge again at once: frames cross untouched (TTL as
+// the client sent it, no box in between) and the box still says nothing
+// (the quiet table outlives the proxy). Teardown gives the ports and the
+// box back exactly as they were, IPv6 on the ports included.
+func TestInvisibleFailOpenAndTeardown(t *testing.T) {
+	needRoot(t)
+	// Ports with IPv6 on, as an ordinary box's: apply turns it off and
+	// teardown must turn it back on.
+	b := newBox(t, 80)
+	cfg, err := readFile(b.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeFile(b.Config, regexp.MustCompile(`(?m)^  addresses: .*$`).ReplaceAllLiteralString(cfg,
+		fmt.Sprintf("  addresses: []\n  routes: [%q, %q]\n  invisible: true", b.Lab.BoxIP4.Masked(), b.Lab.BoxIP6.Masked()))); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, b)
+	applyAndRun(t, b)
+	for _, port := range []string{b.Lab.ClientNIC, b.Lab.ServerNIC} {
+		if v, err := b.Lab.Box.ReadSysctl("net.ipv6.conf." + port + ".disable_ipv6"); err != nil || v != "1" {
+			t.Errorf("port %s: disable_ipv6 = %q, %v; want 1 while invisible", port, v, err)
+		}
+	}
+	addr := listenServer(t, b, b.Lab.ServerIP4.String(), "80", peerServer)
+	if _, local, err := probe(b, addr, 5*time.Second); err != nil || !viaProxy(t, b, local, addr) {
+		t.Fatalf("before the kill: %v, or not proxied", err)
+	}
+
+	if err := b.StopProxy(syscall.SIGKILL); err == nil {
+		t.Fatal("SIGKILL reported a clean exit")
+	}
+	b.Proxy = nil
+	if out := sh(t, b.Lab.Box, "nft", "list", "tables"); strings.Contains(out, "netdev ghostwire\n") || !strings.Contains(out, "netdev ghostwire_quiet") {
+		t.Fatalf("after kill -9, tables:\n%s\nwant the quiet table only", out)
+	}
+	capServer, err := b.Lab.Server.CaptureHeaders(b.Lab.ServerIf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, local, err := probe(b, addr, 5*time.Second)
+	if err != nil || peer != local.String() || viaProxy(t, b, local, addr) {
+		t.Fatalf("after kill -9: peer %s local %v err %v, want bridged untouched", peer, local, err)
+	}
+	frames, err := capServer.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fromClient int
+	for _, f := range frames {
+		if f.Src != b.Lab.ClientIP4 || f.Proto != lab.ProtoTCP {
+			continue
+		}
+		fromClient++
+		if f.TTL != 64 || f.Ethernet.Source.String() != b.Lab.ClientMAC.String() {
+			t.Errorf("after kill -9 the server got %v with TTL %d from %s: want the client's frame untouched (TTL 64, its MAC)", f, f.TTL, f.Ethernet.Source)
+		}
+	}
+	if fromClient == 0 {
+		t.Fatal("no frame from the client reached the server")
+	}
+	if said := boxSpeech(frames, boxMACs(t, b)); len(said) > 0 {
+		t.Errorf("with the proxy dead the box said %d frames, first %v", len(said), said[0])
+	}
+
+	if out, err := b.Ghostwire("teardown"); err != nil {
+		t.Fatalf("teardown: %v\n%s", err, out)
+	}
+	if after := snapshot(t, b); after != before {
+		t.Errorf("teardown did not restore the box:\n--- before\n%s\n--- after\n%s", before, after)
+	}
 }

@@ -35,6 +35,7 @@ type Frame struct {
 	// Proto is the IP protocol (ProtoTCP, ProtoUDP, ...) after any IPv6
 	// extension headers.
 	Proto            uint8
+	TTL              uint8 // IPv4 TTL or IPv6 hop limit: 1 less per router
 	SrcPort, DstPort uint16
 	TCPFlags         uint8
 }
@@ -88,6 +89,7 @@ func (f *Frame) parseIPv4(p []byte) {
 	f.Src = netip.AddrFrom4([4]byte(p[12:16]))
 	f.Dst = netip.AddrFrom4([4]byte(p[16:20]))
 	f.Proto = p[9]
+	f.TTL = p[8]
 	if fragOffset := binary.BigEndian.Uint16(p[6:8]) & 0x1fff; fragOffset != 0 {
 		return // no transport header in this fragment
 	}
@@ -103,6 +105,7 @@ func (f *Frame) parseIPv6(p []byte) {
 	}
 	f.Src = netip.AddrFrom16([16]byte(p[8:24]))
 	f.Dst = netip.AddrFrom16([16]byte(p[24:40]))
+	f.TTL = p[7]
 	next, rest := p[6], p[40:]
 	// Walk extension headers (MLD reports carry hop-by-hop options, for
 	// one). The bound stops crafted chains from looping long.

@@ -87,7 +87,7 @@ func TestParseFrame(t *testing.T) {
 		{
 			name: "ipv4 tcp syn",
 			b:    ethFrame(t, ethernet.EtherTypeIPv4, ipv4(c4, s4, ProtoTCP, tcpHeader(40000, 80, TCPFlagSYN))),
-			want: Frame{Src: c4, Dst: s4, Proto: ProtoTCP, SrcPort: 40000, DstPort: 80, TCPFlags: TCPFlagSYN},
+			want: Frame{Src: c4, Dst: s4, TTL: 64, Proto: ProtoTCP, SrcPort: 40000, DstPort: 80, TCPFlags: TCPFlagSYN},
 		},
 		{
 			name: "ipv4 tcp with options and payload",
@@ -99,37 +99,37 @@ func TestParseFrame(t *testing.T) {
 				p = append(append(p, 1, 1, 1, 0), l4...)
 				return ethFrame(t, ethernet.EtherTypeIPv4, p)
 			}(),
-			want: Frame{Src: s4, Dst: c4, Proto: ProtoTCP, SrcPort: 80, DstPort: 40000, TCPFlags: TCPFlagACK | TCPFlagPSH},
+			want: Frame{Src: s4, Dst: c4, TTL: 64, Proto: ProtoTCP, SrcPort: 80, DstPort: 40000, TCPFlags: TCPFlagACK | TCPFlagPSH},
 		},
 		{
 			name: "ipv6 udp",
 			b:    ethFrame(t, ethernet.EtherTypeIPv6, ipv6(c6, s6, ProtoUDP, nil, udpHeader(5353, 53, []byte("q")))),
-			want: Frame{Src: c6, Dst: s6, Proto: ProtoUDP, SrcPort: 5353, DstPort: 53},
+			want: Frame{Src: c6, Dst: s6, TTL: 64, Proto: ProtoUDP, SrcPort: 5353, DstPort: 53},
 		},
 		{
 			name: "ipv6 udp after hop-by-hop",
 			b:    ethFrame(t, ethernet.EtherTypeIPv6, ipv6(c6, s6, 0, hopByHop, udpHeader(1000, 2000, nil))),
-			want: Frame{Src: c6, Dst: s6, Proto: ProtoUDP, SrcPort: 1000, DstPort: 2000},
+			want: Frame{Src: c6, Dst: s6, TTL: 64, Proto: ProtoUDP, SrcPort: 1000, DstPort: 2000},
 		},
 		{
 			name: "ipv6 first fragment has ports",
 			b:    ethFrame(t, ethernet.EtherTypeIPv6, ipv6(c6, s6, 44, fragFirst, udpHeader(1, 2, nil))),
-			want: Frame{Src: c6, Dst: s6, Proto: ProtoUDP, SrcPort: 1, DstPort: 2},
+			want: Frame{Src: c6, Dst: s6, TTL: 64, Proto: ProtoUDP, SrcPort: 1, DstPort: 2},
 		},
 		{
 			name: "ipv6 later fragment has no ports",
 			b:    ethFrame(t, ethernet.EtherTypeIPv6, ipv6(c6, s6, 44, fragLater, udpHeader(1, 2, nil))),
-			want: Frame{Src: c6, Dst: s6, Proto: ProtoUDP},
+			want: Frame{Src: c6, Dst: s6, TTL: 64, Proto: ProtoUDP},
 		},
 		{
 			name: "ipv4 later fragment has no ports",
 			b:    ethFrame(t, ethernet.EtherTypeIPv4, v4frag),
-			want: Frame{Src: c4, Dst: s4, Proto: ProtoUDP},
+			want: Frame{Src: c4, Dst: s4, TTL: 64, Proto: ProtoUDP},
 		},
 		{
 			name: "ipv6 icmpv6",
 			b:    ethFrame(t, ethernet.EtherTypeIPv6, ipv6(c6, s6, ProtoICMPv6, nil, []byte{135, 0, 0, 0})),
-			want: Frame{Src: c6, Dst: s6, Proto: ProtoICMPv6},
+			want: Frame{Src: c6, Dst: s6, TTL: 64, Proto: ProtoICMPv6},
 		},
 		{
 			name: "arp is not ip",
@@ -144,7 +144,7 @@ func TestParseFrame(t *testing.T) {
 		{
 			name: "truncated tcp header keeps ports",
 			b:    ethFrame(t, ethernet.EtherTypeIPv4, ipv4(c4, s4, ProtoTCP, tcpHeader(1, 2, TCPFlagSYN)))[:14+20+8],
-			want: Frame{Src: c4, Dst: s4, Proto: ProtoTCP, SrcPort: 1, DstPort: 2},
+			want: Frame{Src: c4, Dst: s4, TTL: 64, Proto: ProtoTCP, SrcPort: 1, DstPort: 2},
 		},
 		{
 			name: "truncated ipv6 header",
@@ -154,7 +154,7 @@ func TestParseFrame(t *testing.T) {
 		{
 			name: "ipv6 truncated extension header",
 			b:    ethFrame(t, ethernet.EtherTypeIPv6, ipv6(c6, s6, 0, []byte{ProtoUDP, 3}, nil)),
-			want: Frame{Src: c6, Dst: s6, Proto: 0},
+			want: Frame{Src: c6, Dst: s6, TTL: 64, Proto: 0},
 		},
 		{
 			name: "ipv4 header claiming ipv6 version",
