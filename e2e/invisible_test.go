@@ -1,11 +1,13 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/netip"
 	"regexp"
 	"strings"
 	"syscall"
@@ -96,13 +98,25 @@ func boxSpeech(frames []lab.Frame, box map[string]bool) []lab.Frame {
 	return out
 }
 
-// Requirement 1 and 4 of invisibility: across 200 connections and a
-// 64 MiB transfer each way, v4 and v6, no frame on either link has a box
-// MAC as source (so no ARP, NDP, MLD or IGMP of the box's either, from
-// before the bridge existed), every frame reaching a host carries the far
-// host's MAC, and every connection was proxied with the client's port.
+// Requirement 1 and 4 of invisibility: across 200 HTTP requests (a new
+// connection each), a 64 MiB transfer each way and UDP sessions, v4 and
+// v6, no frame on either link has a box MAC as source (so no ARP, NDP, MLD
+// or IGMP of the box's either, from before the bridge existed), every
+// frame reaching a host carries the far host's MAC, and every connection
+// was proxied with the client's port.
 func TestInvisibleWire(t *testing.T) {
 	b := invisibleBox(t, 80, 82)
+	const udpPort = 5300
+	cfg, err := readFile(b.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcpPorts := regexp.MustCompile(`(?m)^  tcp_ports: .*$`)
+	if err := writeFile(b.Config, tcpPorts.ReplaceAllStringFunc(cfg, func(l string) string {
+		return fmt.Sprintf("%s\n  udp_ports: [%d]", l, udpPort)
+	})); err != nil {
+		t.Fatal(err)
+	}
 	capClient, err := b.Lab.Client.CaptureHeaders(b.Lab.ClientIf)
 	if err != nil {
 		t.Fatal(err)
@@ -113,29 +127,36 @@ func TestInvisibleWire(t *testing.T) {
 		t.Fatal(err)
 	}
 	applyAndRun(t, b)
-	const conns, size = 200, 64 << 20
+	const requests, size = 200, 64 << 20
+	clientPorts := map[uint16]bool{} // every TCP port the client used
 	for _, f := range families(b) {
-		addr := listenServer(t, b, f.server, "80", peerServer)
-		for i := range conns {
-			c, err := lab.Dial(b.Lab.Client, "tcp", addr, 5*time.Second)
+		url := "http://" + listenHTTPPeer(t, b, f.server, "80") + "/"
+		for i := range requests {
+			body, local, err := httpGetFrom(b, url)
 			if err != nil {
-				t.Fatalf("%s connection %d: %v", f.name, i, err)
-			}
-			c.SetDeadline(time.Now().Add(10 * time.Second))
-			line, err := bufio.NewReader(c).ReadString('\n')
-			c.Close()
-			if err != nil {
-				t.Fatalf("%s connection %d: reading the server's greeting: %v", f.name, i, err)
+				t.Fatalf("%s request %d: %v", f.name, i, err)
 			}
 			// The server saw the client's address and port: the
 			// proxy kept both (no fallback is expected in a fresh lab).
-			if want := "peer=" + c.LocalAddr().String() + "\n"; line != want {
-				t.Errorf("%s connection %d: server said %q, want %q", f.name, i, line, want)
+			if want := "peer=" + local.String() + "\n"; body != want {
+				t.Errorf("%s request %d: server said %q, want %q", f.name, i, body, want)
+			}
+			clientPorts[uint16(local.(*net.TCPAddr).Port)] = true
+		}
+		echo := udpEchoServer(t, b, f.server, udpPort)
+		for i := range 20 {
+			c := newUDPClient(t, b, netip.MustParseAddr(f.client))
+			rep, err := c.exchange(echo.addr, []byte(fmt.Sprintf("datagram %d", i)), 5*time.Second)
+			if err != nil {
+				t.Fatalf("%s UDP session %d: %v", f.name, i, err)
+			}
+			if rep.peer != c.local.String() || rep.from != echo.addr {
+				t.Errorf("%s UDP session %d: the server saw %s (client %s), the reply came from %s", f.name, i, rep.peer, c.local, rep.from)
 			}
 		}
 	}
 	for _, f := range families(b) {
-		bulkBothWays(t, b, f, size)
+		clientPorts[bulkBothWays(t, b, f, size)] = true
 	}
 	onClient, err := capClient.Stop()
 	if err != nil {
@@ -169,15 +190,24 @@ func TestInvisibleWire(t *testing.T) {
 	if n := wrongSource(onServer, b.Lab.ClientMAC, b.Lab.ServerMAC); n > 0 {
 		t.Errorf("server link: %d frames to the server without the client's MAC as source", n)
 	}
+	// On the server's link, every TCP segment from the client carries a
+	// port the client itself used (no connection fell back: a fresh lab
+	// holds no 4-tuple the proxy could collide with).
+	for _, f := range onServer {
+		if f.Proto == lab.ProtoTCP && (f.Src == b.Lab.ClientIP4 || f.Src == b.Lab.ClientIP6) && !clientPorts[f.SrcPort] {
+			t.Errorf("server link: %v has a source port the client never used", f)
+			break
+		}
+	}
 	// Every connection was the proxy's: its log has a line for each.
-	if n := len(b.ProxyLog("connection closed")); n < 2*(conns+1) {
-		t.Errorf("proxy logged %d closed connections, want at least %d", n, 2*(conns+1))
+	if n := len(b.ProxyLog("connection closed")); n < 2*(requests+1) {
+		t.Errorf("proxy logged %d closed connections, want at least %d", n, 2*(requests+1))
 	}
 }
 
 // bulkBothWays moves size bytes each way at once through the box and
 // checks both directions arrived intact.
-func bulkBothWays(t *testing.T, b *lab.Appliance, f family, size int64) {
+func bulkBothWays(t *testing.T, b *lab.Appliance, f family, size int64) (clientPort uint16) {
 	t.Helper()
 	var got <-chan served
 	addr := listenServer(t, b, f.server, "82", func(t *testing.T, ln net.Listener) { got = mirrorServer(t, ln, size) })
@@ -204,6 +234,7 @@ func bulkBothWays(t *testing.T, b *lab.Appliance, f family, size int64) {
 	if s.peer != c.LocalAddr().String() {
 		t.Errorf("%s: server saw peer %s, want the client's %s", f.name, s.peer, c.LocalAddr())
 	}
+	return uint16(c.LocalAddr().(*net.TCPAddr).Port)
 }
 
 // learned reports whether the box's map (lan4, wan4, lan6, wan6) holds ip.
@@ -470,4 +501,45 @@ func TestInvisibleFailOpenAndTeardown(t *testing.T) {
 	if after := snapshot(t, b); after != before {
 		t.Errorf("teardown did not restore the box:\n--- before\n%s\n--- after\n%s", before, after)
 	}
+}
+
+// listenHTTPPeer serves HTTP in the server namespace on host:port; every
+// response is "peer=ADDR\n", the client address the server saw.
+func listenHTTPPeer(t *testing.T, b *lab.Appliance, host, port string) string {
+	t.Helper()
+	addr := net.JoinHostPort(host, port)
+	ln, err := lab.Listen(b.Lab.Server, "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "peer=%s\n", r.RemoteAddr)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return addr
+}
+
+// httpGetFrom fetches url from the client namespace over a new connection,
+// and says from which local address.
+func httpGetFrom(b *lab.Appliance, url string) (string, net.Addr, error) {
+	var local net.Addr
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
+			c, err := lab.Dial(b.Lab.Client, network, addr, 5*time.Second)
+			if err != nil {
+				return nil, err
+			}
+			local = c.LocalAddr()
+			return c, nil
+		},
+	}}
+	resp, err := client.Get(url)
+	if err != nil {
+		return "", nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return string(body), local, err
 }
