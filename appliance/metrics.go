@@ -149,7 +149,7 @@ func nftRuleCounters(name string) func() ([]rules.RuleCounter, error) {
 		if err != nil {
 			return nil, err
 		}
-		return rules.Counters(c, name)
+		return ruleCounters(c, name)
 	}
 }
 
@@ -207,4 +207,23 @@ func serveMetrics(ctx context.Context, addr string, stats func() proxy.Stats, ru
 		defer cancel()
 		srv.Shutdown(ctx)
 	}, nil
+}
+
+// RuleCounters are the counters of ghostwire's rules: the diversion's
+// tables' and, on an invisible box, the quiet table's (what the box would
+// have said on the wire).
+func RuleCounters(c *nftables.Conn) ([]rules.RuleCounter, error) {
+	return ruleCounters(c, TableName)
+}
+
+func ruleCounters(c *nftables.Conn, name string) ([]rules.RuleCounter, error) {
+	rc, err := rules.Counters(c, name)
+	if err != nil {
+		return nil, err
+	}
+	quiet, err := rules.Quiet{Name: name}.Counters(c)
+	if err != nil {
+		return nil, err
+	}
+	return append(rc, quiet...), nil
 }

@@ -59,14 +59,14 @@ func (s Spec) linkDrift(links Links) (drift []string, ok bool) {
 		}
 	}
 	if s.Invisible {
-		drift = append(drift, s.speaking(br)...)
+		drift = append(drift, s.Speaking(br)...)
 	}
 	return drift, true
 }
 
-// speaking lists what would make an invisible bridge send frames of its
-// own.
-func (s Spec) speaking(br Link) []string {
+// Speaking lists what would make an invisible bridge br send frames of
+// its own.
+func (s Spec) Speaking(br Link) []string {
 	var drift []string
 	if !br.NoARP {
 		drift = append(drift, fmt.Sprintf("bridge %s has ARP on (want arp off)", s.Name))

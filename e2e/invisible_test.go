@@ -458,6 +458,11 @@ func TestInvisibleFailOpenAndTeardown(t *testing.T) {
 	if _, local, err := probe(b, addr, 5*time.Second); err != nil || !viaProxy(t, b, local, addr) {
 		t.Fatalf("before the kill: %v, or not proxied", err)
 	}
+	// check says it is silent, and names what would make it speak.
+	wantCheck(t, b, "invisible", 0, "OK   invisible: silent: "+b.Bridge+" has arp off")
+	sh(t, b.Lab.Box, "ip", "link", "set", "dev", b.Bridge, "arp", "on")
+	wantCheck(t, b, "arp on", 2, "FAIL invisible: bridge "+b.Bridge+" has ARP on (want arp off)", "ghostwire apply")
+	sh(t, b.Lab.Box, "ip", "link", "set", "dev", b.Bridge, "arp", "off")
 
 	if err := b.StopProxy(syscall.SIGKILL); err == nil {
 		t.Fatal("SIGKILL reported a clean exit")

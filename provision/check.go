@@ -77,6 +77,7 @@ var Checks = []Check{
 	{"foreign-tables", checkForeignTables},
 	{"routes", checkRoutes},
 	{"router-adverts", checkRouterAdverts},
+	{"invisible", checkInvisible},
 }
 
 // RunChecks runs every check on f; a check that finds nothing wrong says OK.
@@ -181,6 +182,13 @@ type CheckFacts struct {
 	// router advertisements the bridge has sent (-1: unknown).
 	Reach         []Reach
 	RouterAdverts int
+	// Invisible: bridge.invisible is on; Speaking is what would make the
+	// box send frames of its own (the bridge's settings, the ports' IPv6,
+	// the quiet table's drift); Silenced how many frames the quiet table
+	// dropped since it was installed.
+	Invisible bool
+	Speaking  []string
+	Silenced  uint64
 }
 
 // CheckFacts reads what the checks need; it changes nothing.
@@ -258,6 +266,9 @@ func (b *Box) CheckFacts(d *Desired, stateFile string, proxyPort int) (CheckFact
 		return cf, err
 	}
 	cf.RouterAdverts = readRouterAdverts(d.Bridge.Name)
+	if err := b.readSilence(d, &cf); err != nil {
+		return cf, err
+	}
 	if cf.Foreign, err = foreignChains(b.NFT, d.Tables); err != nil {
 		return cf, err
 	}

@@ -88,6 +88,8 @@ func TestChecksFindings(t *testing.T) {
 		{"selected prefix routed elsewhere", func(f *CheckFacts) {
 			f.Reach[0] = Reach{Side: "client", Family: unix.AF_INET, Prefix: netip.MustParsePrefix("10.1.0.0/16"), Via: "eth2"}
 		}, Fail, []string{"FAIL routes: the route to client side 10.1.0.0/16 (intercept.client_cidrs) goes out of eth2, not br0"}},
+		{"invisible, speaking", func(f *CheckFacts) { f.Invisible, f.Speaking = true, []string{"bridge br0 has ARP on (want arp off)"} },
+			Fail, []string{"FAIL invisible: bridge br0 has ARP on (want arp off): the box can send frames of its own; fix: ghostwire apply"}},
 		{"router advertisements", func(f *CheckFacts) { f.RouterAdverts = 3 },
 			Warn, []string{"WARN router-adverts: br0 has sent 3 IPv6 router advertisements since it was created", "fix: remove br0 from"}},
 	} {

@@ -45,7 +45,7 @@ func ruleCounters() []rules.RuleCounter {
 	if err != nil {
 		return nil
 	}
-	rc, err := rules.Counters(c, appliance.TableName)
+	rc, err := appliance.RuleCounters(c)
 	if err != nil {
 		return nil
 	}
