@@ -848,8 +848,9 @@ func (s *soak) traffic(end time.Time) {
 // segments in another CPU's veth backlog, so the peer answers with a
 // challenge ACK instead of resetting; the box routes that to the client's
 // address, where the client may be using the same port for another
-// connection (the proxy's upstream port is chosen independently of the
-// client's), so no exact reset comes back. Keeping the client's port
-// upstream (the invisibility work) would close that path. The proxy's
-// side (the reset seen and logged) is checked for every one.
+// connection (the proxy's upstream port was chosen independently of the
+// client's), so no exact reset comes back. The upstream leg now keeps the
+// client's port, which should close that path; the budget stays until
+// soaks have shown none lost. The proxy's side (the reset seen and
+// logged) is checked for every one.
 func lostResetBudget(n int64) int64 { return max(2, n/200) }

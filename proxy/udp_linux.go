@@ -445,8 +445,9 @@ func setRxqOverflow(fd int) error {
 	return nil
 }
 
-// setReuseAddr lets several UDP sockets bind one address; each is
-// connected to a different peer.
+// setReuseAddr lets several sockets bind one address, each connected to a
+// different peer: UDP sessions, and TCP upstream legs that keep the
+// client's port (the 4-tuple is then checked at connect).
 func setReuseAddr(fd int) error {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fmt.Errorf("setting SO_REUSEADDR: %w", err)
