@@ -458,6 +458,17 @@ func TestInvisibleFailOpenAndTeardown(t *testing.T) {
 	if _, local, err := probe(b, addr, 5*time.Second); err != nil || !viaProxy(t, b, local, addr) {
 		t.Fatalf("before the kill: %v, or not proxied", err)
 	}
+	// apply again changes nothing (and refuses nothing) on a running box.
+	bridgeState := func() string {
+		return sh(t, b.Lab.Box, "ip", "-br", "link", "show", "dev", b.Bridge) + sh(t, b.Lab.Box, "ip", "-br", "addr", "show", "dev", b.Bridge)
+	}
+	pre := bridgeState()
+	if out, err := b.Ghostwire("apply"); err != nil {
+		t.Fatalf("apply again: %v\n%s", err, out)
+	}
+	if post := bridgeState(); post != pre {
+		t.Errorf("apply again changed the bridge:\n%s\n%s", pre, post)
+	}
 	// check says it is silent, and names what would make it speak.
 	wantCheck(t, b, "invisible", 0, "OK   invisible: silent: "+b.Bridge+" has arp off")
 	sh(t, b.Lab.Box, "ip", "link", "set", "dev", b.Bridge, "arp", "on")
