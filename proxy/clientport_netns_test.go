@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/ghostwire/ghostwire/lab"
@@ -381,41 +380,11 @@ func (s *portServer) accept(t *testing.T) *net.TCPConn {
 // newClientPortLab is newLab with ports 80 and 81 diverted.
 func newClientPortLab(t *testing.T) *lab.Lab {
 	t.Helper()
-	l := lab.NewT(t)
-	br := l.Prefix + "br"
-	if err := l.PlainBridge(br); err != nil {
-		t.Fatal(err)
-	}
-	var brMAC net.HardwareAddr
-	if err := l.Box.Do(func() error {
-		link, err := netlink.LinkByName(br)
-		if err != nil {
-			return err
+	return newLabWith(t, func(ruleset string) string {
+		r := strings.ReplaceAll(ruleset, "port 80 ", "port { 80, 81 } ")
+		if strings.Count(r, "{ 80, 81 }") != 3 {
+			t.Fatalf("the diversion of port 80 changed shape; divert 81 too:\n%s", r)
 		}
-		brMAC = link.Attrs().HardwareAddr
-		return nil
-	}); err != nil {
-		t.Fatalf("reading %s's MAC: %v", br, err)
-	}
-	for _, args := range [][]string{
-		{"addr", "add", l.BoxIP4.String(), "dev", br},
-		{"addr", "add", l.BoxIP6.String(), "dev", br, "nodad"},
-		{"rule", "add", "fwmark", "1", "lookup", "100"},
-		{"route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"},
-		{"-6", "rule", "add", "fwmark", "1", "lookup", "100"},
-		{"-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"},
-	} {
-		run(t, l.Box, "", "ip", args...)
-	}
-	ruleset := strings.ReplaceAll(nsRuleset(l, brMAC), "port 80 ", "port { 80, 81 } ")
-	if strings.Count(ruleset, "{ 80, 81 }") != 3 {
-		t.Fatalf("the diversion of port 80 changed shape; divert 81 too:\n%s", ruleset)
-	}
-	run(t, l.Box, ruleset, "nft", "-f", "-")
-	for _, ns := range []*lab.NS{l.Client, l.Box, l.Server} {
-		if err := ns.WaitNoTentative(10 * time.Second); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return l
+		return r
+	})
 }

@@ -233,6 +233,12 @@ func startPeerReporter(t *testing.T, ns *lab.NS) {
 // packets locally.
 func newLab(t *testing.T) *lab.Lab {
 	t.Helper()
+	return newLabWith(t, func(ruleset string) string { return ruleset })
+}
+
+// newLabWith is newLab with the diversion's ruleset changed by edit first.
+func newLabWith(t *testing.T, edit func(ruleset string) string) *lab.Lab {
+	t.Helper()
 	l := lab.NewT(t)
 	br := l.Prefix + "br"
 	if err := l.PlainBridge(br); err != nil {
@@ -259,7 +265,7 @@ func newLab(t *testing.T) *lab.Lab {
 	} {
 		run(t, l.Box, "", "ip", args...)
 	}
-	run(t, l.Box, nsRuleset(l, brMAC), "nft", "-f", "-")
+	run(t, l.Box, edit(nsRuleset(l, brMAC)), "nft", "-f", "-")
 	// Until the hosts' IPv6 addresses finish duplicate address detection
 	// the first IPv6 SYN waits for a neighbour retransmit.
 	for _, ns := range []*lab.NS{l.Client, l.Box, l.Server} {
