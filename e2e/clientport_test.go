@@ -77,7 +77,7 @@ func TestClientPortTimeWaitTrap(t *testing.T) {
 		for _, ts := range []bool{true, false} {
 			t.Run(fmt.Sprintf("%s/server timestamps %v", f.name, ts), func(t *testing.T) {
 				if !ts {
-					sysctlForTest(t, b.Lab.Server, "net.ipv4.tcp_timestamps", "0")
+					b.Lab.Server.SysctlT(t, "net.ipv4.tcp_timestamps", "0")
 				}
 				port++
 				client := netip.AddrPortFrom(netip.MustParseAddr(f.client), port)
@@ -209,19 +209,3 @@ func portFallbacks(t *testing.T, b *lab.Appliance) uint64 {
 	return *st.Proxy.PortFallbacks
 }
 
-// sysctlForTest sets key in ns until the test ends.
-func sysctlForTest(t *testing.T, ns *lab.NS, key, value string) {
-	t.Helper()
-	old, err := ns.ReadSysctl(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ns.Sysctl(key, value); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Sysctl(key, old); err != nil {
-			t.Error(err)
-		}
-	})
-}

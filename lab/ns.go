@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -130,6 +131,24 @@ func (ns *NS) Netlink() (*netlink.Handle, error) {
 // component contains a dot (net/ipv6/conf/eth0.100/accept_dad).
 func (ns *NS) Sysctl(key, value string) error {
 	return ns.sysctls([][2]string{{key, value}})
+}
+
+// SysctlT sets key to value in ns until the test ends, then puts back
+// what it was.
+func (ns *NS) SysctlT(tb testing.TB, key, value string) {
+	tb.Helper()
+	old, err := ns.ReadSysctl(key)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := ns.Sysctl(key, value); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := ns.Sysctl(key, old); err != nil {
+			tb.Error(err)
+		}
+	})
 }
 
 // sysctls writes several key/value pairs in one namespace switch.

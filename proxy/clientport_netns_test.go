@@ -67,8 +67,8 @@ func TestClientPortKernel(t *testing.T) {
 				for _, ts := range []string{"1", "0"} {
 					for _, reuse := range []string{"0", "1", "2"} {
 						t.Run("server timestamps "+ts+", box tcp_tw_reuse "+reuse, func(t *testing.T) {
-							setSysctl(t, l.Server, "net.ipv4.tcp_timestamps", ts)
-							setSysctl(t, l.Box, "net.ipv4.tcp_tw_reuse", reuse)
+							l.Server.SysctlT(t, "net.ipv4.tcp_timestamps", ts)
+							l.Box.SysctlT(t, "net.ipv4.tcp_tw_reuse", reuse)
 							client := next()
 							first := dialUpstream(t, l, client, srv80)
 							wantKept(t, first, srv.accept(t), client)
@@ -303,22 +303,6 @@ func pollFD(fd int, events int16) bool {
 	return false
 }
 
-// setSysctl sets key in ns for the rest of the test, then restores it.
-func setSysctl(t *testing.T, ns *lab.NS, key, value string) {
-	t.Helper()
-	old, err := ns.ReadSysctl(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ns.Sysctl(key, value); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Sysctl(key, old); err != nil {
-			t.Error(err)
-		}
-	})
-}
 
 // portServer accepts on ports 80 and 81 (v4 and v6) in a namespace and
 // hands the connections over in order.
