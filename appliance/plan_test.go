@@ -18,11 +18,18 @@ var update = flag.Bool("update", false, "rewrite testdata/plan/*.golden from the
 // planFacts are the kernels the golden configs are planned against: what
 // provision.Box.Facts would read, as fixtures.
 var planFacts = map[string]func() provision.Facts{
-	"v4v6-routes":        freshBox,
-	"minimal":            func() provision.Facts { return withoutBrNetfilter(freshBox()) },
-	"reapply":            provisionedBox,
-	"udp":                freshBox,
-	"selection":          freshBox,
+	"v4v6-routes": freshBox,
+	"minimal":     func() provision.Facts { return withoutBrNetfilter(freshBox()) },
+	"reapply":     provisionedBox,
+	"udp":         freshBox,
+	"selection":   freshBox,
+	"invisible": func() provision.Facts {
+		f := freshBox()
+		for _, k := range []string{"net.ipv6.conf.eth0.disable_ipv6", "net.ipv6.conf.eth1.disable_ipv6"} {
+			f.Sysctls[k] = "0"
+		}
+		return f
+	},
 	"refuse-addresses":   addressedNICs,
 	"refuse-missing-nic": freshBox,
 	"refuse-enslaved": func() provision.Facts {
