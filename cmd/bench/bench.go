@@ -49,6 +49,10 @@ type bench struct {
 	// is the one last applied.
 	visibleCfg, invisibleCfg string
 
+	// heldFDs are sockets kept open until the mode ends (the UDP path
+	// check's client socket: see udpExchange).
+	heldFDs []int
+
 	samples  []sample
 	failures []string
 	versions map[string]string
@@ -213,6 +217,8 @@ func (b *bench) run(ctx context.Context) error {
 // UDP too if udp), runs fn and stops the mode's proxy.
 func (b *bench) inMode(ctx context.Context, mode string, udp bool, fn func() error) (err error) {
 	defer func() {
+		closeFDs(b.heldFDs)
+		b.heldFDs = nil
 		if serr := b.stopProxy(); serr != nil {
 			err = errors.Join(err, serr)
 		}
