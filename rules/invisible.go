@@ -122,7 +122,9 @@ func (p *Plan) netdevTable() table {
 
 // learnRules are the rules of a port's ingress chain: learn and mark the
 // frames the bridge table may lift (TCP, then UDP and IP fragments with UDP
-// ports), then follow ARP and neighbour discovery.
+// ports), then follow ARP and neighbour discovery. A frame learned from is
+// accepted (on to the bridge): the chain's other rules cannot match it, and
+// every bridged frame crosses this hook, so each rule not walked counts.
 func (p *Plan) learnRules(s side) []rule {
 	type match struct {
 		name string
@@ -145,7 +147,7 @@ func (p *Plan) learnRules(s side) []rule {
 			rules = append(rules, countedLast("learn "+s.name+" "+m.name+" ip"+ipVersion(f), rule{m.item,
 				neighbourStore{set: s.own + f.suffix, key: f.addr(false), mac: etherSaddr},
 				neighbourStore{set: s.far + f.suffix, key: f.addr(true), mac: etherDaddr},
-				markOr(MarkLearned)}))
+				markOr(MarkLearned)}, accept{}))
 		}
 	}
 	v4, v6 := s.own+ipFamilies[0].suffix, s.own+ipFamilies[1].suffix
@@ -169,7 +171,9 @@ func ipVersion(f ipFamily) string {
 }
 
 // rewriteRules are br_out's rules: per IP family, toward the client side
-// (the destination in lan), then toward the server side.
+// (the destination in lan), then toward the server side. A rewritten
+// frame is accepted: a later rule must not rewrite it again (an address
+// in both maps goes to the client side, whole).
 func (p *Plan) rewriteRules() []rule {
 	var rules []rule
 	for _, f := range ipFamilies {
@@ -181,7 +185,7 @@ func (p *Plan) rewriteRules() []rule {
 			rules = append(rules, countedLast("to "+to.name+" ip"+ipVersion(f), rule{
 				etherFromMap{dst: etherDaddr, key: f.addr(true), set: to.dst + f.suffix},
 				etherFromMap{dst: etherSaddr, key: f.addr(false), set: to.src + f.suffix},
-				markOr(to.mark)}))
+				markOr(to.mark)}, accept{}))
 		}
 	}
 	return rules

@@ -269,11 +269,11 @@ func counted(name string, r rule) rule {
 	return out
 }
 
-// countedLast is r with a counter after its statements, named by a
-// comment: for the netdev table's rules (invisible.go), whose statements
-// may stop them (mayStop: a map lookup that misses, a map add that fails),
-// and which have no verdict. The counter then counts what the rule did
-// (frames learned and marked, frames rewritten), not what it tried.
-func countedLast(name string, r rule) rule {
-	return slices.Concat(r[:len(r):len(r)], rule{counter{}, comment(name)})
+// countedLast is r with a counter after its statements, then verdict (if
+// any), named by a comment: for the netdev table's rules (invisible.go),
+// whose statements may stop them (mayStop: a map lookup that misses, a
+// map add that fails). The counter then counts what the rule did (frames
+// learned and marked, frames rewritten), not what it tried.
+func countedLast(name string, r rule, verdict ...ruleItem) rule {
+	return slices.Concat(r[:len(r):len(r)], rule{counter{}}, verdict, rule{comment(name)})
 }
