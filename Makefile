@@ -11,7 +11,7 @@ BIN       := bin/ghostwire
 GOFLAGS   ?=
 TESTFLAGS ?= -count=1 -timeout 45m
 
-.PHONY: all build deps test unit demo bench bench-quick install install-files verify-units validate-vagrant clean fmt vet
+.PHONY: all build deps test unit demo demo-invisible bench bench-quick install install-files verify-units validate-vagrant clean fmt vet
 
 all: build
 
@@ -70,6 +70,11 @@ unit:
 
 demo: deps build
 	$(GO) run ./cmd/ghostwire-lab demo --ghostwire $(BIN)
+
+# demo-invisible is the demo with bridge.invisible: the MACs each side
+# sees are the hosts', and no frame carries the box's.
+demo-invisible: deps build
+	$(GO) run ./cmd/ghostwire-lab demo -invisible --ghostwire $(BIN)
 
 # bench measures ghostwire against plain bridging and HAProxy (needs root;
 # installs iperf3, wrk, haproxy if missing). BENCHFLAGS adds flags, e.g.
