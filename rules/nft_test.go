@@ -52,6 +52,23 @@ func wantNoDrift(t *testing.T, p *Plan, c *nftables.Conn) {
 	}
 }
 
+// wantDriftRepaired checks that p.Check reports exactly want, and that
+// applying p again leaves no drift.
+func wantDriftRepaired(t *testing.T, p *Plan, c *nftables.Conn, want []string) {
+	t.Helper()
+	drift, err := p.Check(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(drift, want) {
+		t.Errorf("Check =\n%s\nwant\n%s", strings.Join(drift, "\n"), strings.Join(want, "\n"))
+	}
+	if err := p.Apply(c); err != nil {
+		t.Fatal(err)
+	}
+	wantNoDrift(t, p, c)
+}
+
 func TestApplyListsAsString(t *testing.T) {
 	n := newTestNS(t)
 	for name, p := range goldenPlans(t) {
@@ -242,11 +259,7 @@ func TestCheckReportsDrift(t *testing.T) {
 	n.run(t, "nft", "flush chain inet ghostwire prerouting; add rule inet ghostwire prerouting fib daddr type local counter packets 7 bytes 700 accept comment \"local\"; "+
 		"add rule inet ghostwire prerouting iifname br0 tcp dport @tcp_ports tcp flags & (fin|syn|rst|ack) == syn counter tproxy to :3130 meta mark set 1 accept comment \"tcp syn\"; "+
 		"add rule inet ghostwire prerouting meta l4proto tcp socket transparent 1 counter meta mark set 1 accept comment \"tcp sockets\"")
-	drift, err := p.Check(n.nft)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []string{
+	wantDriftRepaired(t, p, n.nft, []string{
 		"table bridge ghostwire: set tcp_ports has unexpected ports [25]",
 		"table bridge ghostwire: set bypass6 differs from plan (type ipv6_addr . ipv6_addr . inet_service . inet_service; size 65536; flags dynamic,timeout; timeout 5m)",
 		"chain bridge ghostwire prerouting has 11 rules, plan has 10",
@@ -255,14 +268,7 @@ func TestCheckReportsDrift(t *testing.T) {
 		"chain inet ghostwire prerouting: rule 3 differs from plan",
 		"chain inet ghostwire input is missing",
 		"table inet ghostwire: unexpected chain extra",
-	}
-	if !slices.Equal(drift, want) {
-		t.Errorf("Check =\n%s\nwant\n%s", strings.Join(drift, "\n"), strings.Join(want, "\n"))
-	}
-	if err := p.Apply(n.nft); err != nil {
-		t.Fatal(err)
-	}
-	wantNoDrift(t, p, n.nft)
+	})
 }
 
 // ownedMarks matches what nft adds to an owned table's listing: the
