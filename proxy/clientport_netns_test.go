@@ -91,14 +91,7 @@ func TestClientPortKernel(t *testing.T) {
 				// The listener side holds (server, client) as its local
 				// and remote addresses, the upstream (client, server): no
 				// conflict, and each gets its own packets.
-				var lfd int
-				if err := l.Box.Do(func() (err error) {
-					lfd, _, err = listenTransparent(fam.network, nsProxyPort, 0)
-					return err
-				}); err != nil {
-					t.Fatal(err)
-				}
-				defer unix.Close(lfd)
+				lfd := boxListener(t, l, fam.network)
 				client := next()
 				var c *net.TCPConn
 				if err := l.Client.Do(func() error {
@@ -136,14 +129,7 @@ func TestClientPortKernel(t *testing.T) {
 				wantRead(t, afd, "c")
 			})
 			t.Run("client port is a box listener's", func(t *testing.T) {
-				var lfd int
-				if err := l.Box.Do(func() (err error) {
-					lfd, _, err = listenTransparent(fam.network, nsProxyPort, 0)
-					return err
-				}); err != nil {
-					t.Fatal(err)
-				}
-				defer unix.Close(lfd)
+				boxListener(t, l, fam.network)
 				client := netip.AddrPortFrom(fam.client, nsProxyPort)
 				wantFallback(t, dialUpstream(t, l, client, srv80), srv.accept(t), client, unix.EADDRINUSE)
 			})
@@ -303,7 +289,6 @@ func pollFD(fd int, events int16) bool {
 	return false
 }
 
-
 // portServer accepts on ports 80 and 81 (v4 and v6) in a namespace and
 // hands the connections over in order.
 type portServer struct {
@@ -371,4 +356,19 @@ func newClientPortLab(t *testing.T) *lab.Lab {
 		}
 		return r
 	})
+}
+
+// boxListener is a transparent listener on the proxy's port in the box,
+// closed when the test ends.
+func boxListener(t *testing.T, l *lab.Lab, network string) int {
+	t.Helper()
+	var lfd int
+	if err := l.Box.Do(func() (err error) {
+		lfd, _, err = listenTransparent(network, nsProxyPort, 0)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(lfd) })
+	return lfd
 }
