@@ -322,6 +322,28 @@ func TestInvisibleNeighbours(t *testing.T) {
 		})
 	}
 
+	t.Run("host never seen", func(t *testing.T) {
+		// A second client address the box has never seen a frame of:
+		// its SYN teaches the box what it needs to answer it.
+		newcomer := client2.String()
+		sh(t, b.Lab.Client, "ip", "addr", "add", newcomer+"/24", "dev", b.Lab.ClientIf, "nodad")
+		if learned(t, b, "lan4", newcomer) {
+			t.Fatalf("the box knows %s before it sent anything", newcomer)
+		}
+		addr := listenServer(t, b, b.Lab.ServerIP4.String(), "81", peerServer)
+		before := snmpCounters(t, b.Lab.Client)["TcpRetransSegs"]
+		peer, self, err := probeFrom(b, client2, addr)
+		if err != nil || peer != self.String() || !viaProxy(t, b, self, addr) {
+			t.Fatalf("first connection from %s: peer %s, %v, or not proxied", newcomer, peer, err)
+		}
+		// Answered the first time: the client retransmitted nothing (a
+		// box that had to wait for a second frame would have let the
+		// first SYN's answer drop).
+		if n := snmpCounters(t, b.Lab.Client)["TcpRetransSegs"] - before; n != 0 {
+			t.Errorf("the client retransmitted %d segments on its first connection", n)
+		}
+	})
+
 	t.Run("announced MAC change", func(t *testing.T) {
 		srv := b.Lab.Server
 		for _, k := range []string{"net.ipv4.conf." + b.Lab.ServerIf + ".arp_notify", "net.ipv6.conf." + b.Lab.ServerIf + ".ndisc_notify"} {
