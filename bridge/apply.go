@@ -78,10 +78,10 @@ func (s Spec) silence(h *netlink.Handle, br netlink.Link) error {
 	return nil
 }
 
-// quietPort takes a port that is up with IPv6 on down, until Up: turning
-// IPv6 off on a live port (Sysctls) makes it leave its multicast groups
-// with MLD reports from its own MAC, and a port that is down sends
-// nothing. A port already without IPv6 keeps running.
+// quietPort takes a port that is up with IPv6 on down, until Up: a port
+// with IPv6 sends MLD reports from its own MAC, past the bridge's egress,
+// and one that is down sends nothing while its IPv6 is turned off
+// (Sysctls). A port already without IPv6 keeps running.
 func quietPort(h *netlink.Handle, l netlink.Link) error {
 	if l.Attrs().Flags&net.FlagUp == 0 {
 		return nil
