@@ -208,4 +208,3 @@ func portFallbacks(t *testing.T, b *lab.Appliance) uint64 {
 	}
 	return *st.Proxy.PortFallbacks
 }
-

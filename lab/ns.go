@@ -204,6 +204,9 @@ func sysctlPath(key string) (string, error) {
 // thread into it, so it runs on a locked thread of its own that is switched
 // back and only unlocked if that worked (else the runtime discards it).
 func createNS(name string) (*NS, error) {
+	// Best effort: an orphan that cannot be deleted now is tried again by
+	// the next lab, and names are unique, so it never collides.
+	_, _ = sweepOrphans()
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -229,7 +232,11 @@ func createNS(name string) (*NS, error) {
 	if err := <-errc; err != nil {
 		return nil, fmt.Errorf("creating network namespace %s: %w", name, err)
 	}
-	return &NS{Name: name}, nil
+	ns := &NS{Name: name}
+	if err := recordOwner(name); err != nil {
+		return nil, errors.Join(err, deleteNS(ns))
+	}
+	return ns, nil
 }
 
 // deleteNS removes the namespace's bind mount; the kernel frees the
@@ -242,7 +249,7 @@ func deleteNS(ns *NS) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing network namespace %s: %w", ns.Name, err)
 	}
-	return nil
+	return forgetOwner(ns.Name)
 }
 
 // WaitNoTentative waits up to timeout for IPv6 duplicate address detection
