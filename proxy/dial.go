@@ -27,19 +27,35 @@ import (
 // reach the box (the bridge redirects them) and the nft `socket
 // transparent 1` rule marks them for local delivery.
 func connectTransparent(client, remote netip.AddrPort, rcvbuf int) (fd int, notKept, err error) {
-	fd, taken, err := openUpstream(client, remote, rcvbuf)
+	tcp := []func(fd uintptr) error{
+		setAbortOnClose,
+		func(fd uintptr) error { return setReceiveBuffer(fd, rcvbuf) },
+		setNoDelay,
+	}
+	fd, taken, err := bindConnect(unix.SOCK_STREAM, client, remote, tcp...)
 	if !taken {
 		return fd, nil, err
 	}
-	fd, _, ferr := openUpstream(netip.AddrPortFrom(client.Addr(), 0), remote, rcvbuf)
+	// Without IP_BIND_ADDRESS_NO_PORT, a bind to port 0 would reserve a
+	// port for the client's IP alone, not per 4-tuple.
+	fd, _, ferr := bindConnect(unix.SOCK_STREAM, netip.AddrPortFrom(client.Addr(), 0), remote, append(tcp, setBindNoPort)...)
 	return fd, err, ferr
 }
 
-// openUpstream opens the transparent upstream socket, bound to local, and
-// starts its connect to remote. Port 0 in local lets connect pick the port.
-// taken says err is a conflict over local's port or the 4-tuple, which
-// another port may avoid.
-func openUpstream(local, remote netip.AddrPort, rcvbuf int) (fd int, taken bool, err error) {
+// bindConnect opens a transparent socket of type typ bound to local and
+// connects it to remote (for TCP, starts the connect), after setting the
+// type's own options, setup. taken says err is a conflict over local's
+// port or the 4-tuple, which another port may avoid.
+//
+// SO_REUSEADDR lets the socket share local with the box's other sockets
+// on the client's address and port: its UDP sessions and TCP legs to other
+// servers, their TIME_WAITs, a fallback that got the port, the TIME_WAIT
+// of its last connection to this server (which connect recycles if it had
+// timestamps). The kernel lets a bind share an address and port only if
+// both sockets set it; connect still refuses a taken 4-tuple, before any
+// SYN, so a conflict is never reported later as SO_ERROR. A listener on
+// the port (the proxy's own) makes the bind fail even so.
+func bindConnect(typ int, local, remote netip.AddrPort, setup ...func(fd uintptr) error) (fd int, taken bool, err error) {
 	lsa, err := sockaddr(local)
 	if err != nil {
 		return -1, false, err
@@ -49,39 +65,23 @@ func openUpstream(local, remote netip.AddrPort, rcvbuf int) (fd int, taken bool,
 		return -1, false, err
 	}
 	v6 := !remote.Addr().Is4()
-	fd, err = newSocket(v6, unix.SOCK_STREAM, func(fd int) error {
-		for _, set := range []func(uintptr) error{
-			func(fd uintptr) error { return setTransparent(fd, v6) },
-			setAbortOnClose,
-			func(fd uintptr) error { return setReceiveBuffer(fd, rcvbuf) },
-			setNoDelay,
-			// The box's other sockets on the client's address and port
-			// must not stop the bind: its connections to other servers,
-			// their TIME_WAITs, a fallback that got the port, and the
-			// TIME_WAIT of its last connection to this server, which
-			// connect recycles if it had timestamps. The kernel lets a
-			// bind share an address and port only if both sockets set
-			// SO_REUSEADDR; connect still refuses a taken 4-tuple.
-			func(fd uintptr) error { return setReuseAddr(int(fd)) },
-		} {
+	fd, err = newSocket(v6, typ, func(fd int) error {
+		if err := setTransparent(uintptr(fd), v6); err != nil {
+			return err
+		}
+		for _, set := range setup {
 			if err := set(uintptr(fd)); err != nil {
 				return err
 			}
 		}
-		if local.Port() == 0 {
-			// Without it bind would reserve a port for the client's IP
-			// alone, not per 4-tuple.
-			if err := setBindNoPort(uintptr(fd)); err != nil {
-				return err
-			}
+		if err := setReuseAddr(fd); err != nil {
+			return err
 		}
 		if err := unix.Bind(fd, lsa); err != nil {
 			taken = err == unix.EADDRINUSE && local.Port() != 0
 			return fmt.Errorf("binding to %v: %w", local, err)
 		}
 		if err := unix.Connect(fd, rsa); err != nil && err != unix.EINPROGRESS {
-			// The kernel checks the 4-tuple within connect, before the
-			// SYN, so a conflict is never reported later as SO_ERROR.
 			taken = (err == unix.EADDRNOTAVAIL || err == unix.EADDRINUSE) && local.Port() != 0
 			return fmt.Errorf("connecting to %v: %w", remote, err)
 		}

@@ -212,3 +212,12 @@ func openReserve() int {
 }
 
 func closeFD(fd int) { unix.Close(fd) }
+
+// setReuseAddr lets several sockets bind one address, each connected to a
+// different peer (see bindConnect).
+func setReuseAddr(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return fmt.Errorf("setting SO_REUSEADDR: %w", err)
+	}
+	return nil
+}

@@ -217,49 +217,19 @@ func (l *loop) newSession(key udpKey) (*udpSession, error) {
 }
 
 // udpSocket opens a transparent UDP socket bound to local and connected to
-// remote. An upstream socket that cannot have local's port (taken on the
-// box by a socket without SO_REUSEADDR) gets one the kernel picks; kept
-// says which.
+// remote. Several sessions share an address (one client port talking to
+// several servers, or several clients to one server address); each socket
+// is connected, so the kernel tells them apart. An upstream socket that
+// cannot have local's port (a listener of the box's has it) gets one the
+// kernel picks; kept says which.
 func udpSocket(local, remote netip.AddrPort, upstream bool) (fd int, kept bool, err error) {
-	lsa, err := sockaddr(local)
-	if err != nil {
-		return -1, false, err
+	rxqOverflow := func(fd uintptr) error { return setRxqOverflow(int(fd)) }
+	fd, taken, err := bindConnect(unix.SOCK_DGRAM, local, remote, rxqOverflow)
+	if !taken || !upstream {
+		return fd, err == nil, err
 	}
-	rsa, err := sockaddr(remote)
-	if err != nil {
-		return -1, false, err
-	}
-	v6 := !remote.Addr().Is4()
-	fd, err = newSocket(v6, unix.SOCK_DGRAM, func(fd int) error {
-		if err := setTransparent(uintptr(fd), v6); err != nil {
-			return err
-		}
-		// Several sessions share an address: one client port talking to
-		// several servers, or several clients to one server address.
-		// Each socket is connected, so the kernel tells them apart.
-		if err := setReuseAddr(fd); err != nil {
-			return err
-		}
-		if err := setRxqOverflow(fd); err != nil {
-			return err
-		}
-		kept = true
-		if err := unix.Bind(fd, lsa); err != nil {
-			if !upstream || !errors.Is(err, unix.EADDRINUSE) {
-				return fmt.Errorf("binding to %v: %w", local, err)
-			}
-			kept = false
-			any, _ := sockaddr(netip.AddrPortFrom(local.Addr(), 0))
-			if err := unix.Bind(fd, any); err != nil {
-				return fmt.Errorf("binding to %v: %w", local.Addr(), err)
-			}
-		}
-		if err := unix.Connect(fd, rsa); err != nil {
-			return fmt.Errorf("connecting to %v: %w", remote, err)
-		}
-		return nil
-	})
-	return fd, kept, err
+	fd, _, err = bindConnect(unix.SOCK_DGRAM, netip.AddrPortFrom(local.Addr(), 0), remote, rxqOverflow)
+	return fd, false, err
 }
 
 // udpEvent relays what one of a session's sockets has queued to the other.
@@ -441,16 +411,6 @@ func setRecvOrigDst(fd int, v6 bool) error {
 func setRxqOverflow(fd int) error {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RXQ_OVFL, 1); err != nil {
 		return fmt.Errorf("setting SO_RXQ_OVFL: %w", err)
-	}
-	return nil
-}
-
-// setReuseAddr lets several sockets bind one address, each connected to a
-// different peer: UDP sessions, and TCP upstream legs that keep the
-// client's port (the 4-tuple is then checked at connect).
-func setReuseAddr(fd int) error {
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return fmt.Errorf("setting SO_REUSEADDR: %w", err)
 	}
 	return nil
 }
