@@ -330,32 +330,8 @@ func TestJSONLog(t *testing.T) {
 		if err := b.WriteConfig([]int{80, 443}, policyYAML+"log:\n  format: json\n"); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.Ghostwire("apply"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if b.Proxy != nil {
-				b.StopProxy(syscall.SIGTERM)
-			}
-			if out, err := b.Ghostwire("teardown"); err != nil {
-				t.Errorf("teardown: %v\n%s", err, out)
-			}
-		})
-		// As StartProxy, without --json.
-		p, err := b.Lab.Start(b.Lab.Box, b.Bin, "run", "-c", b.Config)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b.Proxy = p
-		if err := lab.WaitFor(10*time.Second, func() (bool, error) {
-			select {
-			case <-p.Done():
-				return false, fmt.Errorf("ghostwire run exited: %v\n%s", p.Wait(), p.Stderr())
-			default:
-			}
-			st, err := b.Status()
-			return err == nil && st == "ghostwire: intercepting", nil
-		}); err != nil {
+		applied(t, b)
+		if err := b.StartProxyWith(); err != nil { // no --json: the config says json
 			t.Fatal(err)
 		}
 		checkJSONLog(t, b, jsonLogTraffic(t, b))

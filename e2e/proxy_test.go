@@ -28,6 +28,16 @@ func proxiedBox(t *testing.T, ports ...int) *lab.Appliance {
 // stops it and tears the box down.
 func applyAndRun(t *testing.T, b *lab.Appliance) {
 	t.Helper()
+	applied(t, b)
+	if err := b.StartProxy(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// applied applies b's config; the test's cleanup stops the proxy, if one
+// runs, and tears the box down.
+func applied(t *testing.T, b *lab.Appliance) {
+	t.Helper()
 	if _, err := b.Ghostwire("apply"); err != nil {
 		t.Fatal(err)
 	}
@@ -39,9 +49,6 @@ func applyAndRun(t *testing.T, b *lab.Appliance) {
 			t.Errorf("teardown: %v\n%s", err, out)
 		}
 	})
-	if err := b.StartProxy(); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // proxiedBoxWith is proxiedBox with extra keys in the config's proxy:

@@ -109,10 +109,15 @@ func (b *Appliance) StatusOutput(args ...string) (out string, code int, err erro
 	return out, 0, err
 }
 
-// StartProxy starts `ghostwire run` in the box and waits until it owns the
-// diversion (status says intercepting), or fails if the process exits.
-func (b *Appliance) StartProxy() error {
-	p, err := b.Lab.Start(b.Lab.Box, b.Bin, "run", "-c", b.Config, "--json")
+// StartProxy starts `ghostwire run --json` in the box and waits until it
+// owns the diversion (status says intercepting), or fails if the process
+// exits.
+func (b *Appliance) StartProxy() error { return b.StartProxyWith("--json") }
+
+// StartProxyWith is StartProxy with these flags for `ghostwire run`
+// instead of --json.
+func (b *Appliance) StartProxyWith(flags ...string) error {
+	p, err := b.Lab.Start(b.Lab.Box, b.Bin, append([]string{"run", "-c", b.Config}, flags...)...)
 	if err != nil {
 		return err
 	}
