@@ -45,12 +45,8 @@ func (b *bench) measureIperfUDP(ctx context.Context, round int, mode string) err
 	secs := max(int(b.o.udpDur.Seconds()), 1)
 	args := []string{"-c", serverIP4, "-p", strconv.Itoa(udpPort), "-u", "-b", "0", "-l", strconv.Itoa(udpBigSize),
 		"-t", strconv.Itoa(secs), "-J"}
-	cctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+30*time.Second)
-	defer cancel()
-	m := startCPU(b.proxyPID())
-	out, runErr := b.lab.Client.Command(cctx, "iperf3", args...).Output()
 	s := sample{Round: round, Mode: mode, Workload: wlUDP1400, Unit: "Gbit/s"}
-	m.stop(&s)
+	out, runErr := b.clientRun(ctx, time.Duration(secs)*time.Second, &s, "iperf3", args...)
 	r, err := parseIperf3UDP(out)
 	if err != nil {
 		return fmt.Errorf("iperf3 -u: %w", errors.Join(err, runErr))
@@ -78,14 +74,10 @@ func (b *bench) measureUDPFlood(ctx context.Context, round int, mode string) (er
 			err = errors.Join(err, stopProcess(sink, 5*time.Second))
 		}
 	}()
-	cctx, cancel := context.WithTimeout(ctx, b.o.udpDur+30*time.Second)
-	defer cancel()
-	m := startCPU(b.proxyPID())
-	out, runErr := b.lab.Client.Command(cctx, b.self, "-udp-flood", floodAddr(),
-		"-udp-flows", strconv.Itoa(b.o.udpFlows), "-udp-size", strconv.Itoa(udpSmallSize),
-		"-udp-time", b.o.udpDur.String()).Output()
 	s := sample{Round: round, Mode: mode, Workload: wlUDP64, Unit: "dgram/s"}
-	m.stop(&s)
+	out, runErr := b.clientRun(ctx, b.o.udpDur, &s, b.self, "-udp-flood", floodAddr(),
+		"-udp-flows", strconv.Itoa(b.o.udpFlows), "-udp-size", strconv.Itoa(udpSmallSize),
+		"-udp-time", b.o.udpDur.String())
 	var f floodResult
 	if err := lastJSONLine(out, &f); err != nil {
 		return fmt.Errorf("UDP flood: %w", errors.Join(err, runErr))

@@ -126,12 +126,8 @@ func (b *bench) measureIperf(ctx context.Context, round int, mode string, stream
 	if !b.o.quick {
 		args = append(args, "-O", "1") // leave slow start out of the figure
 	}
-	cctx, cancel := context.WithTimeout(ctx, b.o.iperfDur+30*time.Second)
-	defer cancel()
-	m := startCPU(b.proxyPID())
-	out, runErr := b.lab.Client.Command(cctx, "iperf3", args...).Output()
 	s := sample{Round: round, Mode: mode, Workload: key, Unit: "Gbit/s"}
-	m.stop(&s)
+	out, runErr := b.clientRun(ctx, b.o.iperfDur, &s, "iperf3", args...)
 	r, err := parseIperf3(out)
 	if err != nil {
 		return fmt.Errorf("iperf3 -P %d: %w", streams, errors.Join(err, runErr))
@@ -168,12 +164,8 @@ func (b *bench) measureWrk(ctx context.Context, round int, mode string, closeEac
 		key, p99key, cpuKey = wlHTTPClose, wlCloseP99, wlCloseCPU
 	}
 	args = append(args, fmt.Sprintf("http://%s:%d/", serverIP4, httpPort))
-	cctx, cancel := context.WithTimeout(ctx, b.o.wrkDur+30*time.Second)
-	defer cancel()
-	m := startCPU(b.proxyPID())
-	out, runErr := b.lab.Client.Command(cctx, "wrk", args...).Output()
 	s := sample{Round: round, Mode: mode, Workload: key, Unit: "req/s"}
-	m.stop(&s)
+	out, runErr := b.clientRun(ctx, b.o.wrkDur, &s, "wrk", args...)
 	r, err := parseWrk(out)
 	if err != nil {
 		return fmt.Errorf("wrk: %w", errors.Join(err, runErr))
@@ -405,4 +397,15 @@ func closeFD(fd int) {
 	if fd >= 0 {
 		syscall.Close(fd)
 	}
+}
+
+// clientRun runs name in the client namespace for a run of length d (and
+// at most 30 s more), with the proxy's CPU time over it recorded in s.
+func (b *bench) clientRun(ctx context.Context, d time.Duration, s *sample, name string, args ...string) ([]byte, error) {
+	cctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+	defer cancel()
+	m := startCPU(b.proxyPID())
+	out, err := b.lab.Client.Command(cctx, name, args...).Output()
+	m.stop(s)
+	return out, err
 }
