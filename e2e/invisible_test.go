@@ -37,20 +37,7 @@ func invisibleBoxWith(t *testing.T, bridgeKeys []string, ports ...int) *lab.Appl
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := readFile(b.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addrs := regexp.MustCompile(`(?m)^  addresses: .*$`)
-	if !addrs.MatchString(cfg) {
-		t.Fatalf("harness config has no bridge addresses line:\n%s", cfg)
-	}
-	keys := fmt.Sprintf("  addresses: []\n  routes: [%q, %q]\n  invisible: true", b.Lab.BoxIP4.Masked(), b.Lab.BoxIP6.Masked())
-	for _, k := range bridgeKeys {
-		keys += "\n  " + k
-	}
-	cfg = addrs.ReplaceAllLiteralString(cfg, keys)
-	if err := writeFile(b.Config, cfg); err != nil {
+	if err := b.MakeInvisible(bridgeKeys...); err != nil {
 		t.Fatal(err)
 	}
 	return b
@@ -461,12 +448,7 @@ func TestInvisibleFailOpenAndTeardown(t *testing.T) {
 	// Ports with IPv6 on, as an ordinary box's: apply turns it off and
 	// teardown must turn it back on.
 	b := newBox(t, 80)
-	cfg, err := readFile(b.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := writeFile(b.Config, regexp.MustCompile(`(?m)^  addresses: .*$`).ReplaceAllLiteralString(cfg,
-		fmt.Sprintf("  addresses: []\n  routes: [%q, %q]\n  invisible: true", b.Lab.BoxIP4.Masked(), b.Lab.BoxIP6.Masked()))); err != nil {
+	if err := b.MakeInvisible(); err != nil {
 		t.Fatal(err)
 	}
 	before := snapshot(t, b)

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -71,6 +72,31 @@ control_socket: %s
 %s`, b.Bridge, b.Lab.ClientNIC, b.Lab.ServerNIC, b.Lab.BoxIP4, b.Lab.BoxIP6,
 		strings.Join(ps, ", "), ProxyPort, filepath.Join(b.Dir, "state.json"), b.ControlSocket(), extraYAML)
 	return os.WriteFile(b.Config, []byte(cfg), 0o644)
+}
+
+// bridgeAddresses is WriteConfig's bridge.addresses line.
+var bridgeAddresses = regexp.MustCompile(`(?m)^  addresses: .*$`)
+
+// MakeInvisible rewrites the config WriteConfig wrote into an invisible
+// box's: bridge.invisible on, and, as an invisible box should have, no
+// address on the wire but routes to the lab's subnets; bridgeKeys are
+// more keys for the bridge section ("neighbour_timeout: 2s").
+func (b *Appliance) MakeInvisible(bridgeKeys ...string) error {
+	cfg, err := os.ReadFile(b.Config)
+	if err != nil {
+		return fmt.Errorf("reading the config to make it invisible: %w", err)
+	}
+	if !bridgeAddresses.Match(cfg) {
+		return fmt.Errorf("making %s invisible: it has no bridge addresses line", b.Config)
+	}
+	keys := fmt.Sprintf("  addresses: []\n  routes: [%q, %q]\n  invisible: true", b.Lab.Subnet4, b.Lab.Subnet6)
+	for _, k := range bridgeKeys {
+		keys += "\n  " + k
+	}
+	if err := os.WriteFile(b.Config, bridgeAddresses.ReplaceAllLiteral(cfg, []byte(keys)), 0o644); err != nil {
+		return fmt.Errorf("writing the invisible config: %w", err)
+	}
+	return nil
 }
 
 // ControlSocket is the control socket of the box's `ghostwire run`: in

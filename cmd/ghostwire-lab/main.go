@@ -23,7 +23,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -90,7 +89,7 @@ func demo(bin string, invisible bool) (err error) {
 		return err
 	}
 	if invisible {
-		if err := makeInvisible(b); err != nil {
+		if err := b.MakeInvisible(); err != nil {
 			return err
 		}
 	}
@@ -174,26 +173,6 @@ func demo(bin string, invisible bool) (err error) {
 	return nil
 }
 
-// makeInvisible rewrites the appliance's config for an invisible box
-// (issue 15): no address on the bridge, which the box would answer for on
-// the wire, but routes to the lab's subnets so the proxy reaches both
-// sides; bridge.invisible on.
-func makeInvisible(b *lab.Appliance) error {
-	cfg, err := os.ReadFile(b.Config)
-	if err != nil {
-		return fmt.Errorf("reading the config to make it invisible: %w", err)
-	}
-	addrs := regexp.MustCompile(`(?m)^  addresses: .*$`)
-	if !addrs.Match(cfg) {
-		return fmt.Errorf("making %s invisible: no bridge addresses line in it", b.Config)
-	}
-	cfg = addrs.ReplaceAllLiteral(cfg, fmt.Appendf(nil, "  addresses: []\n  routes: [%q, %q]\n  invisible: true",
-		b.Lab.Subnet4, b.Lab.Subnet6))
-	if err := os.WriteFile(b.Config, cfg, 0o644); err != nil {
-		return fmt.Errorf("writing the invisible config: %w", err)
-	}
-	return nil
-}
 
 // boxMACs are the MACs of the box: its bridge's (which is its client
 // port's: the bridge takes it) and its server port's.
