@@ -173,7 +173,6 @@ func demo(bin string, invisible bool) (err error) {
 	return nil
 }
 
-
 // boxMACs are the MACs of the box: its bridge's (which is its client
 // port's: the bridge takes it) and its server port's.
 type boxMACs struct {
