@@ -163,23 +163,11 @@ func TestInvisibleOwned(t *testing.T) {
 	if err := owner.CloseLasting(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		st, err := Tables(n.nft, cfg.Name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st == (TablesState{}) {
-			break
-		}
+	waitTablesGone(t, n, cfg.Name, func(st TablesState) {
 		if st.Netdev && !st.Bridge || st.Bridge && !st.Netdev {
 			t.Fatalf("the tables went one by one: %+v", st)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("tables still there 5s after the owner closed: %+v", st)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	})
 	wantRuleset(t, n, "")
 }
 

@@ -13,6 +13,8 @@ import (
 
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
+
+	"github.com/ghostwire/ghostwire/lab"
 )
 
 // The kernel's listing is compared byte for byte with Plan.String(): both end
@@ -347,21 +349,29 @@ func TestApplyOwned(t *testing.T) {
 	if err := owner.CloseLasting(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		st, err := Tables(n.nft, "ghostwire")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st == (TablesState{}) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("tables still there 5s after the owner closed: %+v", st)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitTablesGone(t, n, "ghostwire", nil)
 	wantRuleset(t, n, "")
+}
+
+// waitTablesGone waits up to 5 s for the kernel to drop the tables called
+// name after their owner closed, passing what is left on each look to
+// each (when not nil) to check how they go.
+func waitTablesGone(t *testing.T, n *testNS, name string, each func(TablesState)) {
+	t.Helper()
+	var st TablesState
+	err := lab.WaitFor(5*time.Second, func() (bool, error) {
+		var err error
+		if st, err = Tables(n.nft, name); err != nil {
+			return false, err
+		}
+		if each != nil {
+			each(st)
+		}
+		return st == (TablesState{}), nil
+	})
+	if err != nil {
+		t.Fatalf("tables still there 5s after the owner closed (%+v): %v", st, err)
+	}
 }
 
 func TestApplyOwnedNeedsLastingConn(t *testing.T) {
