@@ -26,20 +26,13 @@ import (
 // operator's entry keeps its own timeout).
 func (s *session) bypassUnanswered(server netip.Addr) {
 	p := netip.PrefixFrom(server, server.BitLen())
-	name := s.plan.Config().Name
-	have, err := rules.HostBypasses(s.nft, name)
+	timeout := s.plan.Config().NeighbourTimeout
+	added, err := rules.AddHostBypassIfUncovered(s.nft, s.plan.Config().Name, p, timeout)
 	if err != nil {
-		s.r.Logger.Error("reading the bypass list", "err", err)
+		s.r.Logger.Error("bypassing a server that does not answer", "server", server, "err", err)
 		return
 	}
-	for _, h := range have {
-		if h.Prefix.Overlaps(p) {
-			return
-		}
-	}
-	timeout := s.plan.Config().NeighbourTimeout
-	if err := rules.AddHostBypass(s.nft, name, p, timeout); err != nil {
-		s.r.Logger.Error("bypassing a server that does not answer", "server", server, "err", err)
+	if !added {
 		return
 	}
 	s.r.Logger.Warn("server did not answer: its new connections cross the bridge untouched for a while",

@@ -590,10 +590,8 @@ func (b *Box) rpAndIPv6(br string) (rp int, routes, v6off bool) {
 	if err != nil {
 		return rp, true, v6off
 	}
-	rs, err := bridge.RetryDump(func() ([]netlink.Route, error) {
-		return b.Netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{LinkIndex: l.Attrs().Index}, netlink.RT_FILTER_OIF)
-	})
-	return rp, err != nil || len(rs) > 0, v6off
+	via, err := routesVia(b.Netlink, l, unix.AF_INET)
+	return rp, err != nil || via, v6off
 }
 
 // checkRPFilter: strict reverse-path filtering drops a diverted packet

@@ -129,39 +129,54 @@ func CheckHostPrefix(p netip.Prefix) (netip.Prefix, error) {
 // AddHostBypass adds prefix p to the live bypass list of the bridge table
 // name, for timeout (0: permanently), in one batch on c (the connection
 // that owns the tables, if they are owned). New flows from or to its
-// addresses are bridged from then on. A prefix that overlaps one already
-// listed is refused (delete that one first).
+// addresses are bridged from then on. The same prefix listed already is
+// replaced (a new timeout); one that overlaps another listed is refused
+// (delete that one first).
 func AddHostBypass(c *nftables.Conn, name string, p netip.Prefix, timeout time.Duration) error {
+	_, err := addHostBypass(c, name, p, timeout, true)
+	return err
+}
+
+// AddHostBypassIfUncovered is AddHostBypass that leaves the list as it is,
+// and says so (added false), when p overlaps a prefix already listed:
+// whoever listed that one chose its timeout.
+func AddHostBypassIfUncovered(c *nftables.Conn, name string, p netip.Prefix, timeout time.Duration) (added bool, err error) {
+	return addHostBypass(c, name, p, timeout, false)
+}
+
+func addHostBypass(c *nftables.Conn, name string, p netip.Prefix, timeout time.Duration, replace bool) (bool, error) {
 	p, err := CheckHostPrefix(p)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if timeout < 0 || timeout%time.Millisecond != 0 {
-		return fmt.Errorf("bypass timeout %v: must be a positive number of milliseconds", timeout)
+		return false, fmt.Errorf("bypass timeout %v: must be a positive number of milliseconds", timeout)
 	}
 	have, err := HostBypasses(c, name)
 	if err != nil {
-		return err
+		return false, err
 	}
 	for _, h := range have {
-		if h.Prefix.Overlaps(p) {
-			if h.Prefix == p {
-				// Replace it (a new timeout).
-				if err := DelHostBypass(c, name, p); err != nil {
-					return err
-				}
-				continue
+		switch {
+		case !h.Prefix.Overlaps(p):
+		case !replace:
+			return false, nil
+		case h.Prefix == p:
+			// Replace it (a new timeout).
+			if err := DelHostBypass(c, name, p); err != nil {
+				return false, err
 			}
-			return fmt.Errorf("adding %s to the bypass list: it overlaps %s, already listed", p, h.Prefix)
+		default:
+			return false, fmt.Errorf("adding %s to the bypass list: it overlaps %s, already listed", p, h.Prefix)
 		}
 	}
 	if err := c.SetAddElements(hostSet(name, p), hostElements(p, timeout)); err != nil {
-		return fmt.Errorf("adding %s to the bypass list: %w", p, err)
+		return false, fmt.Errorf("adding %s to the bypass list: %w", p, err)
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("adding %s to the bypass list: %w", p, err)
+		return false, fmt.Errorf("adding %s to the bypass list: %w", p, err)
 	}
-	return nil
+	return true, nil
 }
 
 // ErrNotListed is returned by DelHostBypass for a prefix not in the list.

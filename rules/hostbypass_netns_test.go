@@ -65,6 +65,20 @@ func TestHostBypassKernel(t *testing.T) {
 	if got := list(); got["10.1.0.0/16"] != 0 {
 		t.Errorf("re-added permanently, still expires: %v", got)
 	}
+	// IfUncovered leaves a covered prefix's entry (and its timeout) alone,
+	// and adds an uncovered one.
+	for s, want := range map[string]bool{"10.1.2.3/32": false, "192.0.2.9/32": false, "203.0.113.5/32": true} {
+		added, err := AddHostBypassIfUncovered(c, name, netip.MustParsePrefix(s), time.Minute)
+		if err != nil || added != want {
+			t.Errorf("AddHostBypassIfUncovered(%s) = %v, %v; want %v", s, added, err, want)
+		}
+	}
+	if got := list(); got["10.1.0.0/16"] != 0 || got["192.0.2.9/32"] != 0 || got["203.0.113.5/32"] == 0 {
+		t.Errorf("after AddHostBypassIfUncovered: %v", got)
+	}
+	if err := DelHostBypass(c, name, netip.MustParsePrefix("203.0.113.5/32")); err != nil {
+		t.Fatal(err)
+	}
 	// Reloads (UDP dropped and added back, draining) keep the list.
 	for _, q := range []*Plan{mustPlan(t, testConfig()), p.Draining(), p} {
 		if err := q.ApplyOwned(c); err != nil {
