@@ -203,6 +203,10 @@ func StartContainer(name, image string, ns *NS) (ret *Container, err error) {
 		return nil, fmt.Errorf("creating the container directory: %w", err)
 	}
 	c := &Container{Name: name, Root: filepath.Join(dir, "root"), NS: ns, dir: dir, pidfd: -1, done: make(chan struct{})}
+	if err := recordOwner(containerRecord(dir), dir); err != nil {
+		os.Remove(dir)
+		return nil, err
+	}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, c.Close())
@@ -461,12 +465,21 @@ func (c *Container) close() error {
 		unix.Close(c.pidfd)
 		c.pidfd = -1
 	}
-	if err := unmountRetry(c.Root); err != nil {
+	if err := removeContainerDir(c.dir); err != nil {
 		errs = append(errs, err)
-	} else if err := removeUnmounted(c.dir); err != nil {
+	} else if err := forgetOwner(containerRecord(c.dir)); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// removeContainerDir unmounts the overlay root inside a container
+// directory and removes the directory.
+func removeContainerDir(dir string) error {
+	if err := unmountRetry(filepath.Join(dir, "root")); err != nil {
+		return err
+	}
+	return removeUnmounted(dir)
 }
 
 // removeUnmounted removes dir and everything in it, unless something is

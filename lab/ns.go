@@ -233,7 +233,7 @@ func createNS(name string) (*NS, error) {
 		return nil, fmt.Errorf("creating network namespace %s: %w", name, err)
 	}
 	ns := &NS{Name: name}
-	if err := recordOwner(name); err != nil {
+	if err := recordOwner(name, ""); err != nil {
 		return nil, errors.Join(err, deleteNS(ns))
 	}
 	return ns, nil

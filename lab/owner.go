@@ -9,12 +9,17 @@ import (
 	"strings"
 )
 
-// ownerDir holds one file per namespace a lab made, naming the process
-// that made it. Close deletes a lab's namespaces, but a process that is
-// killed (a test binary past its -timeout, a SIGKILL, a panic in another
-// goroutine) never gets there: the next lab made on the machine deletes
-// the namespaces whose owner is gone (sweepOrphans).
+// ownerDir holds one file per namespace a lab made, and per container
+// directory (its overlay root mounted inside), naming the process that
+// made it. Close removes them, but a process that is killed (a test
+// binary past its -timeout, a SIGKILL, a panic in another goroutine)
+// never gets there: the next namespace made on the machine removes those
+// whose owner is gone (sweepOrphans).
 const ownerDir = "/run/ghostwire-lab"
+
+// containerRecord is a record's name for a container directory (namespace
+// records are named by the namespace).
+func containerRecord(dir string) string { return "container-" + filepath.Base(dir) }
 
 // processStart is a process's start time in clock ticks since boot
 // (/proc/PID/stat field 22): with the PID, it names the process even after
@@ -37,8 +42,9 @@ func processStart(pid int) (string, error) {
 	return f[19], nil // field 22 is the 20th after the command name
 }
 
-// recordOwner notes that this process owns namespace name.
-func recordOwner(name string) error {
+// recordOwner notes that this process owns namespace name or, with dir
+// set, the container directory dir (record name containerRecord(dir)).
+func recordOwner(name, dir string) error {
 	start, err := processStart(os.Getpid())
 	if err != nil {
 		return fmt.Errorf("recording the owner of namespace %s: %w", name, err)
@@ -47,6 +53,9 @@ func recordOwner(name string) error {
 		return fmt.Errorf("recording the owner of namespace %s: %w", name, err)
 	}
 	owner := fmt.Sprintf("%d %s\n", os.Getpid(), start)
+	if dir != "" {
+		owner += "dir " + dir + "\n"
+	}
 	if err := os.WriteFile(filepath.Join(ownerDir, name), []byte(owner), 0o644); err != nil {
 		return fmt.Errorf("recording the owner of namespace %s: %w", name, err)
 	}
@@ -64,7 +73,8 @@ func forgetOwner(name string) error {
 // ownerAlive reports whether the process a record names still runs. A
 // record that cannot be read is not an owner's.
 func ownerAlive(record string) bool {
-	f := strings.Fields(record)
+	first, _, _ := strings.Cut(record, "\n")
+	f := strings.Fields(first)
 	if len(f) != 2 {
 		return false
 	}
@@ -76,10 +86,11 @@ func ownerAlive(record string) bool {
 	return err == nil && start == f[1]
 }
 
-// sweepOrphans deletes the namespaces whose owner process is gone (their
-// links go with them; the processes a lab starts die with their owner,
-// Pdeathsig), and returns their names. Namespaces without a record, made
-// by anything else, are never touched.
+// sweepOrphans deletes the namespaces and container directories whose
+// owner process is gone (a namespace's links go with it; the processes a
+// lab starts, containers included, die with their owner, Pdeathsig), and
+// returns their record names. Namespaces and directories without a
+// record, made by anything else, are never touched.
 func sweepOrphans() ([]string, error) {
 	entries, err := os.ReadDir(ownerDir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -100,7 +111,14 @@ func sweepOrphans() ([]string, error) {
 		if ownerAlive(string(b)) {
 			continue
 		}
-		if err := deleteNS(&NS{Name: e.Name()}); err != nil {
+		_, dirLine, _ := strings.Cut(string(b), "\n")
+		if dir, ok := strings.CutPrefix(strings.TrimSpace(dirLine), "dir "); ok {
+			err = removeContainerDir(dir)
+			err = errors.Join(err, forgetOwner(e.Name()))
+		} else {
+			err = deleteNS(&NS{Name: e.Name()})
+		}
+		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
