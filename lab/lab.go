@@ -266,6 +266,12 @@ func (l *Lab) setupHost(ns *NS, ifname string, ip4, ip6 netip.Prefix) (net.Hardw
 		// run out of ports to TIME_WAIT.
 		{"net/ipv4/tcp_tw_reuse", "1"},
 		{"net/ipv4/ip_local_port_range", "1024 65000"},
+		// The proxy's own ports (TCP ProxyPort, UDP the one after it, the
+		// default): the box listens on them, so a client connection from
+		// one cannot keep its port upstream and falls back to another.
+		// That fallback is tested on purpose; elsewhere a test expects
+		// the client's port kept, and the kernel must not pick these.
+		{"net/ipv4/ip_local_reserved_ports", fmt.Sprintf("%d-%d", ProxyPort, ProxyPort+1)},
 		{"net/ipv6/conf/" + ifname + "/accept_dad", "0"},
 		{"net/ipv6/conf/" + ifname + "/router_solicitations", "0"},
 	})

@@ -132,12 +132,12 @@ func TestTopology(t *testing.T) {
 		if !up {
 			t.Errorf("%s in %s is down", end.ifname, end.ns.Name)
 		}
-		for _, key := range []string{"net.ipv4.tcp_tw_reuse", "net.ipv4.ip_local_port_range"} {
+		for key, want := range map[string]string{"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024\t65000", "net.ipv4.ip_local_reserved_ports": "9876-9877"} {
 			v, err := end.ns.ReadSysctl(key)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if want := map[string]string{"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024\t65000"}[key]; v != want {
+			if v != want {
 				t.Errorf("%s in %s = %q, want %q", key, end.ns.Name, v, want)
 			}
 		}
